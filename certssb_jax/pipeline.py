@@ -1,0 +1,444 @@
+"""The whole experiment as stages: data, poisoning, undefended baseline, sigmas, ensemble, certification, report.
+
+``run(config, workdir)`` is what ``python -m certssb_jax.launch`` calls; each stage is also a public function a
+notebook can call on its own. Finished stages are saved atomically in the workdir and reused when the run is
+started again with the same config (``config.json`` must match; see ``prepare_workdir``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import platform
+import time
+from typing import Any, Callable, ContextManager, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from certssb_jax import bounds
+from certssb_jax import certify as certify_lib
+from certssb_jax import config as config_lib
+from certssb_jax import data as data_lib
+from certssb_jax import ensemble
+from certssb_jax import models as models_lib
+from certssb_jax import report
+from certssb_jax import rng
+from certssb_jax import sigma_search
+from certssb_jax import store as store_lib
+from certssb_jax import triggers
+from certssb_jax import workdir as wd
+
+logger = logging.getLogger(__name__)
+
+# progress(description, total, unit) -> context manager yielding update(n)
+Progress = Callable[[str, int, str], ContextManager[Callable[[int], None]]]
+
+
+@contextlib.contextmanager
+def no_progress(desc: str, total: int, unit: str) -> Iterator[Callable[[int], None]]:
+  del desc, total, unit
+  yield lambda n: None
+
+
+class ConfigMismatchError(ValueError):
+  """The workdir holds a run with a different config."""
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything a run computed, in memory (the same arrays the workdir files hold)."""
+
+  config: ml_collections.ConfigDict
+  data: data_lib.Dataset
+  x_train: np.ndarray  # (n, H, W, C) poisoned training inputs
+  y_train: np.ndarray  # (n,) poisoned training labels
+  poison_indices: np.ndarray  # (n_poisoned,)
+  poison_norms: np.ndarray  # (n_poisoned,) effective trigger norms
+  splits: dict[str, dict[str, np.ndarray]]  # split -> {x, y, index}
+  model: Any = None
+  sigma_train: np.ndarray | None = None  # (n,)
+  sigma_test: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # split -> (N,)
+
+
+# ---------------------------------------------------------------------------------------------- workdir
+
+
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = False) -> None:
+  """Creates the workdir or checks that the run it holds has the same config.
+
+  Raises:
+    ConfigMismatchError: the workdir's ``config.json`` differs (names the fields); pass ``fresh=True`` to
+      delete the old stages and start over.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  new = config.to_dict()
+  if os.path.exists(path):
+    old = wd.load_json(path)
+    diff = _diff(old, _jsonable(new))
+    if diff and not fresh:
+      raise ConfigMismatchError(
+          f"workdir {workdir} holds a run with a different config ({'; '.join(diff[:8])}); use another "
+          "--workdir, or --fresh to discard its results and start over")
+    if diff and fresh:
+      import shutil  # pylint: disable=g-import-not-at-top
+
+      for name in ("stages", "ensemble"):
+        shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
+  wd.save_json(path, new)
+
+
+def _jsonable(obj: Any) -> Any:
+  import json  # pylint: disable=g-import-not-at-top
+
+  return json.loads(json.dumps(obj, default=wd._json_default))  # pylint: disable=protected-access
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+  if isinstance(old, dict) and isinstance(new, dict):
+    out = []
+    for k in sorted(set(old) | set(new)):
+      out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
+    return out
+  return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
+def _stage_path(workdir: str, name: str) -> str:
+  return os.path.join(workdir, "stages", f"{name}.npz")
+
+
+def _cached(workdir: str, name: str, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  path = _stage_path(workdir, name)
+  if os.path.exists(path):
+    logger.info("reusing stage %s from %s", name, path)
+    return wd.load_npz(path)
+  out = compute()
+  wd.save_npz(path, **out)
+  return out
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+
+def load_data(config: ml_collections.ConfigDict) -> data_lib.Dataset:
+  """Loads and validates the configured data set (raises DataError naming the problem)."""
+  d = config.data
+  return data_lib.load_dataset(
+      d.source, name=d.name, classes=tuple(d.classes), data_dir=d.data_dir or None,
+      image_size=d.image_size or None, max_train=d.max_train or None, max_test=d.max_test or None,
+      test_fraction=d.test_fraction)
+
+
+def poison(config: ml_collections.ConfigDict, ds: data_lib.Dataset) -> Experiment:
+  """Poisons the training set (deterministic indices) and builds the clean and triggered test splits.
+
+  The triggered split holds the test inputs of every non-target class with the trigger added and their TRUE
+  labels (METHOD.md section 7: ERA counts them correct when the true label is kept, ASR when the target is
+  predicted).
+  """
+  a = config.attack
+  idx = triggers.choose_poison_indices(ds.y_train, a.poison_rate, a.target_class, config.seed)
+  x_train, y_train, norms = triggers.poison_training_set(ds.x_train, ds.y_train, idx, a.trigger, a.delta,
+                                                         a.target_class)
+  keep = np.flatnonzero(ds.y_test != a.target_class)
+  x_trig, _ = triggers.apply_trigger(ds.x_test[keep], a.trigger, a.delta)
+  splits = {
+      "clean": {"x": ds.x_test, "y": ds.y_test, "index": np.arange(len(ds.y_test))},
+      "triggered": {"x": x_trig, "y": ds.y_test[keep], "index": keep},
+  }
+  return Experiment(config, ds, x_train, y_train, idx, norms, splits,
+                    model=models_lib.get_model(config.model.name, ds.num_classes))
+
+
+def _trainer(exp: Experiment, *, epochs: int, chunk: int, mesh=None) -> ensemble.EnsembleTrainer:
+  t = exp.config.train
+  cfg = ensemble.TrainConfig(epochs=epochs, batch_size=t.batch_size, learning_rate=t.learning_rate,
+                             models_per_chunk=chunk)
+  return ensemble.EnsembleTrainer(exp.model, exp.data.input_shape, cfg, mesh=mesh)
+
+
+def train_single(exp: Experiment, trainer: ensemble.EnsembleTrainer, *, tag: int, sigma: float | None,
+                 progress: Progress, desc: str) -> ensemble.MemberState:
+  """Trains one auxiliary model on the poisoned training set (pilot: Gaussian augmentation at ``sigma``
+  re-drawn every epoch; undefended: ``sigma=None``). Returns its state with a leading axis of 1."""
+  n = len(exp.y_train)
+  steps = trainer.config.epochs * (n // exp.config.train.batch_size)
+  with progress(desc, steps, "step") as update:
+    return trainer.train_chunk(
+        np.zeros(1, np.int64), ensemble.Streams.auxiliary(exp.config.seed, tag), exp.x_train, exp.y_train,
+        None if sigma is None else np.full(n, sigma, np.float32), fresh_noise=True, on_step=update)
+
+
+def evaluate_single(exp: Experiment, state: ensemble.MemberState) -> dict[str, float]:
+  """Clean accuracy, ERA and ASR of one (undefended) model on the clean and triggered test splits."""
+  out = {}
+  for split in ("clean", "triggered"):
+    s = exp.splits[split]
+    pred = np.asarray(models_lib.logits_to_pred(jnp.asarray(ensemble.predict_logits(exp.model, state, s["x"])[0])))
+    out[split] = pred
+  clean_acc = float(np.mean(out["clean"] == exp.splits["clean"]["y"]))
+  trig = out["triggered"]
+  return {"clean_accuracy": clean_acc, "era": float(np.mean(trig == exp.splits["triggered"]["y"])),
+          "asr": float(np.mean(trig == exp.config.attack.target_class))}
+
+
+def _score_fn(model):
+  def score(state, xb):
+    params, batch_stats = state
+    return models_lib.logits_to_probs(ensemble.member_logits(model, params, batch_stats, xb))
+
+  return score
+
+
+def _ensemble_score_fn(model):
+  def score(state, xb):
+    params, batch_stats = state
+    probs = jax.vmap(lambda p, bs: models_lib.logits_to_probs(ensemble.member_logits(model, p, bs, xb)))(
+        params, batch_stats)
+    return probs.mean(axis=0)
+
+  return score
+
+
+SPLIT_IDS = {"train": 0, "clean": 1, "triggered": 2}
+
+
+def search_sigmas(exp: Experiment, scorer_state: tuple[Any, Any], score_fn, split: str, x: np.ndarray,
+                  target: np.ndarray, progress: Progress) -> np.ndarray:
+  """Sample-specific sigma of every input of a split (METHOD.md section 4), one compiled program per batch."""
+  key = jax.random.fold_in(rng.stream(exp.config.seed, rng.SIGMA_SEARCH), SPLIT_IDS[split])
+  with progress(f"sigma search ({split})", len(x), "sample") as update:
+    done = [0]
+
+    def on_batch(num_done):
+      update(num_done - done[0])
+      done[0] = num_done
+
+    return sigma_search.search_sigma_batched(
+        score_fn, scorer_state, x, np.asarray(target, np.int32), np.arange(len(x), dtype=np.int32), key,
+        config_lib.search_config(exp.config), exp.config.sigma.batch_size, progress=on_batch)
+
+
+def _predict_with(score_fn, state, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+  f = jax.jit(score_fn)
+  return np.concatenate([np.asarray(jnp.argmax(f(state, jnp.asarray(x[i:i + batch_size])), -1))
+                         for i in range(0, len(x), batch_size)]).astype(np.int32)
+
+
+def ensemble_chunk_dir(workdir: str, chunk_index: int) -> str:
+  return os.path.join(os.path.abspath(workdir), "ensemble", f"chunk_{chunk_index:05d}")
+
+
+def train_ensemble(exp: Experiment, workdir: str, progress: Progress) -> ensemble.EnsembleTrainer:
+  """Trains the M smoothed models chunk by chunk; each finished chunk is an Orbax checkpoint (resumable)."""
+  t = exp.config.train
+  chunk = ensemble.auto_models_per_chunk(t.models_per_chunk, t.num_models)
+  trainer = _trainer(exp, epochs=t.epochs, chunk=chunk)
+  chunks = trainer.chunks(t.num_models)
+  steps_per_model = t.epochs * (len(exp.y_train) // t.batch_size)
+  done = [c for c in range(len(chunks)) if os.path.exists(ensemble_chunk_dir(workdir, c))]
+  if done:
+    logger.info("ensemble: reusing %d of %d trained chunks from %s", len(done), len(chunks), workdir)
+  checkpointer = ocp.StandardCheckpointer()
+  streams = ensemble.Streams.ensemble(exp.config.seed)
+  with progress(f"train ensemble ({t.num_models} models)", len(chunks) * steps_per_model, "step") as update:
+    update(len(done) * steps_per_model)
+    for c, ids in enumerate(chunks):
+      if c in done:
+        continue
+      state = trainer.train_chunk(ids, streams, exp.x_train, exp.y_train, exp.sigma_train, on_step=update)
+      checkpointer.save(ensemble_chunk_dir(workdir, c), state)
+      checkpointer.wait_until_finished()
+  return trainer
+
+
+def iter_ensemble(trainer: ensemble.EnsembleTrainer, workdir: str,
+                  num_models: int) -> Iterator[tuple[np.ndarray, ensemble.MemberState]]:
+  """Yields (model ids, stacked state) of every trained chunk, read back from its checkpoint."""
+  template = trainer.abstract_state()
+  checkpointer = ocp.StandardCheckpointer()
+  for c, ids in enumerate(trainer.chunks(num_models)):
+    state = checkpointer.restore(ensemble_chunk_dir(workdir, c), template)
+    yield ids, ensemble.MemberState(*state) if not isinstance(state, ensemble.MemberState) else state
+
+
+def load_ensemble(trainer: ensemble.EnsembleTrainer, workdir: str, num_models: int) -> ensemble.MemberState:
+  """The whole ensemble's state (leading axis M) in host memory (for the ensemble scorer of the sigma search)."""
+  parts = [jax.tree.map(lambda a, k=ids < num_models: np.asarray(a)[k], s)
+           for ids, s in iter_ensemble(trainer, workdir, num_models)]
+  return jax.tree.map(lambda *a: np.concatenate(a), *parts)
+
+
+def certify_split(exp: Experiment, trainer: ensemble.EnsembleTrainer, workdir: str, split: str,
+                  progress: Progress) -> dict[str, np.ndarray]:
+  """Runs the certification kernel of every model over one split; returns preds (M, N) and probs_sum (N, K)."""
+  c = exp.config
+  s = exp.splits[split]
+  with progress(f"certify {split} ({len(s['y'])} inputs)", c.train.num_models, "model") as update:
+    preds, probs_sum = certify_lib.certify_inputs(
+        exp.model, iter_ensemble(trainer, workdir, c.train.num_models), s["x"], exp.sigma_test[split],
+        seed=c.seed, num_models=c.train.num_models, batch_size=c.certify.batch_size, on_chunk=update)
+  return {"preds": preds, "probs_sum": probs_sum}
+
+
+def bound_split(exp: Experiment, split: str, preds: np.ndarray, probs_sum: np.ndarray) -> bounds.Certificate:
+  """Host-side float64 bounds of one split from the integer votes (METHOD.md section 3)."""
+  c = exp.config.certify
+  k = exp.data.num_classes
+  m = preds.shape[0]
+  sigma_x = exp.sigma_test[split]
+  sigma_min = bounds.sigma_min_of(sigma_x, exp.sigma_train)
+  kwargs = dict(alpha=c.alpha, bound=c.bound, correction=c.correction, sigma_x=sigma_x, sigma_min=sigma_min)
+  if c.correction == "holdout":
+    m0 = c.holdout_models
+    return bounds.certify_counts(certify_lib.votes_from_preds(preds[m0:], k),
+                                 selection_votes=certify_lib.votes_from_preds(preds[:m0], k), **kwargs)
+  return bounds.certify_counts(certify_lib.votes_from_preds(preds, k), soft_sums=probs_sum, num_models=m, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, progress: Progress = no_progress,
+        fresh: bool = False) -> dict[str, Any]:
+  """Runs (or resumes) the whole experiment and writes every output file into ``workdir``.
+
+  Args:
+    config: a run config (``certssb_jax.config.base_config`` and the files in ``configs/``).
+    workdir: output folder; a run already there with the same config is resumed.
+    progress: progress-bar factory (the CLI passes tqdm bars); default: none.
+    fresh: discard a workdir whose config differs instead of refusing.
+
+  Returns:
+    The summary (also written to ``summary.json``).
+  """
+  config_lib.validate_config(config)
+  timings: dict[str, float] = {}
+
+  @contextlib.contextmanager
+  def timed(name):
+    t0 = time.perf_counter()
+    yield
+    timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t0, 3)
+
+  with timed("data"):
+    ds = load_data(config)
+  prepare_workdir(config, workdir, fresh=fresh)
+  with timed("poison"):
+    exp = poison(config, ds)
+    wd.save_npz(os.path.join(workdir, "poison.npz"), indices=exp.poison_indices, trigger_norms=exp.poison_norms)
+  logger.info("data %s: %d train (%d poisoned), %d clean test, %d triggered test inputs", ds.name,
+              len(exp.y_train), len(exp.poison_indices), len(exp.splits["clean"]["y"]),
+              len(exp.splits["triggered"]["y"]))
+
+  undefended = None
+  if config.undefended.enabled:
+    with timed("undefended"):
+      state = single_model(exp, workdir, "undefended", epochs=config.undefended.epochs or config.train.epochs,
+                           sigma=None, progress=progress)
+      undefended = evaluate_single(exp, state)
+
+  s = config.sigma
+  with timed("sigma_train"):
+    if s.mode == "fixed":
+      exp.sigma_train = np.full(len(exp.y_train), s.sigma_0, np.float32)
+    else:
+      exp.sigma_train = _cached(workdir, "sigma_train", lambda: {"sigma": search_sigmas(
+          exp, _unstack(_pilot(exp, workdir, progress)), _score_fn(exp.model), "train", exp.x_train,
+          exp.y_train, progress)})["sigma"]
+
+  with timed("train_ensemble"):
+    trainer = train_ensemble(exp, workdir, progress)
+
+  with timed("sigma_test"):
+    for split in ("clean", "triggered"):
+      if s.mode == "fixed":
+        exp.sigma_test[split] = np.full(len(exp.splits[split]["y"]), s.sigma_0, np.float32)
+      else:
+        exp.sigma_test[split] = _cached(workdir, f"sigma_{split}",
+                                        lambda sp=split: _test_sigmas(exp, trainer, workdir, sp, progress))["sigma"]
+  wd.save_npz(os.path.join(workdir, "sigmas.npz"), train=exp.sigma_train, train_index=np.arange(len(exp.y_train)),
+              **{f"test_{sp}": exp.sigma_test[sp] for sp in exp.sigma_test},
+              **{f"test_{sp}_index": exp.splits[sp]["index"] for sp in exp.sigma_test})
+
+  certs, raw = {}, {}
+  with timed("certify"):
+    for split in ("clean", "triggered"):
+      raw[split] = _cached(workdir, f"votes_{split}", lambda sp=split: certify_split(exp, trainer, workdir, sp, progress))
+  with timed("bounds"):
+    for split in ("clean", "triggered"):
+      certs[split] = bound_split(exp, split, raw[split]["preds"], raw[split]["probs_sum"])
+  stored = {}
+  with timed("storage_update"):
+    if config.certify.storage_update:
+      stored = storage_update(exp, certs, workdir)
+  with timed("report"):
+    summary = report.write_outputs(exp, certs, raw, stored, undefended, workdir, timings)
+  return summary
+
+
+def _unstack(state: ensemble.MemberState) -> tuple[Any, Any]:
+  """(params, batch_stats) of the single model of a stacked state with a leading axis of 1."""
+  return jax.tree.map(lambda a: a[0], (state.params, state.batch_stats))
+
+
+def _pilot(exp: Experiment, workdir: str, progress: Progress) -> ensemble.MemberState:
+  c = exp.config
+  return single_model(exp, workdir, "pilot", epochs=c.sigma.pilot_epochs or c.train.epochs, sigma=c.sigma.sigma_0,
+                      progress=progress)
+
+
+def _test_sigmas(exp: Experiment, trainer: ensemble.EnsembleTrainer, workdir: str, split: str,
+                 progress: Progress) -> dict[str, np.ndarray]:
+  """sigma_x of every input of a test split; class A is the scorer's prediction on the clean input."""
+  c = exp.config
+  if c.sigma.test_scorer == "pilot":
+    state, score_fn = _unstack(_pilot(exp, workdir, progress)), _score_fn(exp.model)
+  else:
+    full = load_ensemble(trainer, workdir, c.train.num_models)
+    state, score_fn = (full.params, full.batch_stats), _ensemble_score_fn(exp.model)
+  x = exp.splits[split]["x"]
+  target = _predict_with(score_fn, state, x)
+  return {"sigma": search_sigmas(exp, state, score_fn, split, x, target, progress), "target": target}
+
+
+def single_model(exp: Experiment, workdir: str, name: str, *, epochs: int, sigma: float | None,
+                 progress: Progress) -> ensemble.MemberState:
+  """Loads the auxiliary model ``name`` (``pilot`` or ``undefended``) from its checkpoint, or trains and saves it."""
+  tag = {"pilot": rng.PILOT, "undefended": rng.UNDEFENDED}[name]
+  path = os.path.join(os.path.abspath(workdir), name)
+  trainer = _trainer(exp, epochs=epochs, chunk=1, mesh=ensemble.default_mesh(jax.devices()[:1]))
+  checkpointer = ocp.StandardCheckpointer()
+  if os.path.exists(path):
+    logger.info("reusing the %s model from %s", name, path)
+    return ensemble.MemberState(*checkpointer.restore(path, trainer.abstract_state()))
+  state = train_single(exp, trainer, tag=tag, sigma=sigma, progress=progress, desc=f"train {name} model")
+  checkpointer.save(path, state)
+  checkpointer.wait_until_finished()
+  return state
+
+
+def storage_update(exp: Experiment, certs: dict[str, bounds.Certificate],
+                   workdir: str | None = None) -> dict[str, store_lib.StoreAnswer]:
+  """Answers each split through the store of certified balls, in dataset order (METHOD.md section 5).
+
+  One store per split (``store.npz`` holds the clean split's, ``store_triggered.npz`` the triggered split's),
+  or, with ``certify.shared_store``, one store that sees the clean split and then the triggered split
+  (``store.npz``).
+  """
+  shared = exp.config.certify.shared_store
+  answers, store = {}, None
+  for split in ("clean", "triggered"):
+    if store is None or not shared:
+      store = store_lib.CertifiedStore(exp.data.input_shape)
+    cert = certs[split]
+    answers[split] = store.certify(exp.splits[split]["x"], cert.pred, cert.radius_test, exp.sigma_test[split])
+    if workdir is not None and (not shared or split == "triggered"):
+      store.save(os.path.join(workdir, "store.npz" if shared or split == "clean" else f"store_{split}.npz"))
+  return answers

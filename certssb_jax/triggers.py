@@ -1,0 +1,124 @@
+"""Backdoor triggers and deterministic poisoning (METHOD.md sections 1 and 7).
+
+Triggers are written once for any image size and channel count. Every trigger has l2 norm ``delta`` before
+clipping: a pixel trigger puts ``delta / sqrt(P * C)`` on each of its P pixels in every one of the C channels,
+and pixel triggers are clipped at 1 (so the effective norm can be smaller; ``apply_trigger`` returns it).
+The pixel positions are the paper's for 28x28, 32x32 and 224x224 inputs; other sizes use the image centre.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+
+from certssb_jax import rng
+
+TRIGGERS = ("onepixel", "fourpixel", "blending")
+
+# (row, col) of the one-pixel trigger, and the centre (row = col = c) of the four-pixel trigger
+# (c-1, c+1), (c, c), (c+1, c-1), (c+1, c+1), by image height (METHOD.md section 7).
+_ONE_PIXEL = {28: (23, 23), 32: (15, 15), 224: (112, 112)}
+_FOUR_PIXEL_CENTRE = {28: 19, 32: 15, 224: 112}
+BLEND_SEED = 20250430  # the fixed seed of the blending pattern
+
+
+def trigger_pixels(name: str, height: int, width: int) -> list[tuple[int, int]]:
+  """The (row, col) pixels a pixel trigger touches for an image of this size."""
+  known = height == width and height in _ONE_PIXEL
+  if name == "onepixel":
+    return [_ONE_PIXEL[height] if known else (height // 2, width // 2)]
+  if name == "fourpixel":
+    r, c = (_FOUR_PIXEL_CENTRE[height],) * 2 if known else (height // 2, width // 2)
+    return [(r - 1, c + 1), (r, c), (r + 1, c - 1), (r + 1, c + 1)]
+  raise ValueError(f"{name!r} is not a pixel trigger; pixel triggers: onepixel, fourpixel")
+
+
+def trigger_pattern(name: str, input_shape: tuple[int, int, int], delta: float) -> np.ndarray:
+  """The additive pattern of a trigger, shape ``input_shape`` (H, W, C), with l2 norm ``delta``.
+
+  Args:
+    name: one of ``TRIGGERS``.
+    input_shape: (H, W, C) of one image.
+    delta: the trigger's l2 norm (before any clipping of the triggered image).
+
+  Returns:
+    float32 array (H, W, C).
+  """
+  if name not in TRIGGERS:
+    raise ValueError(f"unknown trigger {name!r}; known triggers: {', '.join(TRIGGERS)}")
+  if not (delta > 0 and math.isfinite(delta)):
+    raise ValueError(f"trigger norm delta must be a finite number > 0, got {delta}")
+  h, w, c = input_shape
+  pattern = np.zeros(input_shape, np.float32)
+  if name == "blending":
+    key = rng.stream(BLEND_SEED, rng.TRIGGER)
+    z = np.asarray(jax.random.normal(key, input_shape, dtype=np.float32), np.float64)
+    return (z * (delta / np.linalg.norm(z))).astype(np.float32)
+  pixels = trigger_pixels(name, h, w)
+  value = delta / math.sqrt(len(pixels) * c)
+  for r, col in pixels:
+    pattern[r, col, :] = value
+  return pattern
+
+
+def apply_trigger(x: np.ndarray, name: str, delta: float) -> tuple[np.ndarray, np.ndarray]:
+  """Adds a trigger to a batch of images.
+
+  Pixel triggers are clipped at 1 (METHOD.md section 7); the blending trigger is added without clipping.
+
+  Args:
+    x: (N, H, W, C) images in [0, 1].
+    name: one of ``TRIGGERS``.
+    delta: trigger l2 norm.
+
+  Returns:
+    (triggered images (N, H, W, C) float32, effective l2 norm of each image's change (N,) float64).
+  """
+  x = np.asarray(x, np.float32)
+  pattern = trigger_pattern(name, x.shape[1:], delta)
+  out = x + pattern
+  if name != "blending":
+    out = np.minimum(out, 1.0)
+  norms = np.sqrt(((out.astype(np.float64) - x) ** 2).reshape(len(x), -1).sum(axis=1))
+  return out.astype(np.float32), norms
+
+
+def choose_poison_indices(y: np.ndarray, poison_rate: float, target_class: int, seed: int) -> np.ndarray:
+  """Picks the poisoned training indices: a fraction ``poison_rate`` of the non-target samples.
+
+  The count is ``round(poison_rate * n_nontarget)``; the choice is a uniform draw without replacement from the
+  POISON stream, so it depends on the seed and the labels only.
+
+  Returns:
+    sorted int64 indices into the training set.
+  """
+  if not 0.0 <= poison_rate <= 1.0:
+    raise ValueError(f"poison_rate must be in [0, 1], got {poison_rate}")
+  candidates = np.flatnonzero(np.asarray(y) != target_class)
+  count = int(round(poison_rate * len(candidates)))
+  if poison_rate > 0 and count == 0:
+    raise ValueError(
+        f"poison_rate {poison_rate} selects no sample out of {len(candidates)} non-target training samples; "
+        f"use a rate >= {0.5 / max(len(candidates), 1):.4g} or 0 for a clean run")
+  if count == 0:
+    return np.zeros((0,), np.int64)
+  perm = np.asarray(jax.random.permutation(rng.stream(seed, rng.POISON), len(candidates)))
+  return np.sort(candidates[perm[:count]]).astype(np.int64)
+
+
+def poison_training_set(x: np.ndarray, y: np.ndarray, indices: np.ndarray, trigger: str, delta: float,
+                        target_class: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Adds the trigger to ``x[indices]`` and relabels them to ``target_class``.
+
+  Returns:
+    (poisoned x (n, H, W, C), poisoned y (n,), trigger norms of the poisoned samples (len(indices),)).
+  """
+  x = np.array(x, np.float32, copy=True)
+  y = np.array(y, np.int32, copy=True)
+  norms = np.zeros((0,), np.float64)
+  if len(indices):
+    x[indices], norms = apply_trigger(x[indices], trigger, delta)
+    y[indices] = target_class
+  return x, y, norms

@@ -1,0 +1,71 @@
+"""The certification kernel against a naive per-model, per-input loop."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from certssb_jax import certify
+from certssb_jax import ensemble
+from certssb_jax import models
+from certssb_jax import rng
+
+
+def _ensemble(num_models, num_classes):
+  model = models.get_model("mnist_cnn", num_classes)
+  tx_cfg = ensemble.TrainConfig(1, 8, 1e-3, models_per_chunk=num_models)
+  tr = ensemble.EnsembleTrainer(model, (28, 28, 1), tx_cfg)
+  state = tr._init(tr._keys(np.arange(num_models), rng.stream(0, rng.INIT)))  # pylint: disable=protected-access
+  return model, jax.tree.map(np.asarray, state)
+
+
+def _naive(model, state, x, sigma, seed, num_models, num_classes):
+  votes = np.zeros((len(x), num_classes), np.int64)
+  probs = np.zeros((len(x), num_classes))
+  for m in range(num_models):
+    u = np.asarray(jax.random.normal(rng.member_key(seed, rng.TEST_NOISE, m), x.shape[1:]))
+    params = jax.tree.map(lambda a: a[m], state.params)
+    for i in range(len(x)):
+      logits = np.asarray(model.apply({"params": params}, jnp.asarray(x[i:i + 1] + sigma[i] * u)))[0]
+      p = np.asarray(models.logits_to_probs(jnp.asarray(logits)))
+      votes[i, int(np.argmax(p))] += 1
+      probs[i] += p
+  return votes, probs
+
+
+def test_kernel_votes_match_a_naive_loop_binary_with_padding_and_chunks():
+  model, state = _ensemble(3, 2)
+  rs = np.random.RandomState(0)
+  x = rs.rand(7, 28, 28, 1).astype(np.float32)
+  sigma = rs.uniform(0.1, 1.0, 7).astype(np.float32)
+  chunks = [(np.array([0, 1]), jax.tree.map(lambda a: a[:2], state)),
+            (np.array([2, 3]), jax.tree.map(lambda a: a[np.array([2, 2])], state))]  # id 3 = padding
+  preds, probs = certify.certify_inputs(model, chunks, x, sigma, seed=5, num_models=3, batch_size=4)
+  votes = certify.votes_from_preds(preds, 2)
+  naive_votes, naive_probs = _naive(model, state, x, sigma, 5, 3, 2)
+  np.testing.assert_array_equal(votes, naive_votes)
+  np.testing.assert_allclose(probs, naive_probs, rtol=1e-5, atol=1e-6)
+  assert preds.shape == (3, 7)
+
+
+def test_kernel_votes_match_a_naive_loop_three_classes():
+  model, state = _ensemble(2, 3)
+  rs = np.random.RandomState(1)
+  x = rs.rand(5, 28, 28, 1).astype(np.float32)
+  sigma = np.full(5, 0.5, np.float32)
+  preds, probs = certify.certify_inputs(model, [(np.arange(2), state)], x, sigma, seed=0, num_models=2)
+  naive_votes, naive_probs = _naive(model, state, x, sigma, 0, 2, 3)
+  np.testing.assert_array_equal(certify.votes_from_preds(preds, 3), naive_votes)
+  np.testing.assert_allclose(probs, naive_probs, rtol=1e-5, atol=1e-6)
+
+
+def test_test_noise_is_one_fixed_vector_per_model():
+  a = np.asarray(certify.test_noise(3, np.array([0, 1, 2]), (4, 4, 1)))
+  b = np.asarray(certify.test_noise(3, np.array([2, 1]), (4, 4, 1)))
+  np.testing.assert_array_equal(a[2], b[0])
+  np.testing.assert_array_equal(a[1], b[1])
+  assert not np.allclose(a[0], a[1])
+
+
+def test_votes_from_preds():
+  preds = np.array([[0, 1, 1], [1, 1, 0]])
+  np.testing.assert_array_equal(certify.votes_from_preds(preds, 2), [[1, 1], [0, 2], [1, 1]])

@@ -1,0 +1,109 @@
+"""Ensemble training: fixed per-(model, sample) noise, per-model streams, and the vmapped chunk."""
+
+import jax
+import numpy as np
+import pytest
+
+from certssb_jax import ensemble
+from certssb_jax import models
+from certssb_jax import rng
+
+
+@pytest.fixture(scope="module")
+def trainer():
+  model = models.get_model("mnist_cnn", 2)
+  cfg = ensemble.TrainConfig(epochs=2, batch_size=8, learning_rate=1e-3, models_per_chunk=3)
+  return ensemble.EnsembleTrainer(model, (28, 28, 1), cfg)
+
+
+@pytest.fixture(scope="module")
+def data():
+  rs = np.random.RandomState(0)
+  x = rs.rand(24, 28, 28, 1).astype(np.float32)
+  y = (rs.rand(24) > 0.5).astype(np.int32)
+  sigma = rs.uniform(0.1, 0.5, 24).astype(np.float32)
+  return x, y, sigma
+
+
+def _noise_by_sample(trainer, data, epoch, fresh=False):
+  """Recovers z_{m,j} = (noised - x_j) / sigma_j for every (model, sample) seen in one epoch."""
+  x, y, sigma = data
+  ids = np.arange(3)
+  out = {}
+  for step in range(len(x) // trainer.config.batch_size):
+    xb, yb, idx = trainer.training_batch(ids, ensemble.Streams.ensemble(0), x, y, sigma, epoch, step, fresh)
+    for m in range(3):
+      for b, j in enumerate(idx[m]):
+        assert yb[m, b] == y[j]
+        out[(m, int(j))] = (xb[m, b] - x[j]) / sigma[j]
+  return out
+
+
+def test_training_noise_is_fixed_across_epochs_and_differs_between_models(trainer, data):
+  e0 = _noise_by_sample(trainer, data, 0)
+  e1 = _noise_by_sample(trainer, data, 1)
+  assert len(e0) == 3 * 24  # every sample seen once per epoch (24 = 3 batches of 8)
+  for key, z in e0.items():
+    np.testing.assert_allclose(z, e1[key], atol=1e-4)  # same z_{m,j} in every epoch
+  for j in range(24):
+    assert np.abs(e0[(0, j)] - e0[(1, j)]).max() > 0.5  # models see different noise
+  # and it is the documented stream: normal(fold_in(fold_in(k_train_noise, m), j))
+  k = jax.random.fold_in(jax.random.fold_in(rng.stream(0, rng.TRAIN_NOISE), 2), 5)
+  np.testing.assert_allclose(e0[(2, 5)], np.asarray(jax.random.normal(k, (28, 28, 1))), atol=1e-4)
+
+
+def test_batch_order_changes_between_epochs(trainer, data):
+  x, y, sigma = data
+  _, _, idx0 = trainer.training_batch(np.arange(3), ensemble.Streams.ensemble(0), x, y, sigma, 0, 0)
+  _, _, idx1 = trainer.training_batch(np.arange(3), ensemble.Streams.ensemble(0), x, y, sigma, 1, 0)
+  assert not np.array_equal(idx0, idx1)
+  assert not np.array_equal(idx0[0], idx0[1])  # and between models
+
+
+def test_fresh_noise_redraws_per_epoch(trainer, data):
+  e0 = _noise_by_sample(trainer, data, 0, fresh=True)
+  e1 = _noise_by_sample(trainer, data, 1, fresh=True)
+  assert all(np.abs(e0[k] - e1[k]).max() > 0.5 for k in e0)
+
+
+def test_chunk_training_equals_training_each_model_alone(data):
+  """Model m of a vmapped chunk is the same function as model m trained in a chunk of its own."""
+  x, y, sigma = data
+  model = models.get_model("mnist_cnn", 2)
+  cfg = dict(epochs=1, batch_size=8, learning_rate=1e-3)
+  big = ensemble.EnsembleTrainer(model, (28, 28, 1), ensemble.TrainConfig(models_per_chunk=2, **cfg))
+  one = ensemble.EnsembleTrainer(model, (28, 28, 1), ensemble.TrainConfig(models_per_chunk=1, **cfg))
+  streams = ensemble.Streams.ensemble(7)
+  both = big.train_chunk(np.arange(2), streams, x, y, sigma)
+  second = one.train_chunk(np.array([1]), streams, x, y, sigma)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a[1], b[0], rtol=2e-4, atol=2e-5), both.params, second.params)
+  first = jax.tree.map(lambda a: a[0], both.params)
+  assert not np.allclose(first["Dense_0"]["kernel"], jax.tree.map(lambda a: a[1], both.params)["Dense_0"]["kernel"])
+
+
+def test_training_reduces_the_loss_and_learns(data):
+  rs = np.random.RandomState(1)
+  x = rs.rand(64, 28, 28, 1).astype(np.float32) * 0.2
+  y = (np.arange(64) % 2).astype(np.int32)
+  x[y == 1, 10:18, 10:18, 0] = 1.0  # a separable task
+  model = models.get_model("mnist_cnn", 2)
+  tr = ensemble.EnsembleTrainer(model, (28, 28, 1),
+                                ensemble.TrainConfig(epochs=5, batch_size=16, learning_rate=1e-3, models_per_chunk=2))
+  state = tr.train_chunk(np.arange(2), ensemble.Streams.ensemble(0), x, y, np.full(64, 0.1, np.float32))
+  logits = ensemble.predict_logits(model, state, x)  # (2, 64, 1)
+  acc = ((logits[..., 0] > 0) == y).mean(axis=1)
+  assert np.all(acc > 0.95), acc
+
+
+def test_chunks_pad_the_last_chunk():
+  model = models.get_model("mnist_cnn", 2)
+  tr = ensemble.EnsembleTrainer(model, (28, 28, 1), ensemble.TrainConfig(1, 8, 1e-3, models_per_chunk=4))
+  chunks = tr.chunks(10)
+  assert [list(c) for c in chunks] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+
+
+def test_train_chunk_rejects_a_too_small_training_set():
+  model = models.get_model("mnist_cnn", 2)
+  tr = ensemble.EnsembleTrainer(model, (28, 28, 1), ensemble.TrainConfig(1, 64, 1e-3, models_per_chunk=1))
+  with pytest.raises(ValueError, match="fewer than batch_size"):
+    tr.train_chunk(np.arange(1), ensemble.Streams.ensemble(0), np.zeros((10, 28, 28, 1)), np.zeros(10), None)
