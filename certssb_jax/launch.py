@@ -85,7 +85,8 @@ def main(argv: list[str]) -> None:
     import jax  # pylint: disable=g-import-not-at-top
 
     jax.distributed.initialize()
-  logging.getLogger().setLevel(logging.INFO)
+  logging.getLogger().setLevel(logging.WARNING)  # quiet the libraries (orbax logs every checkpoint at INFO)
+  logging.getLogger("certssb_jax").setLevel(logging.INFO)
   from certssb_jax import pipeline  # pylint: disable=g-import-not-at-top
 
   progress = tqdm_progress if _PROGRESS.value else pipeline.no_progress

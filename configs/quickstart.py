@@ -23,7 +23,7 @@ def get_config(arg: str | None = None):
   c.sigma.sigma_0 = 0.25
   c.sigma.num_steps = 8
   c.sigma.num_draws = 8
-  c.undefended.epochs = 6
+  c.undefended.epochs = 20  # the paper's epochs: one undefended model is cheap
   variant = config_lib.parse_variant(arg)
   if variant.pop("quick", None):  # smoke test: a handful of models, one epoch
     c.train.num_models = 8

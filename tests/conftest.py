@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny end-to-end run on the built-in data (real MNIST digits), made once per session."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: configs/
+
+# Tests run on the CPU; keep XLA from grabbing both cores' worth of threads per test process.
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
+
+import pytest  # noqa: E402
+
+from certssb_jax import config as config_lib  # noqa: E402
+
+
+def tiny_config(**overrides):
+  """The quickstart made tiny: 256 train / 64 test digits, 8 models, 1 epoch, alpha 0.1 so something certifies."""
+  c = config_lib.base_config()
+  c.data.source = "builtin"
+  c.data.max_train = 256
+  c.data.max_test = 64
+  c.attack.poison_rate = 0.05
+  c.train.num_models = 8
+  c.train.epochs = 2
+  c.train.batch_size = 32
+  c.train.models_per_chunk = 4
+  c.sigma.mode = "sample_specific"
+  c.sigma.sigma_0 = 0.25
+  c.sigma.num_steps = 2
+  c.sigma.num_draws = 2
+  c.sigma.batch_size = 128
+  c.sigma.pilot_epochs = 1
+  c.certify.alpha = 0.1
+  c.undefended.epochs = 2
+  return config_lib.apply_overrides(c, {k: str(v) for k, v in overrides.items()})
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+  """(config, workdir, summary) of one tiny sample-specific run."""
+  from certssb_jax import pipeline  # pylint: disable=g-import-not-at-top
+
+  workdir = str(tmp_path_factory.mktemp("tiny_run"))
+  c = tiny_config()
+  return c, workdir, pipeline.run(c, workdir)
