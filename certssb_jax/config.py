@@ -17,6 +17,7 @@ from certssb_jax import triggers
 SOURCES = ("builtin", "tfds", "idx", "cifar_pickle", "image_folder")
 SIGMA_MODES = ("fixed", "sample_specific")
 TEST_SCORERS = ("pilot", "ensemble")
+COMPAT = ("none", "reference")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -35,10 +36,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.test_fraction = 0.2  # builtin data: last fraction of each class (file order) is the test split
 
   c.attack = ml_collections.ConfigDict()
-  c.attack.trigger = "onepixel"  # onepixel | fourpixel | blending
+  c.attack.trigger = "onepixel"  # onepixel | fourpixel | blending (the paper's) | badnets | alpha_blend
   c.attack.poison_rate = 0.02  # fraction of the non-target training samples that get the trigger
   c.attack.delta = 1.0  # l2 norm of the trigger
   c.attack.target_class = 0  # the label the attacker wants (new label ids)
+  c.attack.blend_alpha = 0.2  # weight of the fixed random image of the alpha_blend trigger
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "mnist_cnn"
@@ -73,6 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.certify.models_per_chunk = 0  # models per kernel call (0: train.models_per_chunk's auto value)
   c.certify.storage_update = True  # answer through the store of certified balls (METHOD.md section 5)
   c.certify.shared_store = False  # one store for both splits (clean first) instead of one per split
+  c.certify.compat = "none"  # none | reference: also report the reference release's (unsound) numbers
 
   c.undefended = ml_collections.ConfigDict()
   c.undefended.enabled = True  # also train one model on the poisoned data without noise
@@ -107,7 +110,8 @@ ALIASES = {
     "batch_size": "train.batch_size", "learning_rate": "train.learning_rate", "bound": "certify.bound",
     "alpha": "certify.alpha", "correction": "certify.correction", "seed": "seed", "source": "data.source",
     "data_dir": "data.data_dir", "max_train": "data.max_train", "max_test": "data.max_test",
-    "test_scorer": "sigma.test_scorer", "storage_update": "certify.storage_update",
+    "test_scorer": "sigma.test_scorer", "storage_update": "certify.storage_update", "compat": "certify.compat",
+    "classes": "data.classes", "model": "model.name", "models_per_chunk": "train.models_per_chunk",
 }
 
 
@@ -164,6 +168,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   _check(0.0 < c.data.test_fraction < 1.0, f"data.test_fraction must be in (0, 1), got {c.data.test_fraction}")
   _check(c.attack.trigger in triggers.TRIGGERS, f"attack.trigger {c.attack.trigger!r} is not one of {triggers.TRIGGERS}")
   _check(0.0 <= c.attack.poison_rate < 1.0, f"attack.poison_rate must be in [0, 1), got {c.attack.poison_rate}")
+  _check(0 < c.attack.blend_alpha <= 1, f"attack.blend_alpha must be in (0, 1], got {c.attack.blend_alpha}")
   _check(c.attack.delta > 0 and math.isfinite(c.attack.delta), f"attack.delta must be > 0, got {c.attack.delta}")
   _check(0 <= c.attack.target_class < len(c.data.classes),
          f"attack.target_class {c.attack.target_class} is not a label in [0, {len(c.data.classes)})")
@@ -181,6 +186,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   _check(c.certify.bound in bounds.BOUNDS, f"certify.bound {c.certify.bound!r} is not one of {bounds.BOUNDS}")
   _check(c.certify.correction in bounds.CORRECTIONS,
          f"certify.correction {c.certify.correction!r} is not one of {bounds.CORRECTIONS}")
+  _check(c.certify.compat in COMPAT, f"certify.compat {c.certify.compat!r} is not one of {COMPAT}")
   if c.certify.correction == "holdout":
     _check(0 < c.certify.holdout_models < c.train.num_models,
            f"certify.holdout_models must be in (0, num_models) for the holdout correction, got {c.certify.holdout_models}")
@@ -209,3 +215,17 @@ def search_config(c: ml_collections.ConfigDict):
   if c.sigma.method == "paper":
     return sigma_search.SearchConfig.paper(**kwargs)
   return sigma_search.SearchConfig(**kwargs)
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Loads ``path/to/config.py[:variant]`` the way ``--config`` does: imports the file, calls get_config(variant)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+
+  path, _, arg = spec.partition(":")
+  if not os.path.exists(path):
+    raise ValueError(f"config file {path!r} does not exist")
+  module_spec = importlib.util.spec_from_file_location(f"_certssb_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)

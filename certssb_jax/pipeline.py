@@ -81,7 +81,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, *, fresh: b
   new = config.to_dict()
   if os.path.exists(path):
     old = wd.load_json(path)
-    diff = _diff(old, _jsonable(new))
+    diff = _diff(old, jsonable(new))
     if diff and not fresh:
       raise ConfigMismatchError(
           f"workdir {workdir} holds a run with a different config ({'; '.join(diff[:8])}); use another "
@@ -94,7 +94,8 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, *, fresh: b
   wd.save_json(path, new)
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+  """The value as it reads back from JSON (tuples become lists)."""
   import json  # pylint: disable=g-import-not-at-top
 
   return json.loads(json.dumps(obj, default=wd._json_default))  # pylint: disable=protected-access
@@ -145,12 +146,12 @@ def poison(config: ml_collections.ConfigDict, ds: data_lib.Dataset) -> Experimen
   a = config.attack
   idx = triggers.choose_poison_indices(ds.y_train, a.poison_rate, a.target_class, config.seed)
   x_train, y_train, norms = triggers.poison_training_set(ds.x_train, ds.y_train, idx, a.trigger, a.delta,
-                                                         a.target_class)
+                                                         a.target_class, a.blend_alpha)
   keep = np.flatnonzero(ds.y_test != a.target_class)
-  x_trig, _ = triggers.apply_trigger(ds.x_test[keep], a.trigger, a.delta)
+  x_trig, trig_norms = triggers.apply_trigger(ds.x_test[keep], a.trigger, a.delta, a.blend_alpha)
   splits = {
       "clean": {"x": ds.x_test, "y": ds.y_test, "index": np.arange(len(ds.y_test))},
-      "triggered": {"x": x_trig, "y": ds.y_test[keep], "index": keep},
+      "triggered": {"x": x_trig, "y": ds.y_test[keep], "index": keep, "trigger_norm": trig_norms},
   }
   return Experiment(config, ds, x_train, y_train, idx, norms, splits,
                     model=models_lib.get_model(config.model.name, ds.num_classes))

@@ -54,6 +54,29 @@ def split_metrics(pred: np.ndarray, radius: np.ndarray, radius_test: np.ndarray,
   }
 
 
+def reference_metrics(exp, raw: dict[str, dict[str, np.ndarray]], num_models: int) -> dict[str, Any]:
+  """The reference release's numbers recomputed from the same votes (METHOD.md section 6). NOT sound.
+
+  Its formulas: Hoeffding on the mean soft score with M hard-coded to 1000 and no class-selection correction,
+  the radius multiplied by the optimised sigma_x, and a "triggered accuracy" that relabels every triggered input
+  to the target class (so it is the attack success rate, reported as an accuracy). Labelled as the reference's.
+  """
+  c = exp.config
+  out: dict[str, Any] = {"note": "the reference release's formulas (unsound: Hoeffding with M fixed at 1000, no "
+                                 "selection correction, radius times the optimised sigma_x, triggered accuracy "
+                                 "relabelled to the target); for comparison with the paper only"}
+  for split in ("clean", "triggered"):
+    sig = exp.sigma_test[split]
+    cert = bounds.reference_certificate(raw[split]["probs_sum"], sig, sig, c.certify.alpha, num_models=num_models)
+    y = exp.splits[split]["y"]
+    if split == "clean":
+      out["clean_accuracy"] = float(np.mean(cert.pred == y))
+      out["cra"] = bounds.certified_accuracy(cert.radius, cert.pred == y)
+    else:
+      out["triggered_accuracy_relabelled"] = float(np.mean(cert.pred == c.attack.target_class))
+  return out
+
+
 def stored_joint_radius(exp, split: str, answer) -> np.ndarray:
   """The joint radius after the storage update: sigma_min * (radius_stored / sigma_x) (METHOD.md section 5.4)."""
   return bounds.sigma_min_of(exp.sigma_test[split], exp.sigma_train) * answer.margin_stored
@@ -132,6 +155,12 @@ def write_outputs(exp, certs: dict[str, bounds.Certificate], raw: dict[str, dict
         "cra_test_triggered": stored_per["triggered"]["cra_test"],
         **{f"{k}_{split}": stored_per[split][k] for split in stored_per for k in ("aligned", "trimmed", "stored")},
     }
+  if c.certify.compat == "reference":
+    summary["reference_compat"] = reference_metrics(exp, raw, m)
+  trig_norm = exp.splits["triggered"].get("trigger_norm")
+  if trig_norm is not None and len(trig_norm):
+    summary["trigger_norm_test"] = _stats(trig_norm)
+    summary["trigger_norm_train"] = _stats(exp.poison_norms)
   summary["timings_s"] = timings
   summary["versions"] = versions()
   summary["devices"] = [str(d) for d in jax.devices()]

@@ -15,7 +15,11 @@ import numpy as np
 
 from certssb_jax import rng
 
-TRIGGERS = ("onepixel", "fourpixel", "blending")
+TRIGGERS = ("onepixel", "fourpixel", "blending", "badnets", "alpha_blend")
+# The paper's triggers have l2 norm delta; "badnets" (a checkerboard patch that replaces the bottom-right corner)
+# and "alpha_blend" ((1 - a) x + a P with a fixed random image P) are for empirical robustness (ERA / ASR):
+# their norm depends on the image and is reported per image.
+NORM_DELTA_TRIGGERS = ("onepixel", "fourpixel", "blending")
 
 # (row, col) of the one-pixel trigger, and the centre (row = col = c) of the four-pixel trigger
 # (c-1, c+1), (c, c), (c+1, c-1), (c+1, c+1), by image height (METHOD.md section 7).
@@ -46,8 +50,8 @@ def trigger_pattern(name: str, input_shape: tuple[int, int, int], delta: float) 
   Returns:
     float32 array (H, W, C).
   """
-  if name not in TRIGGERS:
-    raise ValueError(f"unknown trigger {name!r}; known triggers: {', '.join(TRIGGERS)}")
+  if name not in NORM_DELTA_TRIGGERS:
+    raise ValueError(f"unknown trigger {name!r} for a pattern of norm delta; known: {', '.join(NORM_DELTA_TRIGGERS)}")
   if not (delta > 0 and math.isfinite(delta)):
     raise ValueError(f"trigger norm delta must be a finite number > 0, got {delta}")
   h, w, c = input_shape
@@ -63,24 +67,51 @@ def trigger_pattern(name: str, input_shape: tuple[int, int, int], delta: float) 
   return pattern
 
 
-def apply_trigger(x: np.ndarray, name: str, delta: float) -> tuple[np.ndarray, np.ndarray]:
+def badnets_patch(input_shape: tuple[int, int, int]) -> tuple[slice, slice, np.ndarray]:
+  """The BadNets-style patch: a black-and-white checkerboard of p x p pixels, p = max(3, round(3 H / 32)), one
+  pixel from the bottom-right corner. Returns (row slice, col slice, patch (p, p, C))."""
+  h, w, c = input_shape
+  p = max(3, round(3 * h / 32))
+  rows, cols = np.indices((p, p))
+  cell = max(1, p // 3)
+  board = ((rows // cell + cols // cell) % 2 == 0).astype(np.float32)
+  return slice(h - 1 - p, h - 1), slice(w - 1 - p, w - 1), np.repeat(board[:, :, None], c, axis=2)
+
+
+def blend_image(input_shape: tuple[int, int, int]) -> np.ndarray:
+  """The fixed random image P of the alpha-blend trigger: uniform [0, 1] from the fixed BLEND_SEED."""
+  key = jax.random.fold_in(rng.stream(BLEND_SEED, rng.TRIGGER), 1)
+  return np.asarray(jax.random.uniform(key, input_shape, dtype=np.float32))
+
+
+def apply_trigger(x: np.ndarray, name: str, delta: float, blend_alpha: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
   """Adds a trigger to a batch of images.
 
-  Pixel triggers are clipped at 1 (METHOD.md section 7); the blending trigger is added without clipping.
+  Pixel triggers are clipped at 1 (METHOD.md section 7); the blending trigger is added without clipping. The
+  BadNets patch replaces its pixels; the alpha blend mixes in a fixed image with weight ``blend_alpha``.
 
   Args:
     x: (N, H, W, C) images in [0, 1].
     name: one of ``TRIGGERS``.
-    delta: trigger l2 norm.
+    delta: trigger l2 norm (paper triggers only).
+    blend_alpha: weight of the fixed image of the ``alpha_blend`` trigger, in (0, 1].
 
   Returns:
     (triggered images (N, H, W, C) float32, effective l2 norm of each image's change (N,) float64).
   """
   x = np.asarray(x, np.float32)
-  pattern = trigger_pattern(name, x.shape[1:], delta)
-  out = x + pattern
-  if name != "blending":
-    out = np.minimum(out, 1.0)
+  if name == "badnets":
+    rows, cols, patch = badnets_patch(x.shape[1:])
+    out = x.copy()
+    out[:, rows, cols, :] = patch
+  elif name == "alpha_blend":
+    if not 0 < blend_alpha <= 1:
+      raise ValueError(f"blend_alpha must be in (0, 1], got {blend_alpha}")
+    out = ((1 - blend_alpha) * x + blend_alpha * blend_image(x.shape[1:])).astype(np.float32)
+  else:
+    out = x + trigger_pattern(name, x.shape[1:], delta)
+    if name != "blending":
+      out = np.minimum(out, 1.0)
   norms = np.sqrt(((out.astype(np.float64) - x) ** 2).reshape(len(x), -1).sum(axis=1))
   return out.astype(np.float32), norms
 
@@ -109,7 +140,7 @@ def choose_poison_indices(y: np.ndarray, poison_rate: float, target_class: int, 
 
 
 def poison_training_set(x: np.ndarray, y: np.ndarray, indices: np.ndarray, trigger: str, delta: float,
-                        target_class: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                        target_class: int, blend_alpha: float = 0.2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Adds the trigger to ``x[indices]`` and relabels them to ``target_class``.
 
   Returns:
@@ -119,6 +150,6 @@ def poison_training_set(x: np.ndarray, y: np.ndarray, indices: np.ndarray, trigg
   y = np.array(y, np.int32, copy=True)
   norms = np.zeros((0,), np.float64)
   if len(indices):
-    x[indices], norms = apply_trigger(x[indices], trigger, delta)
+    x[indices], norms = apply_trigger(x[indices], trigger, delta, blend_alpha)
     y[indices] = target_class
   return x, y, norms

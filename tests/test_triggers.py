@@ -80,3 +80,26 @@ def test_poison_training_set_relabels_and_triggers_only_the_chosen():
   assert np.all(xp[idx, 23, 23, 0] == 1.0)
   np.testing.assert_allclose(norms, 1.0 - x[idx, 23, 23, 0], rtol=1e-6)
   assert x[2, 23, 23, 0] != 1.0  # input not modified in place
+
+
+def test_badnets_patch_replaces_a_checkerboard_in_the_corner():
+  x = np.full((2, 28, 28, 1), 0.5, np.float32)
+  out, norms = triggers.apply_trigger(x, "badnets", 1.0)
+  changed = np.argwhere(out[0, ..., 0] != 0.5)
+  assert changed[:, 0].min() == 28 - 1 - 3 and changed[:, 0].max() == 28 - 2  # rows 24..26
+  assert changed[:, 1].min() == 28 - 1 - 3 and changed[:, 1].max() == 28 - 2
+  np.testing.assert_array_equal(out[0, 24:27, 24:27, 0], [[1, 0, 1], [0, 1, 0], [1, 0, 1]])
+  np.testing.assert_allclose(norms, np.sqrt(9 * 0.25), rtol=1e-6)  # every patch pixel moves by 0.5
+  out3, _ = triggers.apply_trigger(np.zeros((1, 32, 32, 3), np.float32), "badnets", 1.0)
+  assert np.all(out3[0, 28:31, 28:31, :] == out3[0, 28:31, 28:31, :1])  # the same in every channel
+
+
+def test_alpha_blend_mixes_a_fixed_image():
+  x = np.random.RandomState(0).rand(3, 32, 32, 3).astype(np.float32)
+  out, norms = triggers.apply_trigger(x, "alpha_blend", 1.0, blend_alpha=0.25)
+  p = triggers.blend_image((32, 32, 3))
+  np.testing.assert_allclose(out, 0.75 * x + 0.25 * p, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(norms, np.linalg.norm((out - x).reshape(3, -1), axis=1), rtol=1e-5)
+  assert 0.0 <= out.min() and out.max() <= 1.0
+  with pytest.raises(ValueError, match="blend_alpha"):
+    triggers.apply_trigger(x, "alpha_blend", 1.0, blend_alpha=0.0)
