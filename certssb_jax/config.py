@@ -212,9 +212,12 @@ def search_config(c: ml_collections.ConfigDict):
                 num_draws=c.sigma.num_draws, kappa=c.sigma.kappa, method=c.sigma.method)
   if c.sigma.lr > 0:
     kwargs["lr"] = c.sigma.lr
-  if c.sigma.method == "paper":
-    return sigma_search.SearchConfig.paper(**kwargs)
-  return sigma_search.SearchConfig(**kwargs)
+  kwargs.pop("method")
+  make = sigma_search.SearchConfig.paper if c.sigma.method == "paper" else sigma_search.SearchConfig.reparam
+  if c.sigma.method == "paper":  # the reference rule's own defaults: one draw, kappa 0.02
+    kwargs.pop("num_draws")
+    kwargs.pop("kappa")
+  return make(**kwargs)
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:

@@ -338,7 +338,7 @@ def search_sigma_batched(score_fn: ScoreFn, params: Any, x: Any, target: Any, in
                      f"{len(indices)}")
   if num_samples == 0:
     return np.zeros((0,), np.float32)
-  batch_size = min(int(batch_size), num_samples)
+  batch_size = int(batch_size)  # not capped at N: every call of a run shares one compiled shape
   out = []
   for start in range(0, num_samples, batch_size):
     stop = min(start + batch_size, num_samples)

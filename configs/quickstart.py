@@ -25,8 +25,8 @@ def get_config(arg: str | None = None):
   c.sigma.num_draws = 8
   c.undefended.epochs = 20  # the paper's epochs: one undefended model is cheap
   variant = config_lib.parse_variant(arg)
-  if variant.pop("quick", None):  # smoke test: a handful of models, one epoch
-    c.train.num_models = 8
+  if variant.pop("quick", None):  # smoke test: 16 models (the fewest that certify at alpha=0.001), one epoch
+    c.train.num_models = 16
     c.train.epochs = 1
     c.undefended.epochs = 1
     c.sigma.num_steps = 2

@@ -74,3 +74,14 @@ def test_sweep_writes_a_complete_table_and_resumes(tmp_path):
   mtime = os.path.getmtime(os.path.join(sweep.row_dir(out, "mnist", "onepixel", 0.25, "fixed"), "summary.json"))
   sweep.sweep([str(cfg)], out, ["onepixel"], [0.25], ["fixed", "sample_specific"])  # finished rows are reused
   assert os.path.getmtime(os.path.join(sweep.row_dir(out, "mnist", "onepixel", 0.25, "fixed"), "summary.json")) == mtime
+
+
+def test_ensemble_scorer_and_the_paper_rule_run_end_to_end(tmp_path):
+  c = tiny_config(test_scorer="ensemble", method="paper", num_models=8)
+  c.sigma.num_steps = 3
+  pipeline.run(c, str(tmp_path / "ens"))
+  sig = np.load(tmp_path / "ens" / "sigmas.npz")
+  # the paper rule only ever grows sigma: every sigma is >= sigma_0 and some grew
+  for k in ("train", "test_clean", "test_triggered"):
+    assert np.all(sig[k] >= c.sigma.sigma_0 - 1e-7), k
+    assert np.any(sig[k] > c.sigma.sigma_0), k
