@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import platform
@@ -189,6 +190,7 @@ def evaluate_single(exp: Experiment, state: ensemble.MemberState) -> dict[str, f
           "asr": float(np.mean(trig == exp.config.attack.target_class))}
 
 
+@functools.lru_cache(maxsize=None)
 def _score_fn(model):
   def score(state, xb):
     params, batch_stats = state
@@ -197,6 +199,7 @@ def _score_fn(model):
   return score
 
 
+@functools.lru_cache(maxsize=None)
 def _ensemble_score_fn(model):
   def score(state, xb):
     params, batch_stats = state
@@ -320,6 +323,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: Progress =
     The summary (also written to ``summary.json``).
   """
   config_lib.validate_config(config)
+  warn_if_uncertifiable(config)
   timings: dict[str, float] = {}
 
   @contextlib.contextmanager
@@ -382,6 +386,23 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: Progress =
   with timed("report"):
     summary = report.write_outputs(exp, certs, raw, stored, undefended, workdir, timings)
   return summary
+
+
+def warn_if_uncertifiable(config: ml_collections.ConfigDict) -> float:
+  """Warns (before any work) when M and alpha cannot certify any radius; returns the margin ceiling."""
+  c = config.certify
+  k = len(config.data.classes)
+  m_est = config.train.num_models - (c.holdout_models if c.correction == "holdout" else 0)
+  ceiling = bounds.margin_ceiling(m_est, c.alpha, bound=c.bound, correction=c.correction, num_classes=k)
+  if ceiling <= 0:
+    need = next((m for m in range(m_est + 1, 100_000) if bounds.margin_ceiling(
+        m, c.alpha, bound=c.bound, correction=c.correction, num_classes=k) > 0), None)
+    logger.warning("%d models cannot certify any radius at alpha = %g with %s (the largest certifiable margin is 0); "
+                   "at least %s models are needed", m_est, c.alpha, c.bound, need)
+  else:
+    logger.info("margin ceiling for M = %d, alpha = %g (%s): %.4f sigma, i.e. radius <= %.4f at sigma_0 = %g",
+                m_est, c.alpha, c.bound, ceiling, ceiling * config.sigma.sigma_0, config.sigma.sigma_0)
+  return ceiling
 
 
 def _unstack(state: ensemble.MemberState) -> tuple[Any, Any]:

@@ -162,3 +162,11 @@ def test_config_variants_parse():
     mnist.get_config("sigma0=0.5")
   with pytest.raises(ValueError, match="cannot read"):
     mnist.get_config("num_models=many")
+
+
+def test_too_few_models_warns_with_the_number_needed(caplog):
+  import logging
+  c = tiny_config(num_models=4, alpha=0.001)
+  with caplog.at_level(logging.WARNING, logger="certssb_jax"):
+    assert pipeline.warn_if_uncertifiable(c) == 0.0
+  assert "4 models cannot certify any radius" in caplog.text and "at least 11 models" in caplog.text
