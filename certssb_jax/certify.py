@@ -2,21 +2,30 @@
 
 Model m sees ``x + sigma_x * u_m`` with ``u_m = normal(member_key(seed, TEST_NOISE, m), input_shape)``, one fixed
 vector per model shared by all queries, so the smoothed prediction is a deterministic function of x. The
-kernel is a pure jitted function of (stacked params, inputs, sigmas, per-model noise); the host loops over
-chunks of models and of inputs, so memory is bounded by the chunk sizes, not by M or the test-set size.
+kernel is a pure jitted function of (stacked params, per-model keys, inputs, sigmas): the models of a chunk are
+sharded over the mesh axis ``ens`` (``jax.shard_map``; every device runs its own models on the replicated
+inputs, with the same slot layout as training, ``ensemble.ChunkLayout``), and u_m is regenerated on the device
+from its key. The host loops over chunks of models and batches of inputs, so memory is bounded by the chunk
+sizes (``models_per_chunk`` x ``batch_size``), not by M or the test-set size (``tests/test_memory.py``).
+
 The kernel returns each model's predicted class, so votes can be counted for any subset of models (the
-hold-out correction uses the first M0), and the sum of class probabilities for Hoeffding bounds.
+hold-out correction uses the first M0), and each model's class probabilities, which the host adds up in
+float64 in model-id order: the sums are the same bits however the models are chunked or sharded (a sum inside
+the kernel would add per-device partial sums, whose rounding depends on the device count).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable, Sequence
+import itertools
+import math
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from certssb_jax import ensemble
 from certssb_jax import models as models_lib
@@ -29,49 +38,152 @@ def test_noise(seed: int, model_ids: np.ndarray, input_shape: Sequence[int]) -> 
       jnp.asarray(model_ids))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def certify_kernel(model: nn.Module, params: Any, batch_stats: Any, x: jax.Array, sigma: jax.Array,
-                   noise: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+@functools.lru_cache(maxsize=None)
+def _keys_fn(mesh: Mesh) -> Callable[[jax.Array, np.ndarray], jax.Array]:
+  """Jitted ``ids -> fold_in(stream, m)`` with the keys sharded over ``ens``."""
+  return jax.jit(lambda stream, ids: jax.vmap(lambda m: jax.random.fold_in(stream, m))(ids),
+                 out_shardings=NamedSharding(mesh, P(ensemble.ENS)))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "mesh", "per_slot"))
+def certify_kernel(params: tuple[Any, ...], batch_stats: tuple[Any, ...], keys: tuple[jax.Array, ...],
+                   x: jax.Array, sigma: jax.Array, *, model: nn.Module, mesh: Mesh,
+                   per_slot: int) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
   """Predictions and probabilities of a chunk of models on noised inputs.
 
   Args:
+    params, batch_stats: one stacked tree per slot of the chunk's ``ChunkLayout``, leading axis
+      ``num_devices * per_slot``, sharded over ``ens``.
+    keys: one (num_devices * per_slot,) array of test-noise keys ``member_key(seed, TEST_NOISE, m)`` per slot.
+    x: (N, H, W, C) clean inputs in [0, 1] (replicated).
+    sigma: (N,) the sigma_x each input is sampled with (replicated).
     model: the Flax model.
-    params, batch_stats: stacked variables of C models (leading axis C).
-    x: (N, H, W, C) clean inputs in [0, 1].
-    sigma: (N,) the sigma_x each input is sampled with.
-    noise: (C, H, W, C) the fixed test noise u_m of each model.
-    valid: (C,) bool, False for padding models (their probabilities are left out of the sum).
+    mesh: the 1-D mesh with axis ``ens``.
+    per_slot: models per device in each slot (1 for ``member_map="loop"``).
 
   Returns:
-    (preds (C, N) int32: each model's class, probs_sum (N, K) float32: sum over the valid models of the chunk
-    of class probabilities).
+    (preds, probs), one entry per slot: preds (D * per_slot, N) int32, each model's class; probs
+    (D * per_slot, N, K) float32, its class probabilities.
   """
 
-  def one(p, bs, u):
-    logits = ensemble.member_logits(model, p, bs, x + sigma.reshape((-1,) + (1,) * (x.ndim - 1)) * u)
-    return models_lib.logits_to_pred(logits), models_lib.logits_to_probs(logits)
+  def one(p, bs, key, xb, sig):
+    u = jax.random.normal(key, xb.shape[1:])  # (H, W, C): the model's fixed test noise u_m
+    logits = ensemble.member_logits(model, p, bs, xb + sig.reshape((-1,) + (1,) * (xb.ndim - 1)) * u)
+    return models_lib.logits_to_pred(logits), models_lib.logits_to_probs(logits).astype(jnp.float32)
 
-  preds, probs = jax.vmap(one)(params, batch_stats, noise)  # (C, N), (C, N, K)
-  return preds, jnp.einsum("c,cnk->nk", valid.astype(probs.dtype), probs)
+  def local(params, batch_stats, keys, xb, sig):
+    run = ensemble.per_device(one, per_slot)
+    outs = [run((p, bs, k), xb, sig) for p, bs, k in zip(params, batch_stats, keys)]
+    return tuple(o[0] for o in outs), tuple(o[1] for o in outs)
+
+  spec = P(ensemble.ENS)
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(), P()), out_specs=(spec, spec),
+                       check_vma=False)(params, batch_stats, keys, x, sigma)
+
+
+def kernel_layout(models_per_chunk: int, mesh: Mesh, member_map: str | None = None) -> ensemble.ChunkLayout:
+  """The layout of one kernel call: ``models_per_chunk`` rounded up to a multiple of the device count."""
+  num_devices = mesh.devices.size
+  chunk = int(math.ceil(max(models_per_chunk, 1) / num_devices) * num_devices)
+  return ensemble.ChunkLayout.make(chunk, num_devices, member_map)
+
+
+def kernel_batch_size(batch_size: int, num_inputs: int) -> int:
+  """Inputs per kernel call: ``batch_size``, or all inputs when there are fewer (the last batch is padded)."""
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  return min(batch_size, max(num_inputs, 1))
+
+
+def abstract_kernel_args(model: nn.Module, input_shape: Sequence[int], models_per_chunk: int, batch_size: int,
+                         mesh: Mesh | None = None, member_map: str | None = None,
+                         num_inputs: int | None = None) -> tuple[tuple, dict]:
+  """(args, kwargs) of ``certify_kernel`` as ``jax.ShapeDtypeStruct``s with their shardings: what
+  ``certify_inputs`` passes for kernel chunks of ``models_per_chunk`` models and batches of ``batch_size``
+  inputs (of ``num_inputs`` in all, if given). Neither M nor the test-set size enters (beyond a test set smaller
+  than one batch): that is what bounds the memory.
+
+  For ahead-of-time compilation without data: ``certify_kernel.lower(*args, **kwargs).compile()``.
+  """
+  mesh = mesh if mesh is not None else ensemble.default_mesh()
+  layout = kernel_layout(models_per_chunk, mesh, member_map)
+  if num_inputs is not None:
+    batch_size = kernel_batch_size(batch_size, num_inputs)
+  ens = NamedSharding(mesh, P(ensemble.ENS))
+  rep = NamedSharding(mesh, P())
+  variables = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, *input_shape), jnp.float32), train=False),
+                             jax.random.key(0))
+  n_slot = layout.num_devices * layout.per_slot
+
+  def stacked(a):
+    return jax.ShapeDtypeStruct((n_slot,) + tuple(a.shape), a.dtype, sharding=ens)
+
+  params = tuple(jax.tree.map(stacked, variables["params"]) for _ in range(layout.num_slots))
+  batch_stats = tuple(jax.tree.map(stacked, variables.get("batch_stats", {})) for _ in range(layout.num_slots))
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  keys = tuple(jax.ShapeDtypeStruct((n_slot,), key.dtype, sharding=ens) for _ in range(layout.num_slots))
+  x = jax.ShapeDtypeStruct((batch_size, *input_shape), jnp.float32, sharding=rep)
+  sigma = jax.ShapeDtypeStruct((batch_size,), jnp.float32, sharding=rep)
+  return (params, batch_stats, keys, x, sigma), dict(model=model, mesh=mesh, per_slot=layout.per_slot)
+
+
+def rechunk(chunks: Iterable[tuple[np.ndarray, ensemble.MemberState]], size: int,
+            num_models: int) -> Iterator[tuple[np.ndarray, ensemble.MemberState]]:
+  """Regroups a stream of (model ids, stacked state) into chunks of exactly ``size`` models, in id order.
+
+  Models with ids >= num_models (training padding) are dropped; the last chunk is padded with copies of its
+  last model under ids >= num_models (run, then ignored). Memory: at most two chunks on the host.
+  """
+  buf_ids: list[np.ndarray] = []
+  buf_states: list[Any] = []
+  held = 0
+  for ids, state in chunks:
+    ids = np.asarray(ids)
+    keep = ids < num_models
+    if not keep.any():
+      continue
+    buf_ids.append(ids[keep])
+    buf_states.append(jax.tree.map(lambda a, k=keep: np.asarray(a)[k], state))
+    held += int(keep.sum())
+    while held >= size:
+      all_ids = np.concatenate(buf_ids)
+      all_state = jax.tree.map(lambda *a: np.concatenate(a), *buf_states)
+      yield all_ids[:size], jax.tree.map(lambda a: a[:size], all_state)
+      buf_ids, buf_states = [all_ids[size:]], [jax.tree.map(lambda a: a[size:], all_state)]
+      held -= size
+  if held:
+    all_ids = np.concatenate(buf_ids)
+    all_state = jax.tree.map(lambda *a: np.concatenate(a), *buf_states)
+    pad = size - held
+    ids = np.concatenate([all_ids, num_models + np.arange(pad)])
+    yield ids, jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]), all_state)
 
 
 def certify_inputs(model: nn.Module, chunks: Iterable[tuple[np.ndarray, ensemble.MemberState]], x: np.ndarray,
                    sigma: np.ndarray, *, seed: int, num_models: int, batch_size: int = 512,
-                   on_chunk: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   on_chunk: Callable[[int], None] | None = None, mesh: Mesh | None = None,
+                   member_map: str | None = None,
+                   models_per_chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Runs every model of the ensemble on every input with its fixed test noise.
 
   Args:
     model: the Flax model.
-    chunks: iterable of (model_ids (C,), stacked state) — ids >= num_models (padding) are ignored.
+    chunks: iterable of (model_ids (C,), stacked state), in increasing id order — ids >= num_models
+      (padding) are ignored.
     x: (N, H, W, C) inputs.
     sigma: (N,) per-input sigma_x (the sigma actually used to sample).
     seed: run seed (test noise stream).
     num_models: M.
     batch_size: inputs per kernel call (the last batch is padded so the kernel compiles once).
     on_chunk: progress callback, called with the number of models done after each chunk.
+    mesh: 1-D mesh with axis ``ens`` the models are sharded over; default all devices.
+    member_map: ``"loop"`` or ``"vmap"`` (see ``ensemble``); default per backend.
+    models_per_chunk: models per kernel call (memory bound); default the size of the first incoming chunk.
+      Rounded up to a multiple of the device count.
 
   Returns:
-    (preds (M, N) int32 — model m's class on input n, probs_sum (N, K) float64).
+    (preds (M, N) int32 — model m's class on input n, probs_sum (N, K) float64 — the sum over models, in
+    model-id order, of their class probabilities).
   """
   x = np.asarray(x, np.float32)
   sigma = np.asarray(sigma, np.float32)
@@ -80,24 +192,41 @@ def certify_inputs(model: nn.Module, chunks: Iterable[tuple[np.ndarray, ensemble
     raise ValueError(f"sigma must have shape ({n},), got {sigma.shape}")
   if n and not np.all(sigma > 0):
     raise ValueError("every test sigma must be > 0")
-  bsz = min(batch_size, max(n, 1))
+  if num_models < 1:
+    raise ValueError(f"num_models must be >= 1, got {num_models}")
+  mesh = mesh if mesh is not None else ensemble.default_mesh()
+  rep = NamedSharding(mesh, P())
+  bsz = kernel_batch_size(batch_size, n)
   pad = (-n) % bsz
   xp = np.concatenate([x, np.zeros((pad, *x.shape[1:]), np.float32)]) if pad else x
   sp = np.concatenate([sigma, np.ones(pad, np.float32)]) if pad else sigma
+  batches = [jax.device_put((xp[i:i + bsz], sp[i:i + bsz]), rep) for i in range(0, len(xp), bsz)]
+  stream = rng.stream(seed, rng.TEST_NOISE)
   preds = np.full((num_models, n), -1, np.int32)
   probs_sum = None
-  for ids, state in chunks:
+  chunks = iter(chunks)
+  first = next(chunks, None)
+  if first is None:
+    raise ValueError("no chunks of models were given")
+  layout = kernel_layout(models_per_chunk or len(first[0]), mesh, member_map)
+  for ids, state in rechunk(itertools.chain([first], chunks), layout.chunk, num_models):
     keep = ids < num_models
-    noise = test_noise(seed, ids, x.shape[1:])
+    ens = NamedSharding(mesh, P(ensemble.ENS))
+    slots = [jax.device_put(s, ens) for s in layout.split((state.params, state.batch_stats))]
+    params, batch_stats = tuple(s[0] for s in slots), tuple(s[1] for s in slots)
+    keys = tuple(_keys_fn(mesh)(stream, slot_ids) for slot_ids in layout.split(ids))
     chunk_preds, chunk_probs = [], []
-    for i in range(0, len(xp), bsz):
-      p, s = certify_kernel(model, state.params, state.batch_stats, jnp.asarray(xp[i:i + bsz]),
-                            jnp.asarray(sp[i:i + bsz]), noise, jnp.asarray(keep))
-      chunk_preds.append(np.asarray(p))
-      chunk_probs.append(np.asarray(s, np.float64))
-    preds[ids[keep]] = np.concatenate(chunk_preds, axis=1)[keep, :n]
-    s = np.concatenate(chunk_probs, axis=0)[:n]
-    probs_sum = s if probs_sum is None else probs_sum + s
+    for xb, sb in batches:
+      p, s = certify_kernel(params, batch_stats, keys, xb, sb, model=model, mesh=mesh, per_slot=layout.per_slot)
+      chunk_preds.append(layout.merge(ensemble.to_host(p)))  # (C, B)
+      chunk_probs.append(layout.merge(ensemble.to_host(s)))  # (C, B, K)
+    chunk_preds = np.concatenate(chunk_preds, axis=1)[:, :n]
+    chunk_probs = np.concatenate(chunk_probs, axis=1)[:, :n].astype(np.float64)
+    preds[ids[keep]] = chunk_preds[keep]
+    if probs_sum is None:
+      probs_sum = np.zeros(chunk_probs.shape[1:], np.float64)
+    for c in np.flatnonzero(keep)[np.argsort(ids[keep], kind="stable")]:
+      probs_sum += chunk_probs[c]  # model-id order: the same bits for any chunking or sharding
     if on_chunk is not None:
       on_chunk(int(keep.sum()))
   if (preds < 0).any():

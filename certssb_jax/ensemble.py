@@ -1,14 +1,38 @@
-"""Training of the smoothed ensemble (METHOD.md section 2) as one vmapped, sharded program.
+"""Training of the smoothed ensemble (METHOD.md section 2) as one sharded program per chunk of models.
 
-``init_member`` and ``member_step`` know nothing of ensembles. The ensemble is ``vmap`` of them over a chunk
-of models whose leading axis is sharded over the mesh axis ``ens``. Model m trains on its own FIXED noised
-copy of the training set: the noise of sample j is ``normal(fold_in(fold_in(k_train_noise, m), j))``,
-regenerated inside the step from keys (never stored, never re-drawn per batch or epoch). Init and batch order
-come from keys of (seed, m) only, so model m is a deterministic function of its noised training set.
+``init_member`` and ``member_step`` know nothing of ensembles. A chunk of C models is spread over the devices of
+a 1-D mesh with axis ``ens`` (``jax.shard_map``): each device runs the step of its own C / D models and there is
+no communication between devices during training. Model m trains on its own FIXED noised copy of the training
+set: the noise of sample j is ``normal(fold_in(fold_in(k_train_noise, m), j))``, regenerated inside the step from
+keys (never stored, never re-drawn per batch or epoch). Init and batch order come from keys of (seed, m) only, so
+model m is a deterministic function of its noised training set.
+
+How a device runs its models (``member_map``):
+
+* ``"loop"`` (default on CPU): every model is its own program of ungrouped ops. The chunk is held as C / D
+  *slots*, each an array with one model per device, so a device's program is the one-model program repeated:
+  model m gets the same XLA ops, fusions and hence the same bits whether the chunk runs on 1 device or 8
+  (checked by ``tests/test_multidevice.py``). It is also the fast way on XLA:CPU, where ``vmap`` of a
+  convolution becomes a grouped convolution that runs ~3.5x slower per model (33 ms against 9 ms per
+  model-step for the MNIST CNN). Compile time grows with the models per device: keep CPU chunks small.
+* ``"vmap"`` (default on GPU/TPU): one slot, ``vmap`` over the device's models (grouped convolutions), the
+  efficient form on accelerators. The numerics of a grouped convolution depend on the group count, so results
+  may differ in the last bits between device counts (measured on XLA:CPU: up to 6e-7 in the weights).
+
+What was found making 1 device and 8 agree bit for bit on CPU (jax 0.10.2): (1) vmapped (grouped) convolutions
+round differently for different group counts; (2) with one model per device XLA simplifies the size-1 model
+axis away, fuses the Adam update differently and LLVM contracts a different multiply-add into an FMA (last-ulp
+changes in one leaf), which the slot layout avoids by making every model's program the one-model program;
+(3) XLA:CPU's intra-op thread pool has max(#cores, #devices) threads and the partitioning of the
+input-gradient convolution depends on it, so two processes agree only with the same pool size (set
+``PJRT_NPROC``; the tests do).
 
 The training loop is a host loop over jitted steps (the state is donated). A ``lax.scan`` over steps would
 save the dispatch, but on XLA:CPU convolutions inside a while loop run ~14x slower (measured, jax 0.10.2),
 and the dispatch cost is negligible next to a step over a chunk of models on an accelerator.
+
+Multi-host: the mesh spans every process's devices (``jax.devices()``); inputs are replicated, each process
+feeds its own devices, and ``to_host`` gathers a sharded result with ``multihost_utils.process_allgather``.
 """
 
 from __future__ import annotations
@@ -23,12 +47,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from certssb_jax import models as models_lib
 from certssb_jax import rng
 
 ENS = "ens"  # name of the mesh axis the ensemble is sharded over
+MEMBER_MAPS = ("loop", "vmap")
 
 
 class MemberState(NamedTuple):
@@ -116,35 +142,131 @@ class TrainConfig:
   models_per_chunk: int
 
 
+def default_member_map() -> str:
+  """``"loop"`` on CPU (bit-identical across device counts, and faster there), ``"vmap"`` on accelerators."""
+  return "loop" if jax.default_backend() == "cpu" else "vmap"
+
+
+def _check_member_map(member_map: str | None) -> str:
+  member_map = default_member_map() if member_map is None else member_map
+  if member_map not in MEMBER_MAPS:
+    raise ValueError(f"member_map must be one of {MEMBER_MAPS}, got {member_map!r}")
+  return member_map
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkLayout:
+  """Where each model of a chunk lives: ``num_slots`` arrays of ``num_devices * per_slot`` models each.
+
+  Slot i is an array with leading axis ``num_devices * per_slot`` sharded over ``ens``: device d holds the
+  models at positions ``d * num_slots * per_slot + i * per_slot + j`` (j < per_slot) of the chunk, so every
+  device holds a contiguous run of model ids, as ``P("ens")`` on the stacked chunk would.
+  ``member_map="loop"``: per_slot = 1, one slot per model of a device; ``"vmap"``: one slot.
+  """
+
+  num_devices: int
+  num_slots: int
+  per_slot: int
+
+  @classmethod
+  def make(cls, chunk: int, num_devices: int, member_map: str | None = None) -> ChunkLayout:
+    if chunk % num_devices:
+      raise ValueError(f"a chunk of {chunk} models cannot be split over {num_devices} devices")
+    per_device = chunk // num_devices
+    if _check_member_map(member_map) == "loop":
+      return cls(num_devices, per_device, 1)
+    return cls(num_devices, 1, per_device)
+
+  @property
+  def chunk(self) -> int:
+    return self.num_devices * self.num_slots * self.per_slot
+
+  def split(self, tree: Any) -> tuple[Any, ...]:
+    """Stacked chunk (C, ...) -> ``num_slots`` trees (D * per_slot, ...); numpy or jax leaves."""
+    d, s, k = self.num_devices, self.num_slots, self.per_slot
+
+    def part(a, i):
+      return a.reshape((d, s, k) + a.shape[1:])[:, i].reshape((d * k,) + a.shape[1:])
+
+    return tuple(jax.tree.map(lambda a, i=i: part(a, i), tree) for i in range(s))
+
+  def merge(self, slots: Sequence[Any]) -> Any:
+    """Inverse of ``split``: ``num_slots`` trees (D * per_slot, ...) -> stacked chunk (C, ...), numpy."""
+    d, k = self.num_devices, self.per_slot
+
+    def join(*parts):
+      parts = [np.asarray(p).reshape((d, k) + p.shape[1:]) for p in parts]
+      out = np.stack(parts, axis=1)  # (D, S, k, ...)
+      return out.reshape((self.chunk,) + out.shape[3:])
+
+    return jax.tree.map(join, *slots)
+
+
+def per_device(fn: Callable[..., Any], per_slot: int) -> Callable[..., Any]:
+  """Applies a one-model function to the ``per_slot`` models of one slot on one device (inside shard_map).
+
+  Arguments with a leading model axis come first, then ``*shared`` (not mapped). With one model per slot the
+  model axis is indexed away, so the device runs exactly the one-model program.
+  """
+
+  def apply(mapped: tuple[Any, ...], *shared: Any) -> Any:
+    if per_slot == 1:
+      out = fn(*jax.tree.map(lambda a: a[0], mapped), *shared)
+      return jax.tree.map(lambda a: a[None], out)
+    return jax.vmap(lambda *m: fn(*m, *shared))(*mapped)
+
+  return apply
+
+
+def to_host(tree: Any) -> Any:
+  """Numpy copies of (possibly sharded, possibly multi-host) arrays: every process gets the whole array."""
+  leaves = jax.tree.leaves(tree)
+  if all(not isinstance(a, jax.Array) or a.is_fully_addressable for a in leaves):
+    return jax.tree.map(np.asarray, tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
 class EnsembleTrainer:
-  """Trains groups of models as one vmapped program over a chunk axis sharded on the mesh axis ``ens``.
+  """Trains groups of models as one program over a chunk axis sharded on the mesh axis ``ens``.
 
   Args:
     model: the Flax model (shared architecture).
     input_shape: (H, W, C).
     config: epochs, batch size, learning rate, chunk size.
-    mesh: a 1-D mesh with axis ``ens``; default: all devices.
+    mesh: a 1-D mesh with axis ``ens``; default: all (global) devices.
+    member_map: how a device runs its models, ``"loop"`` or ``"vmap"`` (module docstring); default
+      ``default_member_map()``.
   """
 
-  def __init__(self, model: nn.Module, input_shape: Sequence[int], config: TrainConfig, mesh: Mesh | None = None):
+  def __init__(self, model: nn.Module, input_shape: Sequence[int], config: TrainConfig, mesh: Mesh | None = None,
+               member_map: str | None = None):
     self.model = model
     self.input_shape = tuple(input_shape)
     self.config = config
     self.mesh = mesh if mesh is not None else default_mesh()
+    self.member_map = _check_member_map(member_map)
     num_devices = self.mesh.devices.size
     self.chunk = int(math.ceil(max(config.models_per_chunk, 1) / num_devices) * num_devices)
+    self.layout = ChunkLayout.make(self.chunk, num_devices, self.member_map)
     self.tx = optax.adam(config.learning_rate)
     self._ens = NamedSharding(self.mesh, P(ENS))
     self._rep = NamedSharding(self.mesh, P())
     model_, tx = self.model, self.tx
     shape = self.input_shape
     b = config.batch_size
+    per_slot = self.layout.per_slot
 
     def init_chunk(keys):
       return jax.vmap(lambda k: init_member(model_, tx, k, shape))(keys)
 
     def perms_chunk(keys, n):
       return jax.vmap(lambda k: jax.random.permutation(k, n))(keys)
+
+    def member_keys(stream, model_ids):
+      return jax.vmap(lambda m: jax.random.fold_in(stream, m))(model_ids)
+
+    def epoch_keys(stream, model_ids, epoch):
+      return jax.vmap(lambda k: jax.random.fold_in(k, epoch))(member_keys(stream, model_ids))
 
     def batch_of(perm, step, key_m, x, y, sigma, use_noise):
       """The (noised inputs, labels, indices) one model trains on at this step."""
@@ -154,18 +276,28 @@ class EnsembleTrainer:
         xb = xb + sigma[idx].reshape((-1,) + (1,) * len(shape)) * train_noise(key_m, idx, shape)
       return xb, y[idx], idx
 
-    def step_chunk(state, perms, step, keys, x, y, sigma, use_noise):
-      def one(st, perm, key_m):
-        xb, yb, _ = batch_of(perm, step, key_m, x, y, sigma, use_noise)
-        return member_step(model_, tx, st, xb, yb)
+    def one_step(st, perm, key_m, step, x, y, sigma, use_noise):
+      xb, yb, _ = batch_of(perm, step, key_m, x, y, sigma, use_noise)
+      return member_step(model_, tx, st, xb, yb)
 
-      return jax.vmap(one)(state, perms, keys)
+    def step_slots(states, perms, step, keys, x, y, sigma, use_noise):
+      """Inside shard_map: one step of every model of this device, slot by slot."""
+      run = per_device(functools.partial(one_step, use_noise=use_noise), per_slot)
+      outs = [run((st, pm, k), step, x, y, sigma) for st, pm, k in zip(states, perms, keys)]
+      return tuple(o[0] for o in outs), tuple(o[1] for o in outs)
+
+    def step_chunk(states, perms, step, keys, x, y, sigma, use_noise):
+      return jax.shard_map(functools.partial(step_slots, use_noise=use_noise), mesh=self.mesh,
+                           in_specs=(P(ENS), P(ENS), P(), P(ENS), P(), P(), P()), out_specs=(P(ENS), P(ENS)),
+                           check_vma=False)(states, perms, step, keys, x, y, sigma)
 
     def batches_chunk(perms, step, keys, x, y, sigma, use_noise):
       return jax.vmap(lambda perm, key_m: batch_of(perm, step, key_m, x, y, sigma, use_noise))(perms, keys)
 
     self._init = jax.jit(init_chunk, out_shardings=self._ens)
     self._perms = jax.jit(perms_chunk, static_argnums=1, out_shardings=self._ens)
+    self._member_keys = jax.jit(member_keys, out_shardings=self._ens)
+    self._epoch_keys = jax.jit(epoch_keys, out_shardings=self._ens)
     self._step = jax.jit(step_chunk, static_argnums=7, donate_argnums=0)
     self._batches = jax.jit(batches_chunk, static_argnums=6)
 
@@ -190,42 +322,45 @@ class EnsembleTrainer:
       on_step: called with the number of steps done after each step (progress reporting).
 
     Returns:
-      The trained MemberState with a leading axis C, as numpy arrays.
+      The trained MemberState with a leading axis C, as numpy arrays (on every process).
     """
     cfg = self.config
     n = len(x)
     if n < cfg.batch_size:
       raise ValueError(f"training set has {n} samples, fewer than batch_size {cfg.batch_size}")
+    model_ids = np.asarray(model_ids)
     if len(model_ids) != self.chunk:
       raise ValueError(f"expected {self.chunk} model ids in a chunk, got {len(model_ids)}")
-    state = self._init(self._keys(model_ids, streams.init))
+    slot_ids = self.layout.split(model_ids)
+    state = tuple(self._init(self._keys(ids, streams.init)) for ids in slot_ids)
     data = self._data(x, y, sigma)
     for epoch in range(cfg.epochs):
-      perms, keys = self._epoch(model_ids, streams, epoch, n, fresh_noise)
+      epochs = [self._epoch(ids, streams, epoch, n, fresh_noise) for ids in slot_ids]
+      perms, keys = tuple(e[0] for e in epochs), tuple(e[1] for e in epochs)
       for s in range(n // cfg.batch_size):
         state, _ = self._step(state, perms, s, keys, *data, sigma is not None)
         if on_step is not None:
           on_step(1)
-    return jax.tree.map(np.asarray, state)
+    return self.layout.merge(to_host(state))
 
-  def _keys(self, model_ids: np.ndarray, stream: jax.Array) -> jax.Array:
-    """Per-model keys ``fold_in(stream, m)`` (C,), sharded over ``ens``."""
-    return jax.device_put(jax.vmap(lambda m: jax.random.fold_in(stream, m))(jnp.asarray(model_ids)), self._ens)
+  def _keys(self, model_ids: np.ndarray, stream: jax.Array, epoch: int | None = None) -> jax.Array:
+    """Per-model keys ``fold_in(stream, m)`` (then ``fold_in(., epoch)`` if given), (C,), sharded over ``ens``."""
+    if epoch is None:
+      return self._member_keys(stream, np.asarray(model_ids))
+    return self._epoch_keys(stream, np.asarray(model_ids), epoch)
 
   def _data(self, x: np.ndarray, y: np.ndarray, sigma: np.ndarray | None) -> tuple[jax.Array, ...]:
-    """Training inputs, labels and sigmas on the devices (replicated)."""
+    """Training inputs, labels and sigmas on every device (replicated)."""
     sigma = np.zeros(len(x)) if sigma is None else sigma
-    return jax.device_put((jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32), jnp.asarray(sigma, jnp.float32)),
+    return jax.device_put((np.asarray(x, np.float32), np.asarray(y, np.int32), np.asarray(sigma, np.float32)),
                           self._rep)
 
   def _epoch(self, model_ids: np.ndarray, streams: Streams, epoch: int, n: int,
              fresh_noise: bool) -> tuple[jax.Array, jax.Array]:
     """(batch order (C, n), noise keys (C,)) of one epoch: the noise keys do not depend on the epoch unless
     ``fresh_noise``."""
-    fold = jax.vmap(lambda k: jax.random.fold_in(k, epoch))
-    perms = self._perms(fold(self._keys(model_ids, streams.shuffle)), n)
-    noise_keys = self._keys(model_ids, streams.noise)
-    return perms, fold(noise_keys) if fresh_noise else noise_keys
+    perms = self._perms(self._keys(model_ids, streams.shuffle, epoch), n)
+    return perms, self._keys(model_ids, streams.noise, epoch if fresh_noise else None)
 
   def training_batch(self, model_ids: np.ndarray, streams: Streams, x: np.ndarray, y: np.ndarray,
                      sigma: np.ndarray | None, epoch: int, step: int,
@@ -237,7 +372,7 @@ class EnsembleTrainer:
     """
     perms, keys = self._epoch(model_ids, streams, epoch, len(x), fresh_noise)
     out = self._batches(perms, step, keys, *self._data(x, y, sigma), sigma is not None)
-    return tuple(np.asarray(a) for a in out)
+    return tuple(to_host(out))
 
   def abstract_state(self) -> MemberState:
     """Shapes and dtypes of one chunk's stacked state (a template for checkpoint restore)."""
@@ -246,15 +381,14 @@ class EnsembleTrainer:
 
 
 def default_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A 1-D mesh over all (global) devices with the ensemble axis ``ens``."""
+  """A 1-D mesh over all (global, every process's) devices with the ensemble axis ``ens``."""
   devices = np.asarray(devices if devices is not None else jax.devices())
   return Mesh(devices.reshape(-1), (ENS,))
 
 
 def auto_models_per_chunk(requested: int, num_models: int) -> int:
-  """Chunk size: ``requested`` if > 0, else 1 on CPU (XLA:CPU lowers a vmapped conv to a slow grouped
-  convolution: measured 33 ms vs 9 ms per model-step for the MNIST CNN) and all models elsewhere (capped at
-  256 to bound memory)."""
+  """Chunk size: ``requested`` if > 0, else 1 on CPU (one model per device and step keeps the compiled program
+  small; see ``member_map``) and all models elsewhere (capped at 256 to bound memory)."""
   if requested > 0:
     return min(requested, num_models)
   if jax.default_backend() == "cpu":
@@ -276,3 +410,124 @@ def predict_logits(model: nn.Module, state: MemberState, x: np.ndarray, batch_si
     xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)]) if pad else xb
     outs.append(np.asarray(_predict_chunk(model, state.params, state.batch_stats, jnp.asarray(xb)))[:, :len(xb) - pad])
   return np.concatenate(outs, axis=1)
+
+
+# ---------------------------------------------------------------------------------------------- ensemble scorer
+
+
+def ordered_sum(local: jax.Array, valid: jax.Array, num_devices: int) -> jax.Array:
+  """Sum over the models of the whole mesh in model-id order, the same bits on any number of devices.
+
+  Inside ``shard_map`` over ``ens``: ``local`` (n, ...) holds this device's n models in id order (device d holds
+  ids ``d * n ... d * n + n - 1``), ``valid`` (n,) masks padding models. The sum is the left fold
+  ``((0 + v_0) + v_1) + ...`` over ids: each device folds its models into the running sum it receives from the
+  previous device (``ppermute``), so no partial sums of different groupings are ever added (a ``psum`` would
+  add per-device partial sums, whose rounding depends on the device count). The total is then broadcast.
+
+  Returns:
+    The sum (...) on every device.
+  """
+
+  def fold(acc):
+    def body(a, item):
+      v, ok = item
+      return a + jnp.where(ok, v, jnp.zeros_like(v)), None
+
+    return jax.lax.scan(body, acc, (local, valid))[0]
+
+  acc = jnp.zeros(local.shape[1:], local.dtype)
+  if num_devices == 1:
+    return fold(acc)
+  d = jax.lax.axis_index(ENS)
+  shift = [(i, (i + 1) % num_devices) for i in range(num_devices)]
+
+  def turn(k, acc):  # device k folds its models in, then hands the running sum to device k + 1
+    acc = jax.lax.cond(d == k, fold, lambda a: a, acc)
+    return jnp.where(d == k + 1, jax.lax.ppermute(acc, ENS, shift), acc)
+
+  acc = jax.lax.fori_loop(0, num_devices - 1, turn, acc)  # rolled: compile time does not grow with D
+  acc = jax.lax.cond(d == num_devices - 1, fold, lambda a: a, acc)
+  return jax.lax.psum(jnp.where(d == num_devices - 1, acc, jnp.zeros_like(acc)), ENS)
+
+
+class EnsembleScorer:
+  """The smoothed ensemble's mean class probabilities as a sigma-search scorer, sharded over ``ens``.
+
+  ``scorer(state, xb) = (1 / M) sum_m probs_m(xb)`` (B, K) for the test-sample sigma search with
+  ``sigma.test_scorer = "ensemble"`` (METHOD.md section 4). The models are sharded over the mesh; each device
+  evaluates its own (a ``lax.map`` over them), and both the forward sum and the backward sum of the per-model
+  input gradients are ``ordered_sum``s (a ``custom_vjp``), so the searched sigmas are the same bits on any
+  number of devices. Memory per device: its M / D models plus, in the backward pass, their per-model input
+  gradients (M / D, batch, ...).
+
+  Args:
+    model: the Flax model.
+    mesh: a 1-D mesh with axis ``ens``.
+    num_models: M, the real ensemble size (padding models are left out of the mean).
+  """
+
+  def __init__(self, model: nn.Module, mesh: Mesh, num_models: int):
+    if num_models < 1:
+      raise ValueError(f"num_models must be >= 1, got {num_models}")
+    self.model, self.mesh, self.num_models = model, mesh, num_models
+    self.num_devices = mesh.devices.size
+    self.padded = int(math.ceil(num_models / self.num_devices) * self.num_devices)
+    d_count, m_real = self.num_devices, num_models
+
+    def probs_one(p, bs, xb):
+      return models_lib.logits_to_probs(member_logits(model, p, bs, xb)).astype(jnp.float32)
+
+    def local_valid(n):
+      first = jax.lax.axis_index(ENS) * n if d_count > 1 else 0
+      return first + jnp.arange(n) < m_real
+
+    def local_forward(params, batch_stats, xb):
+      n = jax.tree.leaves(params)[0].shape[0]
+      per_model = jax.lax.map(lambda pb: probs_one(pb[0], pb[1], xb), (params, batch_stats))  # (n, B, K)
+      return ordered_sum(per_model, local_valid(n), d_count) / m_real
+
+    def local_backward(params, batch_stats, xb, g):
+      n = jax.tree.leaves(params)[0].shape[0]
+
+      def input_grad(pb):
+        _, vjp = jax.vjp(lambda x: probs_one(pb[0], pb[1], x), xb)
+        return vjp(g / m_real)[0]
+
+      per_model = jax.lax.map(input_grad, (params, batch_stats))  # (n, B, ...)
+      return ordered_sum(per_model, local_valid(n), d_count)
+
+    sm = functools.partial(jax.shard_map, mesh=mesh, out_specs=P(), check_vma=False)
+    forward = sm(local_forward, in_specs=(P(ENS), P(ENS), P()))
+    backward = sm(local_backward, in_specs=(P(ENS), P(ENS), P(), P()))
+
+    @jax.custom_vjp
+    def mean_probs(state, xb):
+      return forward(state[0], state[1], xb)
+
+    def fwd(state, xb):
+      return forward(state[0], state[1], xb), (state, xb)
+
+    def bwd(res, g):
+      state, xb = res
+      return jax.tree.map(jnp.zeros_like, state), backward(state[0], state[1], xb, g)
+
+    mean_probs.defvjp(fwd, bwd)
+    self._mean_probs = mean_probs
+
+  def place(self, params: Any, batch_stats: Any) -> tuple[Any, Any]:
+    """Pads the stacked (M, ...) ensemble to a multiple of the device count and shards it over ``ens``."""
+    pad = self.padded - self.num_models
+
+    def put(a):
+      a = np.asarray(a)
+      if a.shape[0] != self.num_models:
+        raise ValueError(f"expected a stacked ensemble of {self.num_models} models, got a leading axis of "
+                         f"{a.shape[0]}")
+      a = np.concatenate([a, np.repeat(a[:1], pad, axis=0)]) if pad else a
+      return jax.device_put(a, NamedSharding(self.mesh, P(ENS)))
+
+    return jax.tree.map(put, (params, batch_stats))
+
+  def __call__(self, state: tuple[Any, Any], xb: jax.Array) -> jax.Array:
+    """Mean class probabilities (B, K) of the ensemble on xb (B, H, W, C); ``state`` from ``place``."""
+    return self._mean_probs(state, xb)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from certssb_jax import bounds
 from certssb_jax import certify as certify_lib
@@ -117,12 +118,76 @@ def _stage_path(workdir: str, name: str) -> str:
 
 def _cached(workdir: str, name: str, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
   path = _stage_path(workdir, name)
-  if os.path.exists(path):
+  if _agree(os.path.exists(path)):
     logger.info("reusing stage %s from %s", name, path)
     return wd.load_npz(path)
-  out = compute()
-  wd.save_npz(path, **out)
+  out = _broadcast_exact(compute())
+  if _is_primary():
+    wd.save_npz(path, **out)
   return out
+
+
+# ---------------------------------------------------------------------------------------------- multi-host
+# With several JAX processes (launch --distributed) every process runs ``run``; the workdir must be on a
+# filesystem they all see. Process 0 alone writes it and decides what is reused (the others follow its
+# decision, so a file appearing mid-run cannot make them diverge); results computed by every process are
+# replaced by process 0's bits. With one process these helpers do nothing.
+
+
+def _is_primary() -> bool:
+  return jax.process_index() == 0
+
+
+def _agree(flag: bool) -> bool:
+  """Process 0's answer, on every process."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag, np.int32)))
+
+
+def _broadcast_exact(tree: Any) -> Any:
+  """Process 0's arrays on every process, bit for bit (sent as bytes, so float64 survives x32 mode). Nothing
+  is sent when every process already holds the same bits (results of collective stages): digests are compared
+  first."""
+  if jax.process_count() == 1:
+    return tree
+  import hashlib  # pylint: disable=g-import-not-at-top
+
+  digest = hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in jax.tree.leaves(tree))).digest()
+  digests = np.asarray(multihost_utils.process_allgather(np.frombuffer(digest[:16], np.int32)))  # (P, 4)
+  if (digests == digests[0]).all():
+    return tree
+
+  def send(a):
+    a = np.asarray(a)
+    raw = np.ascontiguousarray(a).view(np.uint8).astype(np.int32)  # int32: psum of one nonzero term is exact
+    return np.asarray(multihost_utils.broadcast_one_to_all(raw)).astype(np.uint8).view(a.dtype).reshape(a.shape)
+
+  return jax.tree.map(send, tree)
+
+
+def clean_partial_writes(workdir: str) -> list[str]:
+  """Removes what a killed run left half-written (Orbax ``*.orbax-checkpoint-tmp*`` folders, ``.tmp_*`` files of
+  atomic writes): never reused, they would only accumulate. Returns the removed paths (process 0 only)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+
+  removed = []
+  if not _is_primary():
+    return removed
+  for folder in (workdir, os.path.join(workdir, "stages"), os.path.join(workdir, "ensemble")):
+    if not os.path.isdir(folder):
+      continue
+    for name in sorted(os.listdir(folder)):
+      path = os.path.join(folder, name)
+      if ".orbax-checkpoint-tmp" in name:
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+      elif name.startswith(".tmp_") and os.path.isfile(path):
+        os.remove(path)
+        removed.append(path)
+  for path in removed:
+    logger.info("removed %s, left half-written by an interrupted run", path)
+  return removed
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -200,14 +265,9 @@ def _score_fn(model):
 
 
 @functools.lru_cache(maxsize=None)
-def _ensemble_score_fn(model):
-  def score(state, xb):
-    params, batch_stats = state
-    probs = jax.vmap(lambda p, bs: models_lib.logits_to_probs(ensemble.member_logits(model, p, bs, xb)))(
-        params, batch_stats)
-    return probs.mean(axis=0)
-
-  return score
+def _ensemble_score_fn(model, mesh, num_models):
+  """The mean probabilities of the whole ensemble, sharded over the mesh (one object per run: one compile)."""
+  return ensemble.EnsembleScorer(model, mesh, num_models)
 
 
 SPLIT_IDS = {"train": 0, "clean": 1, "triggered": 2}
@@ -246,7 +306,8 @@ def train_ensemble(exp: Experiment, workdir: str, progress: Progress) -> ensembl
   trainer = _trainer(exp, epochs=t.epochs, chunk=chunk)
   chunks = trainer.chunks(t.num_models)
   steps_per_model = t.epochs * (len(exp.y_train) // t.batch_size)
-  done = [c for c in range(len(chunks)) if os.path.exists(ensemble_chunk_dir(workdir, c))]
+  exists = np.array([os.path.exists(ensemble_chunk_dir(workdir, c)) for c in range(len(chunks))])
+  done = [int(c) for c in np.flatnonzero(_broadcast_exact(exists))]  # process 0 decides
   if done:
     logger.info("ensemble: reusing %d of %d trained chunks from %s", len(done), len(chunks), workdir)
   checkpointer = ocp.StandardCheckpointer()
@@ -287,7 +348,8 @@ def certify_split(exp: Experiment, trainer: ensemble.EnsembleTrainer, workdir: s
   with progress(f"certify {split} ({len(s['y'])} inputs)", c.train.num_models, "model") as update:
     preds, probs_sum = certify_lib.certify_inputs(
         exp.model, iter_ensemble(trainer, workdir, c.train.num_models), s["x"], exp.sigma_test[split],
-        seed=c.seed, num_models=c.train.num_models, batch_size=c.certify.batch_size, on_chunk=update)
+        seed=c.seed, num_models=c.train.num_models, batch_size=c.certify.batch_size, on_chunk=update,
+        mesh=trainer.mesh, member_map=trainer.member_map, models_per_chunk=c.certify.models_per_chunk or None)
   return {"preds": preds, "probs_sum": probs_sum}
 
 
@@ -334,10 +396,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: Progress =
 
   with timed("data"):
     ds = load_data(config)
-  prepare_workdir(config, workdir, fresh=fresh)
+  refused = None
+  if _is_primary():
+    try:
+      prepare_workdir(config, workdir, fresh=fresh)
+      clean_partial_writes(workdir)
+    except ConfigMismatchError as e:
+      refused = e
+  if not _agree(refused is None):
+    raise refused or ConfigMismatchError(f"process 0 refused workdir {workdir} (see its log)")
   with timed("poison"):
     exp = poison(config, ds)
-    wd.save_npz(os.path.join(workdir, "poison.npz"), indices=exp.poison_indices, trigger_norms=exp.poison_norms)
+    if _is_primary():
+      wd.save_npz(os.path.join(workdir, "poison.npz"), indices=exp.poison_indices, trigger_norms=exp.poison_norms)
   logger.info("data %s: %d train (%d poisoned), %d clean test, %d triggered test inputs", ds.name,
               len(exp.y_train), len(exp.poison_indices), len(exp.splits["clean"]["y"]),
               len(exp.splits["triggered"]["y"]))
@@ -368,9 +439,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: Progress =
       else:
         exp.sigma_test[split] = _cached(workdir, f"sigma_{split}",
                                         lambda sp=split: _test_sigmas(exp, trainer, workdir, sp, progress))["sigma"]
-  wd.save_npz(os.path.join(workdir, "sigmas.npz"), train=exp.sigma_train, train_index=np.arange(len(exp.y_train)),
-              **{f"test_{sp}": exp.sigma_test[sp] for sp in exp.sigma_test},
-              **{f"test_{sp}_index": exp.splits[sp]["index"] for sp in exp.sigma_test})
+  if _is_primary():
+    wd.save_npz(os.path.join(workdir, "sigmas.npz"), train=exp.sigma_train,
+                train_index=np.arange(len(exp.y_train)), **{f"test_{sp}": exp.sigma_test[sp] for sp in exp.sigma_test},
+                **{f"test_{sp}_index": exp.splits[sp]["index"] for sp in exp.sigma_test})
 
   certs, raw = {}, {}
   with timed("certify"):
@@ -382,7 +454,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: Progress =
   stored = {}
   with timed("storage_update"):
     if config.certify.storage_update:
-      stored = storage_update(exp, certs, workdir)
+      stored = storage_update(exp, certs, workdir if _is_primary() else None)
+  if not _is_primary():  # the other processes computed with process 0; it alone writes the outputs
+    return {"process_index": jax.process_index(), "files": []}
   with timed("report"):
     summary = report.write_outputs(exp, certs, raw, stored, undefended, workdir, timings)
   return summary
@@ -424,7 +498,8 @@ def _test_sigmas(exp: Experiment, trainer: ensemble.EnsembleTrainer, workdir: st
     state, score_fn = _unstack(_pilot(exp, workdir, progress)), _score_fn(exp.model)
   else:
     full = load_ensemble(trainer, workdir, c.train.num_models)
-    state, score_fn = (full.params, full.batch_stats), _ensemble_score_fn(exp.model)
+    score_fn = _ensemble_score_fn(exp.model, trainer.mesh, c.train.num_models)  # sharded over ens
+    state = score_fn.place(full.params, full.batch_stats)
   x = exp.splits[split]["x"]
   target = _predict_with(score_fn, state, x)
   return {"sigma": search_sigmas(exp, state, score_fn, split, x, target, progress), "target": target}
@@ -435,9 +510,9 @@ def single_model(exp: Experiment, workdir: str, name: str, *, epochs: int, sigma
   """Loads the auxiliary model ``name`` (``pilot`` or ``undefended``) from its checkpoint, or trains and saves it."""
   tag = {"pilot": rng.PILOT, "undefended": rng.UNDEFENDED}[name]
   path = os.path.join(os.path.abspath(workdir), name)
-  trainer = _trainer(exp, epochs=epochs, chunk=1, mesh=ensemble.default_mesh(jax.devices()[:1]))
+  trainer = _trainer(exp, epochs=epochs, chunk=1, mesh=ensemble.default_mesh(jax.local_devices()[:1]))
   checkpointer = ocp.StandardCheckpointer()
-  if os.path.exists(path):
+  if _agree(os.path.exists(path)):
     logger.info("reusing the %s model from %s", name, path)
     return ensemble.MemberState(*checkpointer.restore(path, trainer.abstract_state()))
   state = train_single(exp, trainer, tag=tag, sigma=sigma, progress=progress, desc=f"train {name} model")
