@@ -191,8 +191,6 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _check(0 < c.certify.holdout_models < c.train.num_models,
            f"certify.holdout_models must be in (0, num_models) for the holdout correction, got {c.certify.holdout_models}")
   if c.sigma.mode == "sample_specific":
-    from certssb_jax import sigma_search  # pylint: disable=g-import-not-at-top
-
     search_config(c).validate()
 
 

@@ -23,11 +23,9 @@ Examples:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
-from typing import Callable, Iterator
 
 from absl import app
 from absl import flags
@@ -53,15 +51,6 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0,
 _INIT_TIMEOUT = flags.DEFINE_integer("distributed_timeout_s", 300,
                                      "Seconds to wait for every process to join (jax.distributed.initialize).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
-
-
-@contextlib.contextmanager
-def tqdm_progress(desc: str, total: int, unit: str) -> Iterator[Callable[[int], None]]:
-  """A tqdm bar with rate and ETA, on stderr."""
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-
-  with tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=True) as bar:
-    yield bar.update
 
 
 def summary_table(summaries: dict[str, dict]) -> str:
@@ -160,7 +149,7 @@ def main(argv: list[str]) -> None:
       note = describe_workdir(d)
       if note:
         logger.info("%s", note)
-  progress = tqdm_progress if _PROGRESS.value and primary else pipeline.no_progress
+  progress = pipeline.tqdm_progress if _PROGRESS.value and primary else pipeline.no_progress
   config = _CONFIG.value
   workdir = _WORKDIR.value
   runs = {}

@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import logging
 import os
-import platform
 import time
 from typing import Any, Callable, ContextManager, Iterator
 
@@ -46,6 +45,15 @@ Progress = Callable[[str, int, str], ContextManager[Callable[[int], None]]]
 def no_progress(desc: str, total: int, unit: str) -> Iterator[Callable[[int], None]]:
   del desc, total, unit
   yield lambda n: None
+
+
+@contextlib.contextmanager
+def tqdm_progress(desc: str, total: int, unit: str) -> Iterator[Callable[[int], None]]:
+  """A tqdm bar with rate and ETA on stderr (the CLI's progress)."""
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+
+  with tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=True) as bar:
+    yield bar.update
 
 
 class ConfigMismatchError(ValueError):

@@ -26,13 +26,6 @@ from certssb_jax import bounds
 from certssb_jax import config as config_lib
 from certssb_jax import workdir as wd
 
-_CONFIGS = flags.DEFINE_list("configs", None, "Config files (with optional :variant), comma-separated.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the whole sweep.")
-_TRIGGERS = flags.DEFINE_list("triggers", ["onepixel", "fourpixel", "blending"], "Triggers of the grid.")
-_SIGMAS = flags.DEFINE_list("sigma_0", None, "Base sigmas of the grid (default: the paper's for each data set).")
-_MODES = flags.DEFINE_list("sigma_modes", ["fixed", "sample_specific"], "sigma modes of the grid.")
-_PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
-
 PAPER_SIGMAS = {"mnist": (0.12, 0.25, 0.5, 1.0), "cifar10": (0.12, 0.25, 0.5, 1.0), "imagenette": (0.25, 0.5, 1.0)}
 MODE_NAMES = {"fixed": "RAB", "sample_specific": "Cert-SSB"}
 
@@ -143,19 +136,31 @@ def sweep(configs: list[str], workdir: str, triggers: list[str], sigmas: list[fl
           "plots": ", ".join(plots)}
 
 
+def _define_flags() -> None:
+  """The CLI's flags (defined only when run as a program, so importing this module next to
+  ``certssb_jax.launch``, which has flags of the same names, is fine)."""
+  flags.DEFINE_list("configs", None, "Config files (with optional :variant), comma-separated.")
+  flags.DEFINE_string("workdir", None, "Folder of the whole sweep.")
+  flags.DEFINE_list("triggers", ["onepixel", "fourpixel", "blending"], "Triggers of the grid.")
+  flags.DEFINE_list("sigma_0", None, "Base sigmas of the grid (default: the paper's for each data set).")
+  flags.DEFINE_list("sigma_modes", ["fixed", "sample_specific"], "sigma modes of the grid.")
+  flags.DEFINE_bool("progress", True, "Show progress bars.")
+
+
 def main(argv: list[str]) -> None:
+  f = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _CONFIGS.value or not _WORKDIR.value:
+  if not f.configs or not f.workdir:
     raise app.UsageError("--configs and --workdir are required")
   logging.getLogger().setLevel(logging.WARNING)
   logging.getLogger("certssb_jax").setLevel(logging.INFO)
-  from certssb_jax import launch  # pylint: disable=g-import-not-at-top
+  from certssb_jax import pipeline  # pylint: disable=g-import-not-at-top
 
-  sigmas = [float(s) for s in _SIGMAS.value] if _SIGMAS.value else None
+  sigmas = [float(s) for s in f.sigma_0] if f.sigma_0 else None
   try:
-    paths = sweep(_CONFIGS.value, _WORKDIR.value, _TRIGGERS.value, sigmas, _MODES.value,
-                  launch.tqdm_progress if _PROGRESS.value else None)
+    paths = sweep(f.configs, f.workdir, f.triggers, sigmas, f.sigma_modes,
+                  pipeline.tqdm_progress if f.progress else None)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -165,4 +170,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
