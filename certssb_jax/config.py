@@ -8,6 +8,7 @@ model is trained.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import ml_collections
@@ -43,7 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.attack.blend_alpha = 0.2  # weight of the fixed random image of the alpha_blend trigger
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = "mnist_cnn"
+  c.model.name = "mnist_cnn"  # mnist_cnn | preact_resnet | resnet18
+  c.model.pretrained = ""  # .npz of a saved Flax variables dict (models.save_params): every model starts from it, own head
 
   c.train = ml_collections.ConfigDict()
   c.train.num_models = 1000  # M, the ensemble size
@@ -173,6 +175,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   _check(0 <= c.attack.target_class < len(c.data.classes),
          f"attack.target_class {c.attack.target_class} is not a label in [0, {len(c.data.classes)})")
   _check(c.model.name in models.MODELS, f"model.name {c.model.name!r} is not one of {sorted(models.MODELS)}")
+  _check(not c.model.pretrained or os.path.isfile(c.model.pretrained),
+         f"model.pretrained {c.model.pretrained!r} is not a file")
   _check(c.train.num_models >= 1, f"train.num_models must be >= 1, got {c.train.num_models}")
   _check(c.train.epochs >= 1, f"train.epochs must be >= 1, got {c.train.epochs}")
   _check(c.train.batch_size >= 1, f"train.batch_size must be >= 1, got {c.train.batch_size}")

@@ -40,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -90,9 +90,12 @@ def variables_of(params: Any, batch_stats: Any) -> dict[str, Any]:
 
 
 def init_member(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
-                input_shape: Sequence[int]) -> MemberState:
-  """Initialises one model from its INIT key."""
+                input_shape: Sequence[int], pretrained: Mapping[str, Any] | None = None) -> MemberState:
+  """Initialises one model from its INIT key; ``pretrained`` ({"params/a/b": array, ...}, a saved Flax
+  variables dict, see ``models.save_params``) replaces every matching array except the head."""
   variables = model.init(key, jnp.zeros((1, *input_shape), jnp.float32), train=False)
+  if pretrained:
+    variables = models_lib.merge_params(variables, pretrained)
   params = variables["params"]
   return MemberState(params, variables.get("batch_stats", {}), tx.init(params))
 
@@ -239,8 +242,9 @@ class EnsembleTrainer:
   """
 
   def __init__(self, model: nn.Module, input_shape: Sequence[int], config: TrainConfig, mesh: Mesh | None = None,
-               member_map: str | None = None):
+               member_map: str | None = None, pretrained: Mapping[str, np.ndarray] | None = None):
     self.model = model
+    self.pretrained = dict(pretrained) if pretrained else None
     self.input_shape = tuple(input_shape)
     self.config = config
     self.mesh = mesh if mesh is not None else default_mesh()
@@ -256,8 +260,8 @@ class EnsembleTrainer:
     b = config.batch_size
     per_slot = self.layout.per_slot
 
-    def init_chunk(keys):
-      return jax.vmap(lambda k: init_member(model_, tx, k, shape))(keys)
+    def init_chunk(keys, pretrained=None):
+      return jax.vmap(lambda k: init_member(model_, tx, k, shape, pretrained))(keys)
 
     def perms_chunk(keys, n):
       return jax.vmap(lambda k: jax.random.permutation(k, n))(keys)
@@ -307,7 +311,7 @@ class EnsembleTrainer:
     return [np.arange(c * self.chunk, (c + 1) * self.chunk) for c in range(num_chunks)]
 
   def train_chunk(self, model_ids: np.ndarray, streams: Streams, x: np.ndarray, y: np.ndarray,
-                  sigma: np.ndarray | None, *, fresh_noise: bool = False,
+                  sigma: np.ndarray | None, *, fresh_noise: bool = False, epochs: int | None = None,
                   on_step: Callable[[int], None] | None = None) -> MemberState:
     """Trains the models ``model_ids`` (one chunk) and returns their stacked state on the host.
 
@@ -319,6 +323,7 @@ class EnsembleTrainer:
       sigma: (n,) per-sample noise levels sigma_j, or None to train without noise (undefended model).
       fresh_noise: draw new noise every epoch (Gaussian augmentation of the pilot model). False for the
         ensemble: its noise is fixed per (model, sample) across epochs, as the certificate requires.
+      epochs: passes over the data (default ``config.epochs``; the compiled step does not depend on it).
       on_step: called with the number of steps done after each step (progress reporting).
 
     Returns:
@@ -332,11 +337,12 @@ class EnsembleTrainer:
     if len(model_ids) != self.chunk:
       raise ValueError(f"expected {self.chunk} model ids in a chunk, got {len(model_ids)}")
     slot_ids = self.layout.split(model_ids)
-    state = tuple(self._init(self._keys(ids, streams.init)) for ids in slot_ids)
+    pretrained = jax.device_put(self.pretrained, self._rep) if self.pretrained else None
+    state = tuple(self._init(self._keys(ids, streams.init), pretrained) for ids in slot_ids)
     data = self._data(x, y, sigma)
-    for epoch in range(cfg.epochs):
-      epochs = [self._epoch(ids, streams, epoch, n, fresh_noise) for ids in slot_ids]
-      perms, keys = tuple(e[0] for e in epochs), tuple(e[1] for e in epochs)
+    for epoch in range(cfg.epochs if epochs is None else epochs):
+      per_slot = [self._epoch(ids, streams, epoch, n, fresh_noise) for ids in slot_ids]
+      perms, keys = tuple(e[0] for e in per_slot), tuple(e[1] for e in per_slot)
       for s in range(n // cfg.batch_size):
         state, _ = self._step(state, perms, s, keys, *data, sigma is not None)
         if on_step is not None:
@@ -377,7 +383,8 @@ class EnsembleTrainer:
   def abstract_state(self) -> MemberState:
     """Shapes and dtypes of one chunk's stacked state (a template for checkpoint restore)."""
     keys = jax.vmap(lambda m: rng.member_key(0, rng.INIT, m))(jnp.arange(self.chunk))
-    return jax.eval_shape(jax.vmap(lambda k: init_member(self.model, self.tx, k, self.input_shape)), keys)
+    return jax.eval_shape(jax.vmap(lambda k: init_member(self.model, self.tx, k, self.input_shape, self.pretrained)),
+                          keys)
 
 
 def default_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:

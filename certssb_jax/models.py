@@ -66,7 +66,7 @@ class MnistCNN(nn.Module):
     x = max_pool_2x2(x)
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(nn.Dense(self.hidden)(x))
-    return nn.Dense(self.num_outputs)(x)
+    return nn.Dense(self.num_outputs, name="head")(x)
 
 
 # ---------------------------------------------------------------------------------------------- shared parts

@@ -231,23 +231,34 @@ def poison(config: ml_collections.ConfigDict, ds: data_lib.Dataset) -> Experimen
                     model=models_lib.get_model(config.model.name, ds.num_classes))
 
 
-def _trainer(exp: Experiment, *, epochs: int, chunk: int, mesh=None) -> ensemble.EnsembleTrainer:
+def _trainer(exp: Experiment, *, chunk: int, mesh=None) -> ensemble.EnsembleTrainer:
+  """The trainer of a group of models. Trainers, and so their compiled programs, are shared by the undefended,
+  pilot and ensemble models when they agree on everything but the epochs (which every caller passes to
+  ``train_chunk``)."""
   t = exp.config.train
-  cfg = ensemble.TrainConfig(epochs=epochs, batch_size=t.batch_size, learning_rate=t.learning_rate,
+  cfg = ensemble.TrainConfig(epochs=t.epochs, batch_size=t.batch_size, learning_rate=t.learning_rate,
                              models_per_chunk=chunk)
-  return ensemble.EnsembleTrainer(exp.model, exp.data.input_shape, cfg, mesh=mesh)
+  return _trainer_of(exp.model, tuple(exp.data.input_shape), cfg, mesh or ensemble.default_mesh(),
+                     exp.config.model.pretrained)
 
 
-def train_single(exp: Experiment, trainer: ensemble.EnsembleTrainer, *, tag: int, sigma: float | None,
-                 progress: Progress, desc: str) -> ensemble.MemberState:
+@functools.lru_cache(maxsize=16)
+def _trainer_of(model, input_shape, cfg: ensemble.TrainConfig, mesh, pretrained: str) -> ensemble.EnsembleTrainer:
+  weights = models_lib.read_params(pretrained) if pretrained else None
+  return ensemble.EnsembleTrainer(model, input_shape, cfg, mesh=mesh, pretrained=weights)
+
+
+def train_single(exp: Experiment, trainer: ensemble.EnsembleTrainer, *, tag: int, epochs: int,
+                 sigma: float | None, progress: Progress, desc: str) -> ensemble.MemberState:
   """Trains one auxiliary model on the poisoned training set (pilot: Gaussian augmentation at ``sigma``
   re-drawn every epoch; undefended: ``sigma=None``). Returns its state with a leading axis of 1."""
   n = len(exp.y_train)
-  steps = trainer.config.epochs * (n // exp.config.train.batch_size)
+  steps = epochs * (n // exp.config.train.batch_size)
   with progress(desc, steps, "step") as update:
     return trainer.train_chunk(
         np.zeros(1, np.int64), ensemble.Streams.auxiliary(exp.config.seed, tag), exp.x_train, exp.y_train,
-        None if sigma is None else np.full(n, sigma, np.float32), fresh_noise=True, on_step=update)
+        None if sigma is None else np.full(n, sigma, np.float32), fresh_noise=True, epochs=epochs,
+        on_step=update)
 
 
 def evaluate_single(exp: Experiment, state: ensemble.MemberState) -> dict[str, float]:
@@ -297,8 +308,13 @@ def search_sigmas(exp: Experiment, scorer_state: tuple[Any, Any], score_fn, spli
         config_lib.search_config(exp.config), exp.config.sigma.batch_size, progress=on_batch)
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted(fn):
+  return jax.jit(fn)
+
+
 def _predict_with(score_fn, state, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
-  f = jax.jit(score_fn)
+  f = _jitted(score_fn)
   return np.concatenate([np.asarray(jnp.argmax(f(state, jnp.asarray(x[i:i + batch_size])), -1))
                          for i in range(0, len(x), batch_size)]).astype(np.int32)
 
@@ -311,7 +327,7 @@ def train_ensemble(exp: Experiment, workdir: str, progress: Progress) -> ensembl
   """Trains the M smoothed models chunk by chunk; each finished chunk is an Orbax checkpoint (resumable)."""
   t = exp.config.train
   chunk = ensemble.auto_models_per_chunk(t.models_per_chunk, t.num_models)
-  trainer = _trainer(exp, epochs=t.epochs, chunk=chunk)
+  trainer = _trainer(exp, chunk=chunk)
   chunks = trainer.chunks(t.num_models)
   steps_per_model = t.epochs * (len(exp.y_train) // t.batch_size)
   exists = np.array([os.path.exists(ensemble_chunk_dir(workdir, c)) for c in range(len(chunks))])
@@ -325,7 +341,8 @@ def train_ensemble(exp: Experiment, workdir: str, progress: Progress) -> ensembl
     for c, ids in enumerate(chunks):
       if c in done:
         continue
-      state = trainer.train_chunk(ids, streams, exp.x_train, exp.y_train, exp.sigma_train, on_step=update)
+      state = trainer.train_chunk(ids, streams, exp.x_train, exp.y_train, exp.sigma_train, epochs=t.epochs,
+                                  on_step=update)
       checkpointer.save(ensemble_chunk_dir(workdir, c), state)
       checkpointer.wait_until_finished()
   return trainer
@@ -518,12 +535,13 @@ def single_model(exp: Experiment, workdir: str, name: str, *, epochs: int, sigma
   """Loads the auxiliary model ``name`` (``pilot`` or ``undefended``) from its checkpoint, or trains and saves it."""
   tag = {"pilot": rng.PILOT, "undefended": rng.UNDEFENDED}[name]
   path = os.path.join(os.path.abspath(workdir), name)
-  trainer = _trainer(exp, epochs=epochs, chunk=1, mesh=ensemble.default_mesh(jax.local_devices()[:1]))
+  trainer = _trainer(exp, chunk=1, mesh=ensemble.default_mesh(jax.local_devices()[:1]))
   checkpointer = ocp.StandardCheckpointer()
   if _agree(os.path.exists(path)):
     logger.info("reusing the %s model from %s", name, path)
     return ensemble.MemberState(*checkpointer.restore(path, trainer.abstract_state()))
-  state = train_single(exp, trainer, tag=tag, sigma=sigma, progress=progress, desc=f"train {name} model")
+  state = train_single(exp, trainer, tag=tag, epochs=epochs, sigma=sigma, progress=progress,
+                       desc=f"train {name} model")
   checkpointer.save(path, state)
   checkpointer.wait_until_finished()
   return state

@@ -107,3 +107,22 @@ def test_train_chunk_rejects_a_too_small_training_set():
   tr = ensemble.EnsembleTrainer(model, (28, 28, 1), ensemble.TrainConfig(1, 64, 1e-3, models_per_chunk=1))
   with pytest.raises(ValueError, match="fewer than batch_size"):
     tr.train_chunk(np.arange(1), ensemble.Streams.ensemble(0), np.zeros((10, 28, 28, 1)), np.zeros(10), None)
+
+
+def test_pretrained_weights_initialise_every_model_but_the_head(tmp_path):
+  model = models.get_model("mnist_cnn", 2)
+  cfg = ensemble.TrainConfig(1, 8, 1e-3, models_per_chunk=2)
+  source = model.init(jax.random.key(42), np.zeros((1, 28, 28, 1), np.float32))
+  models.save_params(source, str(tmp_path / "w.npz"))
+  tr = ensemble.EnsembleTrainer(model, (28, 28, 1), cfg, pretrained=models.read_params(str(tmp_path / "w.npz")))
+  plain = ensemble.EnsembleTrainer(model, (28, 28, 1), cfg)
+  keys = tr._keys(np.arange(2), rng.stream(0, rng.INIT))  # pylint: disable=protected-access
+  state = jax.tree.map(np.asarray, tr._init(keys, jax.device_put(tr.pretrained)))  # pylint: disable=protected-access
+  fresh = jax.tree.map(np.asarray, plain._init(keys))  # pylint: disable=protected-access
+  for m in range(2):
+    np.testing.assert_array_equal(state.params["Conv_0"]["kernel"][m], source["params"]["Conv_0"]["kernel"])
+    np.testing.assert_array_equal(state.params["Dense_0"]["kernel"][m], source["params"]["Dense_0"]["kernel"])
+  # the head keeps each model's own initialisation
+  np.testing.assert_array_equal(state.params["head"]["kernel"], fresh.params["head"]["kernel"])
+  assert not np.array_equal(state.params["head"]["kernel"][0], source["params"]["head"]["kernel"])
+  assert not np.array_equal(fresh.params["Conv_0"]["kernel"][0], source["params"]["Conv_0"]["kernel"])

@@ -121,6 +121,8 @@ def test_rerun_in_the_same_workdir_reuses_every_stage(tiny_run, caplog):
     ({"bound": "bernstein"}, "certify.bound 'bernstein'"),
     ({"target_class": 2}, "attack.target_class 2"),
     ({"source": "idx"}, "needs data.data_dir"),
+    ({"model.pretrained": "/nonexistent/weights.npz"}, "is not a file"),
+    ({"poison_rate": 1.5}, "poison_rate must be in"),
 ])
 def test_bad_config_stops_before_any_work(override, message, tmp_path):
   c = tiny_config(**override)
