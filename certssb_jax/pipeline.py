@@ -74,6 +74,7 @@ class Experiment:
   model: Any = None
   sigma_train: np.ndarray | None = None  # (n,)
   sigma_test: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # split -> (N,)
+  chunk_states: dict[int, Any] = dataclasses.field(default_factory=dict)  # trained chunks kept in memory
 
 
 # ---------------------------------------------------------------------------------------------- workdir
@@ -336,6 +337,7 @@ def train_ensemble(exp: Experiment, workdir: str, progress: Progress) -> ensembl
     logger.info("ensemble: reusing %d of %d trained chunks from %s", len(done), len(chunks), workdir)
   checkpointer = ocp.StandardCheckpointer()
   streams = ensemble.Streams.ensemble(exp.config.seed)
+  keep = _state_bytes(trainer) * len(chunks) <= KEEP_ENSEMBLE_IN_MEMORY_BYTES
   with progress(f"train ensemble ({t.num_models} models)", len(chunks) * steps_per_model, "step") as update:
     update(len(done) * steps_per_model)
     for c, ids in enumerate(chunks):
@@ -343,39 +345,68 @@ def train_ensemble(exp: Experiment, workdir: str, progress: Progress) -> ensembl
         continue
       state = trainer.train_chunk(ids, streams, exp.x_train, exp.y_train, exp.sigma_train, epochs=t.epochs,
                                   on_step=update)
+      checkpointer.wait_until_finished()  # the previous chunk's save ran while this chunk trained
       checkpointer.save(ensemble_chunk_dir(workdir, c), state)
-      checkpointer.wait_until_finished()
+      if keep:
+        exp.chunk_states[c] = state
+    checkpointer.wait_until_finished()
   return trainer
 
 
-def iter_ensemble(trainer: ensemble.EnsembleTrainer, workdir: str,
-                  num_models: int) -> Iterator[tuple[np.ndarray, ensemble.MemberState]]:
-  """Yields (model ids, stacked state) of every trained chunk, read back from its checkpoint."""
+# Trained chunks are also kept in host memory (certification then reads no checkpoint back) when the whole
+# ensemble's state takes at most this many bytes.
+KEEP_ENSEMBLE_IN_MEMORY_BYTES = 2 << 30
+
+
+def _state_bytes(trainer: ensemble.EnsembleTrainer) -> int:
+  return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(trainer.abstract_state()))
+
+
+def iter_ensemble(trainer: ensemble.EnsembleTrainer, workdir: str, num_models: int,
+                  in_memory: dict[int, ensemble.MemberState] | None = None
+                  ) -> Iterator[tuple[np.ndarray, ensemble.MemberState]]:
+  """Yields (model ids, stacked state) of every trained chunk: from ``in_memory`` when it holds the chunk,
+  else read back from its checkpoint."""
   template = trainer.abstract_state()
   checkpointer = ocp.StandardCheckpointer()
   for c, ids in enumerate(trainer.chunks(num_models)):
+    if in_memory and c in in_memory:
+      yield ids, in_memory[c]
+      continue
     state = checkpointer.restore(ensemble_chunk_dir(workdir, c), template)
     yield ids, ensemble.MemberState(*state) if not isinstance(state, ensemble.MemberState) else state
 
 
-def load_ensemble(trainer: ensemble.EnsembleTrainer, workdir: str, num_models: int) -> ensemble.MemberState:
+def load_ensemble(trainer: ensemble.EnsembleTrainer, workdir: str, num_models: int,
+                  in_memory: dict[int, ensemble.MemberState] | None = None) -> ensemble.MemberState:
   """The whole ensemble's state (leading axis M) in host memory (for the ensemble scorer of the sigma search)."""
   parts = [jax.tree.map(lambda a, k=ids < num_models: np.asarray(a)[k], s)
-           for ids, s in iter_ensemble(trainer, workdir, num_models)]
+           for ids, s in iter_ensemble(trainer, workdir, num_models, in_memory)]
   return jax.tree.map(lambda *a: np.concatenate(a), *parts)
 
 
-def certify_split(exp: Experiment, trainer: ensemble.EnsembleTrainer, workdir: str, split: str,
-                  progress: Progress) -> dict[str, np.ndarray]:
-  """Runs the certification kernel of every model over one split; returns preds (M, N) and probs_sum (N, K)."""
+def certify_splits(exp: Experiment, trainer: ensemble.EnsembleTrainer, workdir: str,
+                   progress: Progress) -> dict[str, np.ndarray]:
+  """Runs the certification kernel of every model over both test splits in one pass over the ensemble.
+
+  Returns:
+    {"<split>_preds": (M, N_split) int32, "<split>_probs_sum": (N_split, K) float64} for clean and triggered.
+  """
   c = exp.config
-  s = exp.splits[split]
-  with progress(f"certify {split} ({len(s['y'])} inputs)", c.train.num_models, "model") as update:
+  names = ("clean", "triggered")
+  x = np.concatenate([exp.splits[n]["x"] for n in names])
+  sigma = np.concatenate([exp.sigma_test[n] for n in names])
+  with progress(f"certify ({len(x)} inputs)", c.train.num_models, "model") as update:
     preds, probs_sum = certify_lib.certify_inputs(
-        exp.model, iter_ensemble(trainer, workdir, c.train.num_models), s["x"], exp.sigma_test[split],
+        exp.model, iter_ensemble(trainer, workdir, c.train.num_models, exp.chunk_states), x, sigma,
         seed=c.seed, num_models=c.train.num_models, batch_size=c.certify.batch_size, on_chunk=update,
         mesh=trainer.mesh, member_map=trainer.member_map, models_per_chunk=c.certify.models_per_chunk or None)
-  return {"preds": preds, "probs_sum": probs_sum}
+  out, start = {}, 0
+  for n in names:
+    stop = start + len(exp.splits[n]["y"])
+    out[f"{n}_preds"], out[f"{n}_probs_sum"] = preds[:, start:stop], probs_sum[start:stop]
+    start = stop
+  return out
 
 
 def bound_split(exp: Experiment, split: str, preds: np.ndarray, probs_sum: np.ndarray) -> bounds.Certificate:
@@ -469,10 +500,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: Progress =
                 train_index=np.arange(len(exp.y_train)), **{f"test_{sp}": exp.sigma_test[sp] for sp in exp.sigma_test},
                 **{f"test_{sp}_index": exp.splits[sp]["index"] for sp in exp.sigma_test})
 
-  certs, raw = {}, {}
+  certs = {}
   with timed("certify"):
-    for split in ("clean", "triggered"):
-      raw[split] = _cached(workdir, f"votes_{split}", lambda sp=split: certify_split(exp, trainer, workdir, sp, progress))
+    votes = _cached(workdir, "votes", lambda: certify_splits(exp, trainer, workdir, progress))
+    raw = {sp: {"preds": votes[f"{sp}_preds"], "probs_sum": votes[f"{sp}_probs_sum"]} for sp in ("clean", "triggered")}
   with timed("bounds"):
     for split in ("clean", "triggered"):
       certs[split] = bound_split(exp, split, raw[split]["preds"], raw[split]["probs_sum"])
@@ -522,7 +553,7 @@ def _test_sigmas(exp: Experiment, trainer: ensemble.EnsembleTrainer, workdir: st
   if c.sigma.test_scorer == "pilot":
     state, score_fn = _unstack(_pilot(exp, workdir, progress)), _score_fn(exp.model)
   else:
-    full = load_ensemble(trainer, workdir, c.train.num_models)
+    full = load_ensemble(trainer, workdir, c.train.num_models, exp.chunk_states)
     score_fn = _ensemble_score_fn(exp.model, trainer.mesh, c.train.num_models)  # sharded over ens
     state = score_fn.place(full.params, full.batch_stats)
   x = exp.splits[split]["x"]

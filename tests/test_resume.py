@@ -105,7 +105,7 @@ def resumed(tmp_path_factory):
     with open(os.path.join(partial, "_CHECKPOINT_METADATA"), "w") as f:
       f.write("{")  # truncated
   os.makedirs(os.path.join(killed, "stages"), exist_ok=True)
-  with open(os.path.join(killed, "stages", ".tmp_abcvotes_clean.npz"), "wb") as f:
+  with open(os.path.join(killed, "stages", ".tmp_abcvotes.npz"), "wb") as f:
     f.write(b"PK\x03")
   again = _run(config_path, killed)
   return whole, killed, before, again
@@ -147,5 +147,5 @@ def test_a_finished_workdir_is_reused_whole(resumed):
   config_path = os.path.join(os.path.dirname(killed), "tiny_resume.py")
   log = _run(config_path, killed).stderr
   assert "ensemble: reusing 3 of 3 trained chunks" in log
-  for stage in ("sigma_train", "sigma_clean", "sigma_triggered", "votes_clean", "votes_triggered"):
+  for stage in ("sigma_train", "sigma_clean", "sigma_triggered", "votes"):
     assert f"reusing stage {stage}" in log, stage
