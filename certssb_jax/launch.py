@@ -60,14 +60,17 @@ def summary_table(summaries: dict[str, dict]) -> str:
           ("ERA (triggered, true label)", lambda s: s["metrics"]["era"]),
           ("ASR (triggered -> target)", lambda s: s["metrics"]["asr"])]
   first = next(iter(summaries.values()))
-  for r in first["metrics"]["cra"]:
-    if float(r) <= 1.0:
-      rows.append((f"CRA(r={r})", lambda s, r=r: s["metrics"]["cra"][r]))
+  for kind, label in (("cra", "joint radius"), ("cra_test", "test-input radius")):
+    for r in first["metrics"][kind]:
+      if float(r) <= 1.0:
+        rows.append((f"CRA({label} > {r})", lambda s, r=r, kind=kind: s["metrics"][kind][r]))
   if "storage_update" in first:
     rows.append(("CRA(0) after storage update", lambda s: s.get("storage_update", {}).get("cra", {}).get("0.0")))
     rows.append(("aligned / trimmed (clean)", lambda s: "{} / {}".format(
         s["storage_update"]["aligned_clean"], s["storage_update"]["trimmed_clean"]) if "storage_update" in s else "-"))
-  rows.append(("margin ceiling", lambda s: s["margin_ceiling"]))
+  rows.append(("margin ceiling (sigma units)", lambda s: s["margin_ceiling"]))
+  rows.append(("sigma_x mean (clean)", lambda s: s["sigma"]["clean"]["mean"]))
+  rows.append(("min training sigma", lambda s: s["sigma"]["train"]["min"]))
   if first.get("undefended"):
     rows += [("undefended clean accuracy", lambda s: s["undefended"]["clean_accuracy"]),
              ("undefended ASR", lambda s: s["undefended"]["asr"])]
