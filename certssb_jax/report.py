@@ -77,6 +77,14 @@ def reference_metrics(exp, raw: dict[str, dict[str, np.ndarray]], num_models: in
   return out
 
 
+def _headline(per: dict[str, dict[str, Any]]) -> dict[str, Any]:
+  """The summary's metrics from the per-split metrics: clean split for accuracy and CRA, triggered for ERA/ASR."""
+  clean, trig = per["clean"], per["triggered"]
+  return {"clean_accuracy": clean["accuracy"], "era": trig["accuracy"], "asr": trig["target_rate"],
+          "abstain_rate": clean["abstain_rate"], "cra": clean["cra"], "cra_test": clean["cra_test"],
+          "cra_triggered": trig["cra"], "cra_test_triggered": trig["cra_test"]}
+
+
 def stored_joint_radius(exp, split: str, answer) -> np.ndarray:
   """The joint radius after the storage update: sigma_min * (radius_stored / sigma_x) (METHOD.md section 5.4)."""
   return bounds.sigma_min_of(exp.sigma_test[split], exp.sigma_train) * answer.margin_stored
@@ -129,16 +137,7 @@ def write_outputs(exp, certs: dict[str, bounds.Certificate], raw: dict[str, dict
       "sigma_mode": c.sigma.mode,
       "sigma_0": c.sigma.sigma_0,
       "margin_ceiling": ceiling,
-      "metrics": {
-          "clean_accuracy": per["clean"]["accuracy"],
-          "era": per["triggered"]["accuracy"],
-          "asr": per["triggered"]["target_rate"],
-          "abstain_rate": per["clean"]["abstain_rate"],
-          "cra": per["clean"]["cra"],
-          "cra_test": per["clean"]["cra_test"],
-          "cra_triggered": per["triggered"]["cra"],
-          "cra_test_triggered": per["triggered"]["cra_test"],
-      },
+      "metrics": _headline(per),
       "undefended": undefended,
       "sigma": {k: _stats(v) for k, v in sigma_all.items()},
   }
@@ -146,13 +145,7 @@ def write_outputs(exp, certs: dict[str, bounds.Certificate], raw: dict[str, dict
     summary["storage_update"] = {
         "order": "dataset order" + (", clean split then triggered split in one store" if c.certify.shared_store
                                     else ", one store per split"),
-        "clean_accuracy": stored_per["clean"]["accuracy"],
-        "era": stored_per["triggered"]["accuracy"],
-        "asr": stored_per["triggered"]["target_rate"],
-        "cra": stored_per["clean"]["cra"],
-        "cra_test": stored_per["clean"]["cra_test"],
-        "cra_triggered": stored_per["triggered"]["cra"],
-        "cra_test_triggered": stored_per["triggered"]["cra_test"],
+        **_headline(stored_per),
         **{f"{k}_{split}": stored_per[split][k] for split in stored_per for k in ("aligned", "trimmed", "stored")},
     }
   if c.certify.compat == "reference":

@@ -69,13 +69,14 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from certssb_jax import workdir as wd
 
 logger = logging.getLogger(__name__)
 
@@ -671,18 +672,7 @@ class CertifiedStore:
     x, label, radius = self.stored_arrays()
     meta = dict(format_version=_FORMAT_VERSION, input_shape=list(self._input_shape), dtype=self._dtype.name,
                 chunk_size=self._chunk_size, counters=self._counters)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                               prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-      with os.fdopen(fd, "wb") as f:
-        np.savez(f, x=x, label=label, radius=radius, meta=np.asarray(json.dumps(meta)))
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp, path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.unlink(tmp)
-      raise
+    wd.save_npz(path, x=x, label=label, radius=radius, meta=np.asarray(json.dumps(meta)))
 
   @classmethod
   def load(cls, path: str | os.PathLike, **kwargs: Any) -> CertifiedStore:
