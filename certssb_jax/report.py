@@ -169,7 +169,7 @@ def write_outputs(exp, certs: dict[str, bounds.Certificate], raw: dict[str, dict
   plot_certified_accuracy(os.path.join(workdir, "certified_accuracy.png"), certs, stored, exp)
   if c.sigma.mode == "sample_specific":
     plot_sigma_histogram(os.path.join(workdir, "sigma_histogram.png"), sigma_all, c.sigma.sigma_0)
-  summary["files"] = sorted(f for f in os.listdir(workdir) if not f.startswith("."))
+  summary["files"] = sorted({f for f in os.listdir(workdir) if not f.startswith(".")} | {"summary.json"})
   wd.save_json(os.path.join(workdir, "summary.json"), summary)
   return summary
 
