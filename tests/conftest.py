@@ -41,6 +41,15 @@ def tiny_config(**overrides):
   return config_lib.apply_overrides(c, {k: str(v) for k, v in overrides.items()})
 
 
+def write_tiny_config(path, **overrides) -> str:
+  """Writes a config file (for ``--config``) whose get_config returns ``tiny_config(**overrides)``."""
+  tests_dir = os.path.dirname(os.path.abspath(__file__))
+  with open(path, "w") as f:
+    f.write(f"import sys\nsys.path.insert(0, {tests_dir!r})\nfrom conftest import tiny_config\n\n\n"
+            f"def get_config(arg=None):\n  return tiny_config(**{overrides!r})\n")
+  return str(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
   """(config, workdir, summary) of one tiny sample-specific run."""

@@ -11,39 +11,15 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
 
+from conftest import write_tiny_config  # pylint: disable=g-bad-import-order
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240
 
-CONFIG = textwrap.dedent('''\
-    """A tiny run for the multi-process test (6 models in chunks of 4: the second chunk is padded)."""
-    from certssb_jax import config as config_lib
-
-
-    def get_config(arg=None):
-      c = config_lib.base_config()
-      c.data.source = "builtin"
-      c.data.max_train = 96
-      c.data.max_test = 24
-      c.attack.poison_rate = 0.05
-      c.train.num_models = 6
-      c.train.epochs = 1
-      c.train.batch_size = 32
-      c.train.models_per_chunk = 4
-      c.sigma.mode = "sample_specific"
-      c.sigma.num_steps = 1
-      c.sigma.num_draws = 2
-      c.sigma.batch_size = 64
-      c.sigma.pilot_epochs = 1
-      c.sigma.test_scorer = "ensemble"
-      c.certify.alpha = 0.1
-      c.undefended.enabled = False
-      return config_lib.apply_overrides(c, config_lib.parse_variant(arg))
-    ''')
 
 
 def _has_cpu_collectives() -> bool:
@@ -96,8 +72,9 @@ def runs(tmp_path_factory):
     pytest.skip("this jax has no CPU collectives (jax_cpu_collectives_implementation): no multi-process CPU runs")
   tmp = tmp_path_factory.mktemp("distributed")
   config_path = str(tmp / "tiny_distributed.py")
-  with open(config_path, "w") as f:
-    f.write(CONFIG)
+  # 6 models in chunks of 4 (the second chunk is padded), the ensemble as the test scorer
+  write_tiny_config(config_path, max_train=96, max_test=24, num_models=6, models_per_chunk=4, epochs=1,
+                    test_scorer="ensemble", **{"sigma.num_steps": 1, "undefended.enabled": False})
   single, multi = str(tmp / "single"), str(tmp / "multi")
   port = _free_port()
   procs = [subprocess.Popen(_launch_args(config_path, multi) + [

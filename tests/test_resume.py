@@ -8,39 +8,16 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import numpy as np
 import pytest
 
+from conftest import write_tiny_config  # pylint: disable=g-bad-import-order
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240
 
-CONFIG = textwrap.dedent('''\
-    """A tiny run for the resume test: 6 models in 3 chunks of 2, so a kill can land between chunks."""
-    from certssb_jax import config as config_lib
-
-
-    def get_config(arg=None):
-      c = config_lib.base_config()
-      c.data.source = "builtin"
-      c.data.max_train = 128
-      c.data.max_test = 32
-      c.attack.poison_rate = 0.05
-      c.train.num_models = 6
-      c.train.models_per_chunk = 2
-      c.train.epochs = 2
-      c.train.batch_size = 32
-      c.sigma.mode = "sample_specific"
-      c.sigma.num_steps = 2
-      c.sigma.num_draws = 2
-      c.sigma.batch_size = 64
-      c.sigma.pilot_epochs = 1
-      c.certify.alpha = 0.1
-      c.undefended.epochs = 1
-      return config_lib.apply_overrides(c, config_lib.parse_variant(arg))
-    ''')
 
 OUTPUTS = ("votes.npz", "sigmas.npz", "per_sample.csv", "store.npz", "store_triggered.npz", "poison.npz",
            "summary.json")
@@ -88,8 +65,9 @@ def _kill_when(config_path: str, workdir: str, ready) -> None:
 def resumed(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("resume")
   config_path = str(tmp / "tiny_resume.py")
-  with open(config_path, "w") as f:
-    f.write(CONFIG)
+  # 6 models in 3 chunks of 2, so a kill can land between chunks
+  write_tiny_config(config_path, max_train=128, max_test=32, num_models=6, models_per_chunk=2,
+                    **{"undefended.epochs": 1})
   whole, killed = str(tmp / "whole"), str(tmp / "killed")
   _run(config_path, whole)
   ensemble = os.path.join(killed, "ensemble")
