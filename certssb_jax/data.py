@@ -383,7 +383,7 @@ def load_tfds(
   test_split = "validation" if ("test" not in splits and "validation" in splits) else "test"
   try:
     sources = tfds.data_source(name, split=["train", test_split], data_dir=data_dir, download=False)
-  except Exception as e:  # NotImplementedError (not array_record / not prepared), OSError, ValueError, ...
+  except Exception as e:  # tfds raises a not-implemented error when not prepared, or OSError, ValueError, ...
     raise _tfds_not_ready(name, data_dir, e) from e
 
   arrays = []
