@@ -85,6 +85,18 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def make_quick(c: ml_collections.ConfigDict, num_models: int) -> ml_collections.ConfigDict:
+  """The ``quick`` (smoke-test) variant every config shares: ``num_models`` models, one epoch for every model,
+  a two-step, two-draw sigma search. Each config adds its own data-size limits."""
+  c.train.num_models = num_models
+  c.train.epochs = 1
+  c.undefended.epochs = 1
+  c.sigma.pilot_epochs = 1
+  c.sigma.num_steps = 2
+  c.sigma.num_draws = 2
+  return c
+
+
 def parse_variant(arg: str | None) -> dict[str, str]:
   """Parses ``"k=v,k2=v2"`` (the part after ``:`` in ``--config configs/x.py:...``)."""
   out: dict[str, str] = {}

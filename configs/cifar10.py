@@ -49,13 +49,8 @@ def get_config(arg: str | None = None):
   if variant.pop("quick", None):  # CI-sized: a few models, one epoch, tiny data (same source)
     c.data.max_train = 200  # first 100 of each class
     c.data.max_test = 50
-    c.train.num_models = 4
+    config_lib.make_quick(c, num_models=4)
     c.train.models_per_chunk = 0  # auto: all 4 on an accelerator, 1 on CPU
-    c.train.epochs = 1
     c.train.batch_size = 8  # several steps even on tiny data
-    c.undefended.epochs = 1
-    c.sigma.num_steps = 2
-    c.sigma.num_draws = 2
-    c.sigma.pilot_epochs = 1
     c.sigma.batch_size = 32  # the search pads every batch to this size: keep it near the data size
   return config_lib.apply_overrides(c, variant)

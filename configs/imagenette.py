@@ -57,13 +57,8 @@ def get_config(arg: str | None = None):
     c.data.image_size = 32  # ResNet-18 is fully convolutional: 32x32 gives 1x1x512 features
     c.data.max_train = 64
     c.data.max_test = 32
-    c.train.num_models = 3
+    config_lib.make_quick(c, num_models=3)
     c.train.models_per_chunk = 0  # auto: all 3 on an accelerator, 1 on CPU
-    c.train.epochs = 1
     c.train.batch_size = 8  # several steps even on tiny data
-    c.undefended.epochs = 1
-    c.sigma.num_steps = 2
-    c.sigma.num_draws = 2
-    c.sigma.pilot_epochs = 1
     c.sigma.batch_size = 32  # the search pads every batch to this size: keep it near the data size
   return config_lib.apply_overrides(c, variant)

@@ -31,9 +31,5 @@ def get_config(arg: str | None = None):
   variant = config_lib.parse_variant(arg)
   if variant.pop("quick", None):  # CI-sized: built-in data, few models, one epoch
     c.data.source = "builtin"
-    c.train.num_models = 16  # the fewest that certify anything at alpha = 0.001 is 11
-    c.train.epochs = 1
-    c.undefended.epochs = 1
-    c.sigma.num_steps = 2
-    c.sigma.num_draws = 2
+    config_lib.make_quick(c, num_models=16)  # the fewest that certify anything at alpha = 0.001 is 11
   return config_lib.apply_overrides(c, variant)

@@ -26,9 +26,5 @@ def get_config(arg: str | None = None):
   c.undefended.epochs = 20  # the paper's epochs: one undefended model is cheap
   variant = config_lib.parse_variant(arg)
   if variant.pop("quick", None):  # smoke test: 16 models (the fewest that certify at alpha=0.001), one epoch
-    c.train.num_models = 16
-    c.train.epochs = 1
-    c.undefended.epochs = 1
-    c.sigma.num_steps = 2
-    c.sigma.num_draws = 2
+    config_lib.make_quick(c, num_models=16)
   return config_lib.apply_overrides(c, variant)
