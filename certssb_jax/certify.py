@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from certssb_jax import backend
 from certssb_jax import ensemble
 from certssb_jax import models as models_lib
 from certssb_jax import rng
@@ -45,7 +46,7 @@ def _keys_fn(mesh: Mesh) -> Callable[[jax.Array, np.ndarray], jax.Array]:
                  out_shardings=NamedSharding(mesh, P(ensemble.ENS)))
 
 
-@functools.partial(jax.jit, static_argnames=("model", "mesh", "per_slot"))
+@backend.jit(static_argnames=("model", "mesh", "per_slot"))
 def certify_kernel(params: tuple[Any, ...], batch_stats: tuple[Any, ...], keys: tuple[jax.Array, ...],
                    x: jax.Array, sigma: jax.Array, *, model: nn.Module, mesh: Mesh,
                    per_slot: int) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:

@@ -50,6 +50,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from certssb_jax import backend
 from certssb_jax import models as models_lib
 from certssb_jax import rng
 
@@ -302,7 +303,7 @@ class EnsembleTrainer:
     self._perms = jax.jit(perms_chunk, static_argnums=1, out_shardings=self._ens)
     self._member_keys = jax.jit(member_keys, out_shardings=self._ens)
     self._epoch_keys = jax.jit(epoch_keys, out_shardings=self._ens)
-    self._step = jax.jit(step_chunk, static_argnums=7, donate_argnums=0)
+    self._step = backend.jit(step_chunk, static_argnums=7, donate_argnums=0)
     self._batches = jax.jit(batches_chunk, static_argnums=6)
 
   def chunks(self, num_models: int) -> list[np.ndarray]:
@@ -403,7 +404,7 @@ def auto_models_per_chunk(requested: int, num_models: int) -> int:
   return min(num_models, 256)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@backend.jit(static_argnums=0)
 def _predict_chunk(model: nn.Module, params: Any, batch_stats: Any, x: jax.Array) -> jax.Array:
   return jax.vmap(lambda p, bs: member_logits(model, p, bs, x))(params, batch_stats)
 

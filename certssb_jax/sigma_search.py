@@ -33,7 +33,6 @@ fuses straight across the unrolled steps and compile time grows ~T^2 (~40 s at T
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 from typing import Any, Callable
@@ -41,6 +40,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from certssb_jax import backend
 
 ScoreFn = Callable[[Any, jax.Array], jax.Array]  # (params, xb (B, *input_shape)) -> probs (B, K)
 
@@ -221,7 +222,7 @@ def _resolve_unroll(unroll: bool | int | None, num_steps: int) -> int:
   raise ValueError(f"unroll must be a bool or an int >= 1, got {unroll!r}")
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("config", "unroll"))
+@backend.jit(static_argnums=(0,), static_argnames=("config", "unroll"))
 def _search_sigma_jit(score_fn: ScoreFn, params: Any, x: jax.Array, target: jax.Array, indices: jax.Array,
                       key: jax.Array, *, config: SearchConfig, unroll: int) -> jax.Array:
   """The whole search for one batch as one program. x (N, *input_shape), target (N,), indices (N,) -> (N,)."""
