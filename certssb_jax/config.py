@@ -53,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.batch_size = 128
   c.train.learning_rate = 1e-3  # Adam
   c.train.models_per_chunk = 0  # models trained together in one vmapped program (0: auto, 1 on CPU)
+  c.train.checkpoint_every_s = 60.0  # save trained chunks together at most this often (0: every chunk)
 
   c.sigma = ml_collections.ConfigDict()
   c.sigma.mode = "fixed"  # fixed (RAB: every sigma = sigma_0) | sample_specific (Cert-SSB)
@@ -193,6 +194,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   _check(c.train.epochs >= 1, f"train.epochs must be >= 1, got {c.train.epochs}")
   _check(c.train.batch_size >= 1, f"train.batch_size must be >= 1, got {c.train.batch_size}")
   _check(c.train.learning_rate > 0, f"train.learning_rate must be > 0, got {c.train.learning_rate}")
+  _check(c.train.checkpoint_every_s >= 0, f"train.checkpoint_every_s must be >= 0, got {c.train.checkpoint_every_s}")
   _check(c.sigma.mode in SIGMA_MODES, f"sigma.mode {c.sigma.mode!r} is not one of {SIGMA_MODES}")
   _check(c.sigma.sigma_0 > 0 and math.isfinite(c.sigma.sigma_0), f"sigma.sigma_0 must be > 0, got {c.sigma.sigma_0}")
   lo, hi = sigma_bounds(c)

@@ -113,13 +113,14 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
 
 def describe_workdir(workdir: str) -> str | None:
   """One line on what a workdir already holds (what a resumed run will reuse), or None for a new workdir."""
+  from certssb_jax import pipeline  # pylint: disable=g-import-not-at-top
   if not os.path.exists(os.path.join(workdir, "config.json")):
     return None
   stages_dir = os.path.join(workdir, "stages")
   stages = sorted(f[:-4] for f in os.listdir(stages_dir) if f.endswith(".npz")) if os.path.isdir(stages_dir) else []
   ens_dir = os.path.join(workdir, "ensemble")
   names = sorted(os.listdir(ens_dir)) if os.path.isdir(ens_dir) else []
-  chunks = [n for n in names if n.startswith("chunk_") and "." not in n]
+  chunks = [c for first, last in pipeline.saved_checkpoints(workdir) for c in range(first, last + 1)]
   partial = [n for n in names if ".orbax-checkpoint-tmp" in n]
   models = [n for n in ("pilot", "undefended") if os.path.isdir(os.path.join(workdir, n))]
   return (f"resuming {workdir}: stages {stages or 'none'}; {len(chunks)} trained ensemble chunks"

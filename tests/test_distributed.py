@@ -74,7 +74,8 @@ def runs(tmp_path_factory):
   config_path = str(tmp / "tiny_distributed.py")
   # 6 models in chunks of 4 (the second chunk is padded), the ensemble as the test scorer
   write_tiny_config(config_path, max_train=96, max_test=24, num_models=6, models_per_chunk=4, epochs=1,
-                    test_scorer="ensemble", **{"sigma.num_steps": 1, "undefended.enabled": False})
+                    test_scorer="ensemble", **{"sigma.num_steps": 1, "undefended.enabled": False,
+                                                "train.checkpoint_every_s": 0})
   single, multi = str(tmp / "single"), str(tmp / "multi")
   port = _free_port()
   procs = [subprocess.Popen(_launch_args(config_path, multi) + [
@@ -100,7 +101,8 @@ def test_two_processes_give_the_single_process_outputs(runs):
       np.testing.assert_array_equal(a[k], b[k], err_msg=f"{name}:{k}")
   votes = np.load(os.path.join(multi, "votes.npz"))
   assert np.all(votes["clean"].sum(axis=1) == 6)  # the padding models of the second chunk did not vote
-  assert len(os.listdir(os.path.join(multi, "ensemble"))) == 2  # two chunks, no stray or temporary folders
+  # a checkpoint per chunk (checkpoint_every_s = 0: the processes agreed on every save), nothing stray
+  assert sorted(os.listdir(os.path.join(multi, "ensemble"))) == ["chunks_00000-00000", "chunks_00001-00001"]
 
 
 def test_the_processes_formed_one_job_and_only_process_0_reported(runs):

@@ -58,7 +58,7 @@ def test_the_notebook_certifies_and_plots(executed):
   assert np.ptp(ns["exp"].sigma_train) > 0  # the sample-specific search moved the sigmas
   assert len(ns["answer"].pred) == len(y)
   assert os.path.getsize(os.path.join(folder, "certified_accuracy.png")) > 1000
-  assert sorted(os.listdir(os.path.join(folder, "quickstart_run", "ensemble"))) == ["chunk_00000", "chunk_00001"]
+  assert sorted(os.listdir(os.path.join(folder, "quickstart_run", "ensemble"))) == ["chunks_00000-00001"]
 
 
 def test_the_notebook_votes_equal_a_naive_recomputation_of_model_0(executed):

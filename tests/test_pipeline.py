@@ -5,6 +5,7 @@ import filecmp
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from scipy import stats
@@ -101,6 +102,36 @@ def test_same_seed_gives_identical_outputs(tiny_run, tmp_path):
     assert sorted(a.files) == sorted(b.files)
     for k in a.files:
       np.testing.assert_array_equal(a[k], b[k], err_msg=f"{name}:{k}")
+
+
+def test_checkpoint_grouping_and_reading_back_do_not_change_results(tiny_run, tmp_path, monkeypatch):
+  """The tiny run kept its ensemble in memory and saved its 2 chunks in one checkpoint; a run that saves every
+  chunk on its own and certifies from the checkpoints (nothing kept in memory) gives the same bits."""
+  from certssb_jax import ensemble, models  # pylint: disable=g-import-not-at-top
+
+  c, workdir, _ = tiny_run
+  again = str(tmp_path / "per_chunk")
+  monkeypatch.setattr(pipeline, "KEEP_ENSEMBLE_IN_MEMORY_BYTES", 0)
+  pipeline.run(tiny_config(**{"train.checkpoint_every_s": 0}), again)
+  assert os.listdir(os.path.join(workdir, "ensemble")) == ["chunks_00000-00001"]
+  assert sorted(os.listdir(os.path.join(again, "ensemble"))) == ["chunks_00000-00000", "chunks_00001-00001"]
+  assert filecmp.cmp(os.path.join(workdir, "per_sample.csv"), os.path.join(again, "per_sample.csv"), shallow=False)
+  a, b = np.load(os.path.join(workdir, "votes.npz")), np.load(os.path.join(again, "votes.npz"))
+  for k in a.files:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  t = c.train
+  trainer = ensemble.EnsembleTrainer(models.get_model(c.model.name, len(c.data.classes)), (28, 28, 1),
+                                     ensemble.TrainConfig(t.epochs, t.batch_size, t.learning_rate, t.models_per_chunk))
+  grouped = list(pipeline.iter_ensemble(trainer, workdir, t.num_models))
+  single = list(pipeline.iter_ensemble(trainer, again, t.num_models))
+  assert [list(ids) for ids, _ in grouped] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+  for (ids_a, sa), (ids_b, sb) in zip(grouped, single):
+    np.testing.assert_array_equal(ids_a, ids_b)
+    assert sa.opt_state is None and sb.opt_state is None  # only params and batch statistics are saved
+    for la, lb in zip(jax.tree.leaves(sa), jax.tree.leaves(sb)):
+      np.testing.assert_array_equal(la, lb)
+  with pytest.raises(FileNotFoundError, match="chunk 2 of the ensemble is in no checkpoint"):
+    list(pipeline.iter_ensemble(trainer, workdir, t.num_models + 1))
 
 
 def test_rerun_in_the_same_workdir_reuses_every_stage(tiny_run, caplog):

@@ -65,19 +65,19 @@ def _kill_when(config_path: str, workdir: str, ready) -> None:
 def resumed(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("resume")
   config_path = str(tmp / "tiny_resume.py")
-  # 6 models in 3 chunks of 2, so a kill can land between chunks
+  # 6 models in 3 chunks of 2, each saved on its own, so a kill can land between chunks
   write_tiny_config(config_path, max_train=128, max_test=32, num_models=6, models_per_chunk=2,
-                    **{"undefended.epochs": 1})
+                    **{"undefended.epochs": 1, "train.checkpoint_every_s": 0})
   whole, killed = str(tmp / "whole"), str(tmp / "killed")
   _run(config_path, whole)
   ensemble = os.path.join(killed, "ensemble")
-  _kill_when(config_path, killed, lambda: os.path.isdir(os.path.join(ensemble, "chunk_00000")))
+  _kill_when(config_path, killed, lambda: os.path.isdir(os.path.join(ensemble, "chunks_00000-00000")))
   # The kill lands while chunk 1 trains, or while it is saved. To test the second case every time, leave what
   # a save killed midway leaves (Orbax writes into <name>.orbax-checkpoint-tmp and renames when complete),
   # and a half-written stage file of an atomic write.
   before = sorted(os.listdir(ensemble))
-  assert "chunk_00000" in before and "chunk_00002" not in before, before
-  partial = os.path.join(ensemble, "chunk_00001.orbax-checkpoint-tmp")
+  assert "chunks_00000-00000" in before and "chunks_00002-00002" not in before, before
+  partial = os.path.join(ensemble, "chunks_00001-00001.orbax-checkpoint-tmp")
   if not any(".orbax-checkpoint-tmp" in n for n in before):
     os.makedirs(os.path.join(partial, "ocdbt.process_0"))
     with open(os.path.join(partial, "_CHECKPOINT_METADATA"), "w") as f:
@@ -110,12 +110,12 @@ def test_the_resumed_run_reused_the_finished_work_and_removed_the_half_written(r
   _, killed, before, again = resumed
   log = again.stderr
   assert "resuming " in log and "1 half-written checkpoints to discard" in log
-  n_done = sum(1 for n in before if n.startswith("chunk_") and "." not in n)
+  n_done = sum(1 for n in before if n.startswith("chunks_") and "." not in n)
   assert f"ensemble: reusing {n_done} of 3 trained chunks" in log
   assert "reusing stage sigma_train" in log
   assert "reusing the undefended model" in log and "reusing the pilot model" in log  # the test-sigma scorer
   assert "left half-written by an interrupted run" in log
-  assert sorted(os.listdir(os.path.join(killed, "ensemble"))) == ["chunk_00000", "chunk_00001", "chunk_00002"]
+  assert sorted(os.listdir(os.path.join(killed, "ensemble"))) == ["chunks_00000-00000", "chunks_00001-00001", "chunks_00002-00002"]
   assert not [n for n in os.listdir(os.path.join(killed, "stages")) if n.startswith(".tmp_")]
 
 
