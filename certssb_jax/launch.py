@@ -51,6 +51,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0,
 _INIT_TIMEOUT = flags.DEFINE_integer("distributed_timeout_s", 300,
                                      "Seconds to wait for every process to join (jax.distributed.initialize).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
+_CACHE = flags.DEFINE_string(
+    "compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "certssb_jax", "xla"),
+    "JAX's persistent compilation cache: a later run of the same programs loads them instead of compiling "
+    "(~2 s of the quickstart on a 2-core CPU). '' turns it off; JAX_COMPILATION_CACHE_DIR, if set, wins.")
 
 
 def summary_table(summaries: dict[str, dict]) -> str:
@@ -137,6 +141,10 @@ def main(argv: list[str]) -> None:
   logging.getLogger("certssb_jax").setLevel(logging.INFO)
   import jax  # pylint: disable=g-import-not-at-top
 
+  if _CACHE.value and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    jax.config.update("jax_compilation_cache_dir", _CACHE.value)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # CPU programs compile in < 1 s
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   if _DISTRIBUTED.value or any(v is not None for v in (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)):
     try:
       initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _INIT_TIMEOUT.value)

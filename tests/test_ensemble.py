@@ -81,6 +81,37 @@ def test_chunk_training_equals_training_each_model_alone(data):
   assert not np.allclose(first["Dense_0"]["kernel"], jax.tree.map(lambda a: a[1], both.params)["Dense_0"]["kernel"])
 
 
+@pytest.mark.parametrize("models_per_chunk", [1, 3])
+def test_noised_copies_and_noise_from_keys_train_the_same_bits(data, monkeypatch, models_per_chunk):
+  """The two noise sources (a chunk's noised training sets made once, or noise regenerated in every step) give
+  bit-identical models, and the copy is what a trainer uses when it fits NOISE_CACHE_BYTES."""
+  x, y, sigma = data
+  model = models.get_model("mnist_cnn", 2)
+  tr = ensemble.EnsembleTrainer(model, (28, 28, 1), ensemble.TrainConfig(2, 8, 1e-3, models_per_chunk))
+  streams, ids = ensemble.Streams.ensemble(3), np.arange(models_per_chunk)
+  sources = []
+  real_step = tr._step  # pylint: disable=protected-access
+
+  def spy(*args):
+    sources.append(args[-1])
+    return real_step(*args)
+
+  monkeypatch.setattr(tr, "_step", spy)
+  cached = tr.train_chunk(ids, streams, x, y, sigma)
+  monkeypatch.setattr(ensemble, "NOISE_CACHE_BYTES", tr._noise_cache_bytes(x) - 1)  # pylint: disable=protected-access
+  from_keys = tr.train_chunk(ids, streams, x, y, sigma)
+  steps = 2 * (len(x) // 8)
+  assert sources == ["cached"] * steps + ["keys"] * steps
+  for a, b in zip(jax.tree.leaves(cached), jax.tree.leaves(from_keys)):
+    np.testing.assert_array_equal(a, b)
+  # the undefended model (no sigma) and the pilot (fresh noise every epoch) never use a copy
+  sources.clear()
+  tr.train_chunk(ids, streams, x, y, None, epochs=1)
+  monkeypatch.setattr(ensemble, "NOISE_CACHE_BYTES", 1 << 30)
+  tr.train_chunk(ids, streams, x, y, sigma, epochs=1, fresh_noise=True)
+  assert sources == ["none"] * (steps // 2) + ["keys"] * (steps // 2)
+
+
 def test_training_reduces_the_loss_and_learns(data):
   rs = np.random.RandomState(1)
   x = rs.rand(64, 28, 28, 1).astype(np.float32) * 0.2

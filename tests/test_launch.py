@@ -10,15 +10,20 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _launch(*args, timeout=300):
+def _launch(*args, timeout=300, env=None):
   return subprocess.run([sys.executable, "-m", "certssb_jax.launch", *args, "--noprogress"], cwd=ROOT,
-                        capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+                        capture_output=True, text=True, timeout=timeout, env=env or os.environ.copy())
 
 
-@pytest.mark.parametrize("config", ["configs/quickstart.py:quick", "configs/mnist.py:quick"])
-def test_quick_configs_run_through_the_launcher(config, tmp_path):
-  out = _launch("--config", config, "--workdir", str(tmp_path / "w"))
+@pytest.mark.parametrize("config,own_cache", [("configs/quickstart.py:quick", False), ("configs/mnist.py:quick", True)])
+def test_quick_configs_run_through_the_launcher(config, own_cache, tmp_path):
+  """The second run fills the compilation cache the launcher turns on (the suite's shared cache, set through
+  JAX_COMPILATION_CACHE_DIR, is taken away from it)."""
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  cache = ["--compilation_cache_dir", str(tmp_path / "xla")] if own_cache else []
+  out = _launch("--config", config, "--workdir", str(tmp_path / "w"), *cache, env=env if own_cache else None)
   assert out.returncode == 0, out.stderr[-3000:]
+  assert (len(os.listdir(tmp_path / "xla")) > 5) if own_cache else not os.path.exists(tmp_path / "xla")
   assert "clean accuracy" in out.stdout and "undefended ASR" in out.stdout  # the one-screen table
   assert "summary.json" in out.stdout  # the paths of the files written
   summary = json.load(open(tmp_path / "w" / "summary.json"))
