@@ -177,7 +177,8 @@ def run_jax(config, workdir: str) -> dict[str, Any]:
 
 def checkpoint_io(config, workdir: str, input_shape: tuple[int, ...], num_classes: int) -> dict[str, float]:
   """Seconds certssb-jax's Orbax checkpoints cost: restoring every trained chunk (what certification pays when
-  it reads the ensemble back from disk) and saving one chunk again (what training pays per chunk)."""
+  it reads the ensemble back from disk) and saving one chunk again (the fixed cost of one checkpoint; training
+  saves its chunks together every ``train.checkpoint_every_s``)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   t = config.train
