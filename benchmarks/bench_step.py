@@ -48,8 +48,10 @@ def main():
   parser.add_argument("--steps", type=int, default=200)
   args = parser.parse_args()
   model = models.get_model(args.model, 2)
-  print(f"{args.model}, batch {args.batch}, {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}")
-  for name, options in (("XLA defaults", None), ("certssb-jax (backend.compiler_options())", backend.compiler_options())):
+  print(f"{args.model}, batch {args.batch}, {jax.default_backend()} ({jax.devices()[0].device_kind}), "
+        f"jax {jax.__version__}")
+  for name, options in (("XLA defaults", None),
+                        ("certssb-jax (backend.compiler_options())", backend.compiler_options())):
     print(f"  {name:45s} {time_step(model, SHAPES[args.model], args.batch, options, args.steps):7.2f} ms/step"
           f"   options={options}")
 

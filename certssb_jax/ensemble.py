@@ -5,8 +5,9 @@ a 1-D mesh with axis ``ens`` (``jax.shard_map``): each device runs the step of i
 no communication between devices during training. Model m trains on its own FIXED noised copy of the training
 set: the noise of sample j is ``normal(fold_in(fold_in(k_train_noise, m), j))``, drawn from keys once per chunk
 into the models' noised training sets when they fit ``NOISE_CACHE_BYTES``, else regenerated inside every step
-(the same bits; never written to disk, never re-drawn per batch or epoch). Init and batch order come from keys of (seed, m) only, so
-model m is a deterministic function of its noised training set.
+(the same values, bit for bit on CPU as tested; never written to disk, never re-drawn per batch or epoch). Init
+and batch order come from keys of (seed, m) only, so model m is a deterministic function of its noised
+training set.
 
 How a device runs its models (``member_map``):
 
@@ -409,7 +410,7 @@ class EnsembleTrainer:
 
 # A chunk's models train on noised training sets materialised once per chunk (``"cached"``) when they take at
 # most this many bytes per device, else on noise regenerated from keys in every step (``"keys"``). Both give
-# the same bits (tests/test_ensemble.py); the copy saves the ~0.25 ms per step the MNIST CNN spends on
+# the same bits on CPU (tests/test_ensemble.py); the copy saves the ~0.25 ms per step the MNIST CNN spends on
 # generating its batch's noise on a 2-core CPU (6% of the step), as the paper's code saves it by storing noised
 # copies.
 NOISE_CACHE_BYTES = 1 << 30

@@ -115,7 +115,7 @@ def test_the_resumed_run_reused_the_finished_work_and_removed_the_half_written(r
   assert "reusing stage sigma_train" in log
   assert "reusing the undefended model" in log and "reusing the pilot model" in log  # the test-sigma scorer
   assert "left half-written by an interrupted run" in log
-  assert sorted(os.listdir(os.path.join(killed, "ensemble"))) == ["chunks_00000-00000", "chunks_00001-00001", "chunks_00002-00002"]
+  assert sorted(os.listdir(os.path.join(killed, "ensemble"))) == [f"chunks_0000{c}-0000{c}" for c in range(3)]
   assert not [n for n in os.listdir(os.path.join(killed, "stages")) if n.startswith(".tmp_")]
 
 
