@@ -16,6 +16,7 @@ import optax
 
 from certssb_jax import backend
 from certssb_jax import ensemble
+from certssb_jax import member
 from certssb_jax import models
 
 SHAPES = {"mnist_cnn": (28, 28, 1), "preact_resnet": (32, 32, 3), "resnet18": (224, 224, 3)}
@@ -23,12 +24,12 @@ SHAPES = {"mnist_cnn": (28, 28, 1), "preact_resnet": (32, 32, 3), "resnet18": (2
 
 def time_step(model, shape, batch, options, steps):
   tx = optax.adam(1e-3)
-  step = jax.jit(lambda s, x, y: ensemble.member_step(model, tx, s, x, y), donate_argnums=0,
+  step = jax.jit(lambda s, x, y: member.member_step(model, tx, s, x, y), donate_argnums=0,
                  compiler_options=options)
   rs = np.random.RandomState(0)
   x = jnp.asarray(rs.rand(batch, *shape).astype(np.float32))
   y = jnp.asarray(rs.randint(0, 2, batch).astype(np.int32))
-  state = ensemble.init_member(model, tx, jax.random.key(0), shape)
+  state = member.init_member(model, tx, jax.random.key(0), shape)
   state, _ = step(state, x, y)
   jax.block_until_ready(state)
   best = float("inf")

@@ -47,6 +47,7 @@ from scipy import stats  # noqa: E402
 from certssb_jax import bounds  # noqa: E402
 from certssb_jax import config as config_lib  # noqa: E402
 from certssb_jax import ensemble  # noqa: E402
+from certssb_jax import member
 from certssb_jax import models as models_lib  # noqa: E402
 from certssb_jax import pipeline  # noqa: E402
 from certssb_jax import report  # noqa: E402
@@ -220,7 +221,7 @@ def step_benchmark(exp: pipeline.Experiment, config, repeats: int, torch_threads
   chunk = ensemble.auto_models_per_chunk(t.models_per_chunk, t.num_models)
   trainer = ensemble.EnsembleTrainer(exp.model, exp.data.input_shape, ensemble.TrainConfig(
       epochs=1, batch_size=t.batch_size, learning_rate=t.learning_rate, models_per_chunk=chunk))
-  streams = ensemble.Streams.ensemble(config.seed)
+  streams = member.Streams.ensemble(config.seed)
   steps = len(exp.y_train) // t.batch_size
   x_t, y_t = torch_baseline.to_nchw(exp.x_train), torch_baseline.torch.from_numpy(exp.y_train.astype(np.int64))
   base = torch_baseline.BaselineConfig(num_models=1, epochs=1, batch_size=t.batch_size,

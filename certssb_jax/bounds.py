@@ -1,10 +1,10 @@
-"""Certificate arithmetic of Cert-SSB (METHOD.md section 3): host-side, float64, scipy.
+"""Certificate arithmetic of Cert-SSB (docs/method.md section 3): host-side, float64, scipy.
 
 This module is deliberately host-side code. The device produces exact integer vote counts (or soft-score sums)
 over the M ensemble members; everything statistical happens here in numpy float64 with scipy, vectorised over
 the N test inputs. Nothing here runs in float32 or under ``jit``.
 
-What is certified (METHOD.md section 3). With Sigma = diag(sigma_1^2 I, ..., sigma_n^2 I, sigma_x^2 I), a lower
+What is certified (docs/method.md section 3). With Sigma = diag(sigma_1^2 I, ..., sigma_n^2 I, sigma_x^2 I), a lower
 bound ``pA_low`` on the probability of the predicted class c_A and an upper bound ``pB_high`` on every other
 class, the smoothed prediction is constant for every joint perturbation Delta with
 
@@ -14,7 +14,7 @@ We report ``margin`` (sigma units), ``radius = sigma_min * margin`` (joint isotr
 min(sigma_x, min_j sigma_j)) and ``radius_test = sigma_x * margin`` (test input alone), and abstain
 (``pred = -1``, margin = radius = radius_test = 0) when ``pA_low <= pB_high``.
 
-Statistics (decided; METHOD.md section 3 "Statistics"):
+Statistics (decided; docs/method.md section 3 "Statistics"):
 
 * Selection. c_A is the argmax of the votes (``bound="clopper_pearson"``) or of the soft scores
   (``bound="hoeffding"``); ties go to the lowest class index (``np.argmax``).
@@ -40,10 +40,10 @@ Statistics (decided; METHOD.md section 3 "Statistics"):
   infinities (no certified margin is affected: pA_low of a certified input lies in (1/2, 1)).
 
 ``margin_ceiling`` gives the largest margin M and alpha allow at all, so users know when M is too small for the
-radius they want (METHOD.md section 7: Hoeffding, M = 1000, alpha = 0.001, no correction: 1.565;
+radius they want (docs/method.md section 7: Hoeffding, M = 1000, alpha = 0.001, no correction: 1.565;
 Clopper-Pearson with all votes on one class: about 2.46 uncorrected, 2.43 at alpha / 2).
 
-``reference_certificate`` reproduces the reference release's formulas (METHOD.md section 6) for comparison
+``reference_certificate`` reproduces the reference release's formulas (docs/method.md section 6) for comparison
 only; it is unsound and never the default.
 """
 
@@ -52,6 +52,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from typing import Callable
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -60,9 +61,8 @@ import scipy.stats
 
 logger = logging.getLogger(__name__)
 
-BOUNDS = ("clopper_pearson", "hoeffding")
 CORRECTIONS = ("bonferroni", "holdout")
-# Radii of the certified-robust-accuracy curve (METHOD.md section 7): 0, 0.25, ..., 2.5.
+# Radii of the certified-robust-accuracy curve (docs/method.md section 7): 0, 0.25, ..., 2.5.
 CRA_GRID = tuple(float(r) for r in np.round(np.arange(0, 2.5 + 1e-9, 0.25), 2))
 
 # Hoeffding's M as hard-coded by the reference release (used only by `reference_certificate`).
@@ -73,7 +73,7 @@ _REFERENCE_CLIP = 1e-8
 
 @dataclasses.dataclass(frozen=True)
 class Certificate:
-  """Certificates of N test inputs (METHOD.md section 3). Every field has shape (N,).
+  """Certificates of N test inputs (docs/method.md section 3). Every field has shape (N,).
 
   Attributes:
     pred: int64 predicted class c_A, -1 where the smoothed classifier abstains.
@@ -161,7 +161,7 @@ def clopper_pearson_lower(successes: ArrayLike, trials: ArrayLike, alpha: ArrayL
   """Exact one-sided Clopper-Pearson lower confidence bound on a binomial proportion.
 
   P[p >= bound] >= 1 - alpha for every true p. The bound is the alpha quantile of Beta(k, n - k + 1), and 0
-  when k = 0 (METHOD.md section 3, default bound).
+  when k = 0 (docs/method.md section 3, default bound).
 
   Args:
     successes: k, non-negative integers (any shape broadcasting with `trials`).
@@ -213,7 +213,7 @@ def clopper_pearson_upper(successes: ArrayLike, trials: ArrayLike, alpha: ArrayL
 def hoeffding_lower(mean: ArrayLike, trials: ArrayLike, alpha: ArrayLike) -> np.ndarray:
   """One-sided Hoeffding lower bound on the mean of `trials` i.i.d. variables in [0, 1].
 
-  bound = mean - sqrt(ln(1 / alpha) / (2 n)), clipped to [0, 1] (METHOD.md section 3, as RAB does).
+  bound = mean - sqrt(ln(1 / alpha) / (2 n)), clipped to [0, 1] (docs/method.md section 3, as RAB does).
 
   Args:
     mean: empirical mean(s) in [0, 1].
@@ -231,6 +231,31 @@ def hoeffding_lower(mean: ArrayLike, trials: ArrayLike, alpha: ArrayLike) -> np.
     raise ValueError("trials must be > 0.")
   a = _check_alpha(alpha)
   return np.clip(m - np.sqrt(np.log(1.0 / a) / (2.0 * n)), 0.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+  """A lower confidence bound on the top class's probability (an entry of ``BOUNDS``).
+
+  Attributes:
+    lower: (votes of c_A (N,), mean soft score of c_A (N,), M (N,), alpha') -> pA_low (N,) float64.
+    uses_soft_scores: c_A is chosen from, and bounded with, the mean soft scores (else the votes).
+    supports_holdout: c_A can be chosen by held-out models (``correction="holdout"``).
+  """
+
+  lower: Callable[[np.ndarray, np.ndarray | None, np.ndarray, float], np.ndarray]
+  uses_soft_scores: bool
+  supports_holdout: bool
+
+
+BOUNDS: dict[str, Bound] = {
+    # exact one-sided Clopper-Pearson on the votes of c_A
+    "clopper_pearson": Bound(lambda k, s, m, a: clopper_pearson_lower(k, m, a), uses_soft_scores=False,
+                             supports_holdout=True),
+    # Hoeffding on the mean soft score of c_A, with the real M (RAB's and the reference's bound)
+    "hoeffding": Bound(lambda k, s, m, a: hoeffding_lower(s, m, a), uses_soft_scores=True,
+                       supports_holdout=False),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -253,7 +278,7 @@ def _alpha_prime(alpha: float, correction: str | None, num_classes: int) -> floa
 
 
 def sigma_min_of(sigma_x: ArrayLike, sigma_train: ArrayLike) -> np.ndarray:
-  """sigma_min = min(sigma_x, min_j sigma_j), the sigma of the joint isotropic radius (METHOD.md section 3).
+  """sigma_min = min(sigma_x, min_j sigma_j), the sigma of the joint isotropic radius (docs/method.md section 3).
 
   Args:
     sigma_x: (N,) or scalar, the sigma each test input was sampled with.
@@ -281,7 +306,7 @@ def certify_counts(
     sigma_x: float | ArrayLike = 1.0,
     sigma_min: float | ArrayLike | None = None,
 ) -> Certificate:
-  """Certifies N test inputs from the ensemble's votes or soft scores (METHOD.md section 3).
+  """Certifies N test inputs from the ensemble's votes or soft scores (docs/method.md section 3).
 
   See the module docstring for the statistics. With the default sigmas (1.0) `radius` and `radius_test` are the
   margin in sigma units.
@@ -315,13 +340,14 @@ def certify_counts(
   alpha = float(_check_alpha(alpha))
 
   if votes is None:
-    if bound != "hoeffding":
-      raise ValueError("votes are required for bound='clopper_pearson'.")
+    if not BOUNDS[bound].uses_soft_scores:
+      raise ValueError(f"votes are required for bound={bound!r}.")
     v = None
   else:
     v = _as_votes(votes, "votes")  # (N, K)
 
-  if bound == "hoeffding":
+  spec = BOUNDS[bound]
+  if spec.uses_soft_scores:
     if soft_sums is None or num_models is None:
       raise ValueError("bound='hoeffding' needs soft_sums and num_models (the real ensemble size M).")
     s = np.asarray(soft_sums, dtype=np.float64)  # (N, K)
@@ -351,6 +377,8 @@ def certify_counts(
     num_inputs, num_classes = v.shape
 
   if correction == "holdout":
+    if not spec.supports_holdout:
+      raise ValueError(f"correction='holdout' does not work with bound={bound!r}.")
     if selection_votes is None:
       raise ValueError("correction='holdout' needs selection_votes from held-out models.")
     sel = _as_votes(selection_votes, "selection_votes")
@@ -360,14 +388,14 @@ def certify_counts(
   else:
     if selection_votes is not None:
       raise ValueError(f"selection_votes are only used with correction='holdout', got {correction!r}.")
-    top = np.argmax(v if bound == "clopper_pearson" else scores, axis=1)  # (N,)
+    top = np.argmax(scores if spec.uses_soft_scores else v, axis=1)  # (N,)
 
   a_prime = _alpha_prime(alpha, correction, num_classes)
   rows = np.arange(num_inputs)
-  if bound == "clopper_pearson":
-    p_lower = clopper_pearson_lower(v[rows, top], v.sum(axis=1), a_prime)  # (N,)
+  if spec.uses_soft_scores:
+    p_lower = spec.lower(None, scores[rows, top], m_soft, a_prime)  # (N,)
   else:
-    p_lower = hoeffding_lower(scores[rows, top], m_soft, a_prime)  # (N,)
+    p_lower = spec.lower(v[rows, top], None, v.sum(axis=1), a_prime)  # (N,)
   p_upper_runner = 1.0 - p_lower  # (N,)
 
   sx = np.broadcast_to(_as_positive(sigma_x, "sigma_x"), (num_inputs,))
@@ -397,7 +425,7 @@ def certify_counts(
 
 def margin_ceiling(num_models: int, alpha: float, *, bound: str = "clopper_pearson",
                    correction: str | None = "bonferroni", num_classes: int = 2) -> float:
-  """The largest margin that M and alpha allow at all (METHOD.md sections 3 and 7).
+  """The largest margin that M and alpha allow at all (docs/method.md sections 3 and 7).
 
   It is reached when all M votes (clopper_pearson) or a soft score of 1 (hoeffding) go to one class. No input
   can be certified beyond `margin_ceiling * sigma_min` (joint) or `* sigma_x` (test-only), whatever the models.
@@ -420,10 +448,7 @@ def margin_ceiling(num_models: int, alpha: float, *, bound: str = "clopper_pears
   if int(num_classes) != num_classes or num_classes < 2:
     raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}.")
   a_prime = _alpha_prime(alpha, correction, int(num_classes))
-  if bound == "clopper_pearson":
-    p_lower = clopper_pearson_lower(num_models, num_models, a_prime)
-  else:
-    p_lower = hoeffding_lower(1.0, num_models, a_prime)
+  p_lower = BOUNDS[bound].lower(num_models, 1.0, num_models, a_prime)  # unanimous votes, soft score 1
   return float(_margin_from_bounds(np.atleast_1d(p_lower), 1.0 - np.atleast_1d(p_lower))[0])
 
 
@@ -433,7 +458,7 @@ def margin_ceiling(num_models: int, alpha: float, *, bound: str = "clopper_pears
 
 def whitened_norm(sigma_train: ArrayLike, poisoned_indices: ArrayLike, train_trigger_norms: ArrayLike,
                   sigma_x: ArrayLike, test_trigger_norm: ArrayLike) -> float | np.ndarray:
-  """|| Sigma^(-1/2) Delta ||_2 of a concrete attack (METHOD.md section 3).
+  """|| Sigma^(-1/2) Delta ||_2 of a concrete attack (docs/method.md section 3).
 
   sqrt(sum_{j poisoned} ||delta_j||^2 / sigma_j^2 + ||delta_x||^2 / sigma_x^2).
 
@@ -467,7 +492,7 @@ def whitened_norm(sigma_train: ArrayLike, poisoned_indices: ArrayLike, train_tri
 def certified_against(margin: ArrayLike, sigma_train: ArrayLike, poisoned_indices: ArrayLike,
                       train_trigger_norms: ArrayLike, sigma_x: ArrayLike,
                       test_trigger_norm: ArrayLike) -> bool | np.ndarray:
-  """Whether a certificate covers a concrete attack: `whitened_norm(...) < margin` (strict; METHOD.md §3).
+  """Whether a certificate covers a concrete attack: `whitened_norm(...) < margin` (strict; docs/method.md §3).
 
   An abstained input (margin 0) is never certified.
 
@@ -485,7 +510,7 @@ def certified_against(margin: ArrayLike, sigma_train: ArrayLike, poisoned_indice
 
 
 def certified_accuracy(radius: ArrayLike, correct: ArrayLike, grid: tuple = CRA_GRID) -> dict[str, float]:
-  """Certified robust accuracy CRA(r) = mean(correct & radius > r) (METHOD.md section 7).
+  """Certified robust accuracy CRA(r) = mean(correct & radius > r) (docs/method.md section 7).
 
   `correct` must already be False where the classifier abstained (pred != -1 is implied by correct); an
   abstained input also has radius 0, so it never counts.
@@ -522,7 +547,7 @@ def reference_certificate(soft_sums: ArrayLike, sigma_search: ArrayLike, sigma_s
                           votes: ArrayLike | None = None) -> Certificate:
   """The reference release's certificate (github NcepuQiaoTing/Cert-SSB, eval.py). UNSOUND; comparison only.
 
-  Reproduces its formulas (METHOD.md section 6): pA = the largest mean soft score, pB = the runner-up's,
+  Reproduces its formulas (docs/method.md section 6): pA = the largest mean soft score, pB = the runner-up's,
   pA_low = max(1e-8, pA - h), pB_high = min(1 - 1e-8, pB + h) with h = sqrt(ln(1 / alpha) / (2 * 1000)), margin
   = (Phi^-1(pA_low) - Phi^-1(pB_high)) / 2 and radius = sigma_search * margin. It is unsound because:
     * the Hoeffding term hard-codes M = 1000 whatever the real ensemble size (too narrow for M = 200);
@@ -530,7 +555,7 @@ def reference_certificate(soft_sums: ArrayLike, sigma_search: ArrayLike, sigma_s
     * the radius is multiplied by the optimised sigma_x (`sigma_search`) although the test noise was sampled
       with `sigma_sampled` (the base sigma_0): Cohen's theorem gives sigma_sampled * margin, so the radii are
       inflated by sigma_search / sigma_sampled (1.2x to 2.7x in the paper's settings);
-    * no storage-update step is run (METHOD.md section 5).
+    * no storage-update step is run (docs/method.md section 5).
   The reference never abstains explicitly; a non-positive radius just fails every `radius > r` test. Here such
   inputs get pred = -1 and margin 0, which leaves every CRA(r) unchanged. `radius` and `radius_test` are both
   the reference's radius.

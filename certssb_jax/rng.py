@@ -21,6 +21,7 @@ PILOT = 6  # the pilot model (init, shuffle, augmentation noise)
 UNDEFENDED = 7  # the undefended baseline model
 DROPOUT = 8  # dropout of member m (models that use it)
 TRIGGER = 9  # fixed random trigger patterns (blending)
+SURROGATE = 10  # the adaptive attacker's surrogate model
 
 
 def stream(seed: int | jax.Array, tag: int) -> jax.Array:

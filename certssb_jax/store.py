@@ -8,12 +8,24 @@ al., UAI 2022, memory-based certification of data-dependent smoothing):
 
 1. the query arrives certified as in section 3: (c, R) with R = ``radius_test``; an abstention (c = -1) is
    answered -1 with radius 0 and stores nothing;
-2. align: if x lies inside a stored ball of another class (d_k = ||x - x_k||_2 < R_k, c_k != c), answer c_k
-   with radius R_k - d_k (the largest such over k);
+2. align: if x lies inside a stored ball of another class (d_k = ||x - x_k||_2 < R_k, or x = x_k, with
+   c_k != c), answer c_k with radius R_k - d_k (the largest such over k);
 3. trim: otherwise R = min(R, min over stored k with c_k != c of (d_k - R_k)), floored at 0;
-4. store (x, answer, R) when R > 0 and report the margin R / sigma_x.
+4. store (x, answer, R), also when R = 0, and report the margin R / sigma_x.
+
+Answers of radius 0 are stored too: an input already answered with one label must never fall inside a later
+ball of another label (that pair would be a contradiction the audit counts, ``audit``).
 
 Invariant: any two stored balls with different labels are disjoint, d(x_i, x_k) >= R_i + R_k, in float64.
+
+Joint radius. A query may also carry the sigma_min of its certificate (``certify(..., sigma_min=...)``); its
+answer then gets a joint radius (training and test triggers together, docs/method.md section 3): sigma_min
+times the stored margin for its own (possibly trimmed) ball, and for an aligned answer J_k - d_k, with J_k the
+joint radius of the ball it took its label from. Why J_k - d_k: ball k certifies every joint perturbation of
+its centre of whitened norm below its margin; a perturbation (Delta_train, delta) of x = x_k + e, ||e|| = d_k,
+is the perturbation (Delta_train, e + delta) of x_k, whose isotropic norm is at most
+sqrt(||Delta_train||^2 + (d_k + ||delta||)^2) <= ||(Delta_train, delta)|| + d_k. Every stored ball keeps its
+joint radius, so chains of alignments stay sound.
 
 Exactness. Every decision and every stored radius comes from distances computed exactly in float64 on the host,
 ``sqrt(sum((x_k - x)^2))`` of the stored values (queries are rounded to the store's ``dtype`` on arrival, and all
@@ -76,7 +88,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from certssb_jax import workdir as wd
+from certssb_jax import rundir
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +96,7 @@ SAFETY = 2.0**-32  # relative safety margin of every stored radius (see the modu
 _U32 = 2.0**-24  # unit roundoff of float32
 _SLACK32 = 2.0**-16  # relative widening of the float32 gap bounds (rounding of sqrt, R in float32, subtraction)
 _MAX_TOL_REL = 1e30  # stands for "no useful bound" (D u >= 1/2): every pair is a candidate
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 _MIN_BUCKET = 8
 _EXACT_PIECE_ELEMENTS = 2**22  # float64 values per piece of the exact host distances (32 MiB)
 
@@ -96,16 +108,19 @@ class StoreAnswer:
   Attributes:
     pred: int64 answered label, -1 for an abstention.
     radius_stored: float64 l2 radius in the test input after align/trim (0 for an abstention).
+    radius_joint: float64 joint l2 radius of the answer (module docstring, "Joint radius"); equals
+      ``radius_stored`` when no ``sigma_min`` was given.
     margin_stored: float64 ``radius_stored / sigma_x``: the margin in sigma units, so the joint radius of
       section 3 shrinks with it.
     aligned: bool, the query lay inside a stored ball of another class and took its label (step 2).
     trimmed: bool, the radius was strictly reduced by step 3 (never set for aligned answers).
-    stored: bool, the answer was inserted into the store (radius_stored > 0).
+    stored: bool, the answer was inserted into the store (every answer that is not an abstention).
     align_source: int64 index in the store of the ball an aligned answer took its label from, else -1.
   """
 
   pred: np.ndarray
   radius_stored: np.ndarray
+  radius_joint: np.ndarray
   margin_stored: np.ndarray
   aligned: np.ndarray
   trimmed: np.ndarray
@@ -234,6 +249,7 @@ class _Conflict:
   g: float  # d - R of the ball with the smallest d - R (ties: earliest stored)
   d: float  # its distance to the query
   radius: float  # its radius
+  joint: float  # its joint radius
   label: int  # its label
   index: int  # its index in the store (block rows: the index they get when appended)
 
@@ -252,13 +268,15 @@ class _Block:
     self.rows = np.zeros(n, np.int64)  # block rows stored so far, in order
     self.label = np.zeros(n, np.int64)
     self.radius = np.zeros(n, np.float64)
+    self.joint = np.zeros(n, np.float64)
     self.count = 0
     self.base = base  # store size before the block
 
-  def add(self, row: int, label: int, radius: float) -> None:
+  def add(self, row: int, label: int, radius: float, joint: float) -> None:
     self.rows[self.count] = row
     self.label[self.count] = label
     self.radius[self.count] = radius
+    self.joint[self.count] = joint
     self.count += 1
 
 
@@ -314,6 +332,7 @@ class CertifiedStore:
     self._label = np.zeros(0, np.int64)  # (capacity,)
     self._label_id = np.zeros(0, np.int32)  # (capacity,) dense label ids, -1 past the end
     self._radius = np.zeros(0, np.float64)  # (capacity,)
+    self._joint = np.zeros(0, np.float64)  # (capacity,) joint radii
     self._sq = np.zeros(0, np.float64)  # (capacity,) squared norms of the stored inputs
     self._size = 0
     self._label_to_id: dict[int, int] = {}
@@ -350,6 +369,10 @@ class CertifiedStore:
     return (x.reshape((self._size,) + self._input_shape).copy(), self._label[:self._size].copy(),
             self._radius[:self._size].copy())
 
+  def stored_joint_radii(self) -> np.ndarray:
+    """Copy of the stored joint radii (n,) float64, in insertion order."""
+    return self._joint[:self._size].copy()
+
   def stats(self) -> dict[str, Any]:
     """Store size, per-label counts and cumulative counters.
 
@@ -366,37 +389,44 @@ class CertifiedStore:
 
   # ------------------------------------------------------------------ certification
 
-  def certify(self, x: np.ndarray, pred: np.ndarray, radius_test: np.ndarray,
-              sigma_x: float | np.ndarray) -> StoreAnswer:
-    """Answers queries in order with storage-update certification (METHOD.md section 5).
+  def certify(self, x: np.ndarray, pred: np.ndarray, radius_test: np.ndarray, sigma_x: float | np.ndarray,
+              sigma_min: float | np.ndarray | None = None) -> StoreAnswer:
+    """Answers queries in order with storage-update certification (docs/method.md section 5).
 
     Args:
       x: (N, *input_shape) queries, on the scale the radii are measured in (pixels in [0, 1]).
       pred: (N,) integer certified labels c of section 3, -1 for an abstention.
       radius_test: (N,) certified radii R = sigma_x * margin in the test input (ignored for abstentions).
       sigma_x: scalar or (N,) noise level of each query, > 0; the stored margin is radius / sigma_x.
+      sigma_min: scalar or (N,) min(sigma_x, min_j sigma_j) of each certificate, for the joint radius; None:
+        sigma_x (the joint radius is then the test-input radius).
 
     Returns:
       A ``StoreAnswer`` of arrays (N,). The store is updated in place.
     """
     x, pred, radius_test, sigma_x = self._validate(x, pred, radius_test, sigma_x)
     n = pred.shape[0]
+    scale = np.ones(n) if sigma_min is None else np.broadcast_to(np.asarray(sigma_min, np.float64), (n,)) / sigma_x
+    if not (np.all(scale > 0) and np.all(scale <= 1)):
+      raise ValueError("sigma_min must lie in (0, sigma_x]")
     out_pred = np.full(n, -1, np.int64)
     out_radius = np.zeros(n, np.float64)
+    out_joint = np.zeros(n, np.float64)
     aligned = np.zeros(n, bool)
     trimmed = np.zeros(n, bool)
     stored = np.zeros(n, bool)
     source = np.full(n, -1, np.int64)
     for start in range(0, n, self._query_batch):
       sl = slice(start, min(n, start + self._query_batch))
-      self._certify_block(x[sl], pred[sl], radius_test[sl], out_pred[sl], out_radius[sl], aligned[sl],
-                          trimmed[sl], stored[sl], source[sl])
+      self._certify_block(x[sl], pred[sl], radius_test[sl], scale[sl], out_pred[sl], out_radius[sl],
+                          out_joint[sl], aligned[sl], trimmed[sl], stored[sl], source[sl])
     self._counters["num_queries"] += n
     self._counters["num_abstained"] += int(np.sum(pred < 0))
     self._counters["num_aligned"] += int(aligned.sum())
     self._counters["num_trimmed"] += int(trimmed.sum())
     self._counters["num_stored"] += int(stored.sum())
-    return StoreAnswer(pred=out_pred, radius_stored=out_radius, margin_stored=out_radius / sigma_x,
+    return StoreAnswer(pred=out_pred, radius_stored=out_radius, radius_joint=out_joint,
+                       margin_stored=out_radius / sigma_x,
                        aligned=aligned, trimmed=trimmed, stored=stored, align_source=source)
 
   def _validate(self, x, pred, radius_test, sigma_x) -> tuple[np.ndarray, ...]:
@@ -439,9 +469,9 @@ class CertifiedStore:
       raise ValueError("sigma_x must be finite and > 0")
     return x, pred, radius_test, np.broadcast_to(sigma_x, (n,))
 
-  def _certify_block(self, x: np.ndarray, pred: np.ndarray, radius_test: np.ndarray, out_pred: np.ndarray,
-                     out_radius: np.ndarray, aligned: np.ndarray, trimmed: np.ndarray, stored: np.ndarray,
-                     source: np.ndarray) -> None:
+  def _certify_block(self, x: np.ndarray, pred: np.ndarray, radius_test: np.ndarray, scale: np.ndarray,
+                     out_pred: np.ndarray, out_radius: np.ndarray, out_joint: np.ndarray, aligned: np.ndarray,
+                     trimmed: np.ndarray, stored: np.ndarray, source: np.ndarray) -> None:
     """Answers one block of at most ``query_batch`` queries; writes into the output views."""
     n = pred.shape[0]
     active = pred >= 0
@@ -466,29 +496,31 @@ class CertifiedStore:
     for i in np.nonzero(active)[0]:
       c, radius = int(pred[i]), float(radius_test[i])
       conflict = self._nearest_conflict(i, c, radius, x64[i], bounds, block)
-      if conflict is not None and conflict.g < 0:  # step 2: inside a ball of another class: align
+      if conflict is not None and (conflict.g < 0 or conflict.d == 0):  # step 2: inside a ball of another class
         answer = conflict.label
         radius = conflict.radius - conflict.d - SAFETY * (conflict.radius + conflict.d)
+        joint = conflict.joint - conflict.d - SAFETY * (conflict.joint + conflict.d)
         aligned[i] = True
         source[i] = conflict.index
         if radius > 0:  # keep the invariant under rounding: trim against every other label once more
           retrim = self._nearest_conflict(i, answer, radius, x64[i], bounds, block)
           if retrim is not None:
             radius = min(radius, retrim.gamma_min)
+        joint = min(joint, radius)
       else:  # step 3: trim
         answer = c
         if conflict is not None and conflict.gamma_min < radius:
           radius = conflict.gamma_min
           trimmed[i] = True
-      radius = max(radius, 0.0)
-      out_pred[i] = answer
-      out_radius[i] = radius
-      if radius > 0:  # step 4: store
-        stored[i] = True
-        block.add(i, answer, radius)
+        joint = max(radius, 0.0) * float(scale[i])
+      radius, joint = max(radius, 0.0), max(joint, 0.0)
+      out_pred[i], out_radius[i], out_joint[i] = answer, radius, joint
+      stored[i] = True  # step 4: store every answer, radius 0 included
+      block.add(i, answer, radius, joint)
     rows = block.rows[:block.count]
     if rows.size:
-      self._append(x[rows], block.label[:block.count], block.radius[:block.count], sq[rows])
+      self._append(x[rows], block.label[:block.count], block.radius[:block.count], block.joint[:block.count],
+                   sq[rows])
     t3 = time.perf_counter()
     self._seconds["device"] += t2 - t1
     self._seconds["host"] += (t1 - t0) + (t3 - t2)
@@ -548,12 +580,14 @@ class CertifiedStore:
     b_rows = block.rows[:block.count]
     keep = block.label[:block.count] != exclude
     b_rows, b_label, b_radius = b_rows[keep], block.label[:block.count][keep], block.radius[:block.count][keep]
+    b_joint = block.joint[:block.count][keep]
     b_index = block.base + np.nonzero(keep)[0]
     if b_rows.size:  # block.d_hi exists: two active queries at least
       g_hi = block.d_hi[i, b_rows] - b_radius * (1.0 - _SLACK32)
       theta = min(theta, float(g_hi.min()))
       b_sel = block.d_lo[i, b_rows] - b_radius * (1.0 + _SLACK32) <= theta
       b_rows, b_label, b_radius, b_index = b_rows[b_sel], b_label[b_sel], b_radius[b_sel], b_index[b_sel]
+      b_joint = b_joint[b_sel]
     cand = []
     if bounds is not None:
       for l in ids:
@@ -570,6 +604,7 @@ class CertifiedStore:
       return None
     d = np.concatenate([self._exact_store_dist(s_index, x64), _exact_dist(block.x64, x64, b_rows)])
     radius = np.concatenate([self._radius[s_index], b_radius])
+    joint = np.concatenate([self._joint[s_index], b_joint])
     label = np.concatenate([self._label[s_index], b_label])
     index = np.concatenate([s_index, b_index])
     self._counters["num_exact_pairs"] += int(d.size)
@@ -577,7 +612,7 @@ class CertifiedStore:
     gamma = g - SAFETY * (d + radius)
     j = int(np.argmin(g))  # first minimum: the earliest stored ball
     return _Conflict(gamma_min=float(gamma.min()), g=float(g[j]), d=float(d[j]), radius=float(radius[j]),
-                     label=int(label[j]), index=int(index[j]))
+                     joint=float(joint[j]), label=int(label[j]), index=int(index[j]))
 
   def _exact_store_dist(self, index: np.ndarray, x64: np.ndarray) -> np.ndarray:
     """Exact float64 distances from ``x64`` (D,) to the stored rows ``index`` (n,). Returns (n,)."""
@@ -590,8 +625,9 @@ class CertifiedStore:
 
   # ------------------------------------------------------------------ growth
 
-  def _append(self, x: np.ndarray, label: np.ndarray, radius: np.ndarray, sq: np.ndarray) -> None:
-    """Appends rows x (n, D) with their labels, radii and squared norms (no checks)."""
+  def _append(self, x: np.ndarray, label: np.ndarray, radius: np.ndarray, joint: np.ndarray,
+              sq: np.ndarray) -> None:
+    """Appends rows x (n, D) with their labels, radii, joint radii and squared norms (no checks)."""
     n = label.shape[0]
     new_size = self._size + n
     if new_size > self._label.shape[0]:  # double the per-row arrays, to a multiple of chunk_size
@@ -601,6 +637,7 @@ class CertifiedStore:
       self._label = np.concatenate([self._label, np.zeros(grow, np.int64)])
       self._label_id = np.concatenate([self._label_id, np.full(grow, -1, np.int32)])
       self._radius = np.concatenate([self._radius, np.zeros(grow, np.float64)])
+      self._joint = np.concatenate([self._joint, np.zeros(grow, np.float64)])
       self._sq = np.concatenate([self._sq, np.zeros(grow, np.float64)])
     for lab in np.unique(label):
       if int(lab) not in self._label_to_id:
@@ -610,6 +647,7 @@ class CertifiedStore:
     self._label[sl] = label
     self._label_id[sl] = [self._label_to_id[int(l)] for l in label]
     self._radius[sl] = radius
+    self._joint[sl] = joint
     self._sq[sl] = sq
     pos = 0
     while pos < n:
@@ -630,13 +668,15 @@ class CertifiedStore:
   # ------------------------------------------------------------------ persistence
 
   @classmethod
-  def from_arrays(cls, x: np.ndarray, label: np.ndarray, radius: np.ndarray, **kwargs: Any) -> CertifiedStore:
+  def from_arrays(cls, x: np.ndarray, label: np.ndarray, radius: np.ndarray, joint: np.ndarray | None = None,
+                  **kwargs: Any) -> CertifiedStore:
     """A store holding the given balls, trusted as they are (the invariant is not checked: that costs O(n^2)).
 
     Args:
       x: (n, *input_shape) stored inputs.
       label: (n,) int labels >= 0.
-      radius: (n,) radii > 0.
+      radius: (n,) radii >= 0.
+      joint: (n,) joint radii in [0, radius]; None: the radii.
       **kwargs: constructor options (``chunk_size``, ``dtype``, ...).
 
     Returns:
@@ -647,14 +687,17 @@ class CertifiedStore:
     n = x.shape[0]
     label = np.asarray(label)
     radius = np.asarray(radius, np.float64)
-    if label.shape != (n,) or radius.shape != (n,):
-      raise ValueError(f"label {label.shape} and radius {radius.shape} must have shape ({n},)")
+    joint = radius if joint is None else np.asarray(joint, np.float64)
+    if label.shape != (n,) or radius.shape != (n,) or joint.shape != (n,):
+      raise ValueError(f"label {label.shape}, radius {radius.shape} and joint {joint.shape} must have shape ({n},)")
     if n and not np.issubdtype(label.dtype, np.integer):
       raise ValueError(f"label must be integers, got dtype {label.dtype}")
     if (label < 0).any():
       raise ValueError("stored labels must be >= 0")
-    if np.isnan(radius).any() or not np.isfinite(radius).all() or (radius <= 0).any():
-      raise ValueError("stored radii must be finite and > 0")
+    if np.isnan(radius).any() or not np.isfinite(radius).all() or (radius < 0).any():
+      raise ValueError("stored radii must be finite and >= 0")
+    if np.isnan(joint).any() or (joint < 0).any() or (joint > radius).any():
+      raise ValueError("stored joint radii must lie in [0, radius]")
     x = x.reshape(n, store._dim)
     label = label.astype(np.int64)
     for start in range(0, n, store._chunk_size):  # piecewise: temporaries of one chunk only
@@ -663,16 +706,17 @@ class CertifiedStore:
       if not np.isfinite(piece).all():
         raise ValueError("x contains NaN or inf")
       piece64 = piece.astype(np.float64)
-      store._append(piece, label[sl], radius[sl], np.sum(piece64 * piece64, axis=1))
+      store._append(piece, label[sl], radius[sl], joint[sl], np.sum(piece64 * piece64, axis=1))
     return store
 
   def save(self, path: str | os.PathLike) -> None:
-    """Writes the store to ``path`` (.npz: x, label, radius, meta) atomically (temporary file + os.replace)."""
+    """Writes the store to ``path`` (.npz: x, label, radius, joint, meta) atomically."""
     path = os.fspath(path)
     x, label, radius = self.stored_arrays()
     meta = dict(format_version=_FORMAT_VERSION, input_shape=list(self._input_shape), dtype=self._dtype.name,
                 chunk_size=self._chunk_size, counters=self._counters)
-    wd.save_npz(path, x=x, label=label, radius=radius, meta=np.asarray(json.dumps(meta)))
+    rundir.save_npz(path, x=x, label=label, radius=radius, joint=self.stored_joint_radii(),
+                meta=np.asarray(json.dumps(meta)))
 
   @classmethod
   def load(cls, path: str | os.PathLike, **kwargs: Any) -> CertifiedStore:
@@ -689,11 +733,66 @@ class CertifiedStore:
       meta = json.loads(str(z["meta"]))
       if meta.get("format_version") != _FORMAT_VERSION:
         raise ValueError(f"{path}: unsupported store format {meta.get('format_version')}")
-      x, label, radius = z["x"], z["label"], z["radius"]
+      x, label, radius, joint = z["x"], z["label"], z["radius"], z["joint"]
     options = dict(chunk_size=meta["chunk_size"], dtype=meta["dtype"])
     options.update(kwargs)
     if tuple(x.shape[1:]) != tuple(meta["input_shape"]):
       raise ValueError(f"{path}: x has shape {x.shape}, metadata says input_shape {meta['input_shape']}")
-    store = cls.from_arrays(x.reshape((-1,) + tuple(meta["input_shape"])), label, radius, **options)
+    store = cls.from_arrays(x.reshape((-1,) + tuple(meta["input_shape"])), label, radius, joint, **options)
     store._counters.update(meta["counters"])
     return store
+
+
+# ---------------------------------------------------------------------------------------------- audit
+
+
+def audit(x: np.ndarray, pred: np.ndarray, radius: np.ndarray, *, max_pairs: int = 100) -> tuple[int, np.ndarray]:
+  """Counts the pairs of answers that contradict each other, exactly in float64.
+
+  Two answers contradict each other when both are labels (not abstentions), the labels differ and their
+  certified balls meet, d(x_i, x_k) < R_i + R_k: some input (possibly one of the two queries) is then certified
+  with both labels. Answers of the storage-update step never contradict each other (module docstring); the
+  certificates before it can.
+
+  Distances are screened with a float64 Gram matrix whose error is bounded (Higham, as in
+  ``default_tol_rel``) and every pair within that bound of the threshold is recomputed exactly.
+
+  Args:
+    x: (N, *input_shape) the answered inputs.
+    pred: (N,) labels, -1 for an abstention.
+    radius: (N,) certified radii (>= 0) in the input.
+    max_pairs: at most this many contradicting pairs are returned (the count is always complete).
+
+  Returns:
+    (number of contradicting pairs, (min(count, max_pairs), 2) int64 indices i < k of some of them).
+  """
+  pred = np.asarray(pred)
+  radius = np.asarray(radius, np.float64)
+  rows = np.flatnonzero(pred >= 0)
+  n = rows.size
+  if n < 2:
+    return 0, np.zeros((0, 2), np.int64)
+  flat = np.asarray(x).reshape(len(pred), -1)
+  dim = flat.shape[1]
+  lab, rad = pred[rows], radius[rows]
+  sq = np.einsum("ij,ij->i", flat[rows].astype(np.float64), flat[rows].astype(np.float64))
+  tol_rel = (dim + 8) * 2.0**-52
+  step = max(1, 2**25 // dim)  # rows per block: at most 256 MiB of float64 per operand
+  count, found = 0, []
+  for a in range(0, n, step):
+    xa = flat[rows[a:a + step]].astype(np.float64)
+    for b in range(a, n, step):
+      xb = xa if b == a else flat[rows[b:b + step]].astype(np.float64)
+      d2 = sq[a:a + step, None] + sq[None, b:b + step] - 2.0 * (xa @ xb.T)  # (A, B)
+      reach = rad[a:a + step, None] + rad[None, b:b + step]
+      maybe = (lab[a:a + step, None] != lab[None, b:b + step]) & (reach > 0)
+      maybe &= d2 - tol_rel * (sq[a:a + step, None] + sq[None, b:b + step]) < reach * reach
+      if b == a:
+        maybe = np.triu(maybe, k=1)
+      for i, k in zip(*np.nonzero(maybe)):
+        d = _exact_dist(flat[rows[b + k]][None], flat[rows[a + i]].astype(np.float64))[0]
+        if d < rad[a + i] + rad[b + k]:
+          count += 1
+          if len(found) < max_pairs:
+            found.append((rows[a + i], rows[b + k]))
+  return count, np.asarray(found, np.int64).reshape(-1, 2)

@@ -1,136 +1,178 @@
-r"""The paper's comparison table: a grid of runs (config x trigger x sigma_0 x sigma_mode) into one folder.
+r"""The comparison table: a grid of runs (config x trigger x sigma_0 x method) in one folder.
 
-Every row is an ordinary run in ``WORKDIR/<dataset>/<trigger>_sigma<sigma_0>_<mode>``; rows already finished
-(their ``summary.json`` exists) are reused and a partly finished row resumes like any run. The table has RAB
-(fixed sigma) and Cert-SSB (sample-specific sigma) side by side: clean accuracy, CRA at each radius of the grid,
-ERA and ASR; it is written as ``table.md`` and ``table.csv``, with one plot per data set.
+Every row is an ordinary run in ``WORKDIR/<data set>_<classes>/<trigger>_sigma<sigma_0>_<mode>_<config hash>``
+(the hash tells apart rows whose configs differ elsewhere, e.g. two Cert-SSB designs); a row whose
+folder holds a finished run with the same config is reused, a partly finished one resumes, and a Cert-SSB row
+that trains RAB's models (``sigma.train = base``) links them instead of training them again. The table puts
+RAB and Cert-SSB side by side (clean accuracy, ERA, ASR, abstentions, CRA on the test-input and on the joint
+radius, the side-channel probe, the aligned answers); it is written as ``table.md`` and ``table.csv``, with
+one plot of step-shaped CRA curves per data set.
 
-  python -m certssb_jax.sweep --configs configs/mnist.py --workdir runs/sweep_mnist
-  python -m certssb_jax.sweep --configs configs/mnist.py:quick,configs/cifar10.py:quick --triggers onepixel \
-      --sigma_0 0.25 --workdir /tmp/sweep_quick
+  python -m certssb_jax.sweep --configs configs/fashion_mnist.py:num_models=16 \
+      --triggers onepixel,fourpixel,blending --workdir runs/sweep_fm
+  python -m certssb_jax.sweep --configs configs/quickstart.py:quick,num_models=16 --triggers onepixel \
+      --sigma_0 0.25 --workdir /tmp/sweep_q
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import logging
 import os
+import re
 import sys
 from typing import Any
 
 from absl import app
 from absl import flags
 
-from certssb_jax import bounds
 from certssb_jax import config as config_lib
-from certssb_jax import workdir as wd
+from certssb_jax import rundir
 
-PAPER_SIGMAS = {"mnist": (0.12, 0.25, 0.5, 1.0), "cifar10": (0.12, 0.25, 0.5, 1.0), "imagenette": (0.25, 0.5, 1.0)}
-MODE_NAMES = {"fixed": "RAB", "sample_specific": "Cert-SSB"}
-
-
-def row_dir(workdir: str, dataset: str, trigger: str, sigma_0: float, mode: str) -> str:
-  return os.path.join(workdir, dataset, f"{trigger}_sigma{sigma_0:g}_{mode}")
+# Points of the CRA columns, in units of ceiling * sigma_0 (metrics.GRID_UNITS): half and all of RAB's largest
+# certifiable radius, and 1.5 times it (only sample-specific sigma_x can certify there).
+TABLE_UNITS = (0.5, 1.0, 1.5)
 
 
-def run_grid(configs: list[str], workdir: str, triggers: list[str], sigmas: list[float] | None, modes: list[str],
-             progress=None) -> list[dict[str, Any]]:
-  """Runs (or reuses) every row of the grid; returns one record per row."""
+def split_specs(text: str) -> list[str]:
+  """Splits ``--configs`` at the commas that start another config file, so variants keep their commas:
+  ``a.py:quick,num_models=16,b.py`` -> [``a.py:quick,num_models=16``, ``b.py``]."""
+  return [s for s in re.split(r",(?=[^,:=]*\.py)", text) if s]
+
+
+def row_dir(workdir: str, c: Any) -> str:
+  """The folder of one row: data set and classes, then trigger, sigma_0, mode and a hash of the whole config."""
+  j = config_lib.to_json(c)
+  j["train"].pop("checkpoint_every_s")
+  digest = hashlib.sha1(json.dumps(j, sort_keys=True).encode()).hexdigest()[:8]
+  pair = "-".join(str(k) for k in c.data.classes)
+  return os.path.join(workdir, f"{c.data.name}_{pair}",
+                      f"{c.attack.trigger}_sigma{c.sigma.sigma_0:g}_{c.sigma.mode}_{digest}")
+
+
+def run_grid(specs: list[str], workdir: str, triggers: list[str] | None, sigmas: list[float] | None,
+             modes: list[str], progress=None) -> list[dict[str, Any]]:
+  """Runs (or reuses) every row of the grid; returns one record per row. ``triggers`` / ``sigmas`` None: each
+  config's own. Every config is checked first, so a bad one stops the sweep before any training."""
   from certssb_jax import pipeline  # pylint: disable=g-import-not-at-top
 
-  progress = progress or pipeline.no_progress
-  records = []
-  for spec in configs:
+  rows = []
+  for spec in specs:
     base = config_lib.load_config(spec)
-    dataset = base.data.name
-    for trigger in triggers:
-      for sigma_0 in (sigmas or PAPER_SIGMAS.get(dataset, (base.sigma.sigma_0,))):
+    for trigger in triggers or [base.attack.trigger]:
+      for sigma_0 in sigmas or [base.sigma.sigma_0]:
         for mode in modes:
           c = base.copy_and_resolve_references()
-          c.attack.trigger = trigger
-          c.sigma.sigma_0 = float(sigma_0)
-          c.sigma.mode = mode
-          config_lib.validate_config(c)
-          d = row_dir(workdir, dataset, trigger, float(sigma_0), mode)
-          path = os.path.join(d, "summary.json")
-          if os.path.exists(path) and wd.load_json(os.path.join(d, "config.json")) == pipeline.jsonable(c.to_dict()):
-            logging.info("reusing finished row %s", d)
-            summary = wd.load_json(path)
-          else:
-            logging.info("running row %s", d)
-            summary = pipeline.run(c, d, progress=progress)
-          records.append({"config": spec, "dataset": dataset, "trigger": trigger, "sigma_0": float(sigma_0),
-                          "mode": mode, "workdir": d, "summary": summary})
+          c.attack.trigger, c.sigma.sigma_0, c.sigma.mode = trigger, float(sigma_0), mode
+          resolved = config_lib.resolve(c)
+          rows.append((spec, c, resolved, row_dir(workdir, resolved)))
+  records, trained = [], {}
+  for spec, c, resolved, d in rows:
+    path, key = os.path.join(d, "summary.json"), config_lib.training_key(config_lib.to_json(resolved))
+    if os.path.exists(path) and not config_lib.differences(rundir.load_json(os.path.join(d, "config.json")),
+                                                           config_lib.to_json(resolved)):
+      logging.info("reusing finished row %s", d)
+      summary = rundir.load_json(path)
+    else:
+      if key in trained:
+        rundir.link_trained(trained[key], d, resolved)
+      logging.info("running row %s", d)
+      summary = pipeline.run(c, d, progress=progress)
+    trained.setdefault(key, d)
+    records.append({"config": spec, "dataset": f"{resolved.data.name} {tuple(resolved.data.classes)}",
+                    "trigger": resolved.attack.trigger, "sigma_0": resolved.sigma.sigma_0,
+                    "mode": resolved.sigma.mode, "workdir": d, "summary": summary})
   return records
 
 
+def _fmt(v: Any) -> str:
+  return "-" if v is None else f"{v:.3f}"
+
+
 def table(records: list[dict[str, Any]]) -> tuple[str, str]:
-  """(markdown, csv) of the grid: one line per (dataset, trigger, sigma_0), RAB and Cert-SSB side by side."""
-  radii = [str(float(r)) for r in bounds.CRA_GRID]
-  modes = [m for m in MODE_NAMES if any(r["mode"] == m for r in records)]
-  cols = ["clean_acc"] + [f"CRA@{r}" for r in radii] + ["ERA", "ASR"]
-  header = ["dataset", "trigger", "sigma_0"] + [f"{MODE_NAMES[m]} {col}" for m in modes for col in cols]
-  keyed = {(r["dataset"], r["trigger"], r["sigma_0"], r["mode"]): r["summary"] for r in records}
+  """(markdown, csv): one line per row of the grid, RAB and Cert-SSB next to each other."""
+  from certssb_jax import metrics, report  # pylint: disable=g-import-not-at-top
+
+  units = [metrics.GRID_UNITS.index(u) for u in TABLE_UNITS]
+  header = ["data set", "trigger", "sigma_0", "method", "M", "clean acc", "ERA", "ASR", "abstain (clean / trig.)"]
+  header.insert(4, "sigma search: training / class A / rule / [lo, hi]")
+  header += [f"CRA test r={u:g}u" for u in TABLE_UNITS] + [f"CRA joint r={u:g}u" for u in TABLE_UNITS]
+  header += ["u = ceiling x sigma_0", "mean sigma_x clean / trig.", "aligned", "AUC(sigma_j) poisoned", "channel"]
   lines = []
-  for ds, trig, sig in dict.fromkeys((r["dataset"], r["trigger"], r["sigma_0"]) for r in records):
-    row = [ds, trig, f"{sig:g}"]
-    for m in modes:
-      s = keyed.get((ds, trig, sig, m))
-      if s is None:
-        row += ["-"] * len(cols)
-        continue
-      met = s["metrics"]
-      row += [f"{met['clean_accuracy']:.3f}"] + [f"{met['cra'][r]:.3f}" for r in radii] + \
-             [f"{met['era']:.3f}", f"{met['asr']:.3f}"]
-    lines.append(row)
+  for r in records:
+    s = r["summary"]
+    m, grid = s["metrics"], [str(float(v)) for v in s["radius_grid"]]
+    probe = s.get("probe", {})
+    search = s.get("sigma_search")
+    design = (f"{search['train']} / {search['objective']} / {search['rule']} / [{search['sigma_lo']:g}, "
+              f"{search['sigma_hi']:.3g}]" if search else "-")
+    lines.append([r["dataset"], r["trigger"], f"{r['sigma_0']:g}", report.MODE_NAMES[r["mode"]], design,
+                  str(s["models"]["voting"]), _fmt(m["clean_accuracy"]), _fmt(m["era"]), _fmt(m["asr"]),
+                  f"{_fmt(m['abstain_rate'])} / {_fmt(m['abstain_rate_triggered'])}"]
+                 + [_fmt(m["cra_test"][grid[i]]) for i in units] + [_fmt(m["cra"][grid[i]]) for i in units]
+                 + [f"{s['radius_grid'][4]:.4f}",
+                    f"{s['sigma']['clean']['mean']:.3f} / {s['sigma']['triggered']['mean']:.3f}",
+                    str(m["aligned_clean"] + m["aligned_triggered"]), _fmt(probe.get("auc_poisoned")),
+                    str(probe.get("channel", "-"))])
   md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(l) + " |" for l in lines]
+  note = ("\nCRA columns: certified robust accuracy of the storage-update answers (the certificates) at radius "
+          "r, in units u = margin ceiling x sigma_0 (the largest radius RAB can certify with these M and alpha); "
+          "'test' is the radius in the test input alone, 'joint' the radius over training and test triggers "
+          "together. M counts the voting models.\n")
   buf = io.StringIO()
   w = csv.writer(buf)
   w.writerow(header)
   w.writerows(lines)
-  return "\n".join(md) + "\n", buf.getvalue()
+  return "\n".join(md) + "\n" + note, buf.getvalue()
 
 
 def plot(records: list[dict[str, Any]], workdir: str) -> list[str]:
-  """One figure per data set: CRA(r) of every row (solid RAB, dashed Cert-SSB)."""
+  """One figure per data set: CRA against the test-input radius (left) and the joint radius (right), as step
+  curves on the run's radius grid; one colour per method, one line style per (trigger, sigma_0)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from certssb_jax import report  # pylint: disable=g-import-not-at-top
 
+  colors = {"fixed": "C0", "sample_specific": "C1"}
+  styles = ("-", "--", ":", "-.")
   paths = []
   for ds in dict.fromkeys(r["dataset"] for r in records):
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     rows = [r for r in records if r["dataset"] == ds]
     keys = list(dict.fromkeys((r["trigger"], r["sigma_0"]) for r in rows))
-    for i, r in enumerate(rows):
-      cra = r["summary"]["metrics"]["cra"]
-      color = f"C{keys.index((r['trigger'], r['sigma_0'])) % 10}"
-      ax.plot([float(k) for k in cra], list(cra.values()), color=color, ls="-" if r["mode"] == "fixed" else "--",
-              marker=".", label=f"{MODE_NAMES[r['mode']]} {r['trigger']} sigma_0={r['sigma_0']:g}")
-    ax.set_xlabel("joint l2 radius r")
-    ax.set_ylabel("certified robust accuracy")
-    ax.set_title(ds)
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, kind, label in ((axes[0], "cra_test", "test-input radius"), (axes[1], "cra", "joint radius")):
+      for r in rows:
+        cra = r["summary"]["metrics"][kind]
+        ls = styles[keys.index((r["trigger"], r["sigma_0"])) % len(styles)]
+        ax.step([float(k) for k in cra], list(cra.values()), where="post", color=colors[r["mode"]], ls=ls,
+                label=f"{report.MODE_NAMES[r['mode']]} {r['trigger']} sigma_0={r['sigma_0']:g}")
+      ax.set_xlabel(f"{label} r")
+      ax.grid(alpha=0.3)
+    axes[0].set_ylabel("certified robust accuracy")
+    axes[0].set_ylim(0, 1.02)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"{ds}: RAB (blue) and Cert-SSB (orange), CRA of the certificates", fontsize=9)
     fig.tight_layout()
-    path = os.path.join(workdir, f"cra_{ds}.png")
+    path = os.path.join(workdir, f"cra_{ds.split()[0]}_{'-'.join(re.findall(r'[0-9]+', ds))}.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     paths.append(path)
   return paths
 
 
-def sweep(configs: list[str], workdir: str, triggers: list[str], sigmas: list[float] | None, modes: list[str],
+def sweep(specs: list[str], workdir: str, triggers: list[str], sigmas: list[float] | None, modes: list[str],
           progress=None) -> dict[str, str]:
   """Runs the grid and writes ``table.md``, ``table.csv`` and the plots. Returns the paths."""
   os.makedirs(workdir, exist_ok=True)
-  records = run_grid(configs, workdir, triggers, sigmas, modes, progress)
+  records = run_grid(specs, workdir, triggers, sigmas, modes, progress)
   md, csv_text = table(records)
-  wd.atomic_write_bytes(os.path.join(workdir, "table.md"), md.encode())
-  wd.atomic_write_bytes(os.path.join(workdir, "table.csv"), csv_text.encode())
+  rundir.atomic_write_bytes(os.path.join(workdir, "table.md"), md.encode())
+  rundir.atomic_write_bytes(os.path.join(workdir, "table.csv"), csv_text.encode())
   plots = plot(records, workdir)
   return {"table_md": os.path.join(workdir, "table.md"), "table_csv": os.path.join(workdir, "table.csv"),
           "plots": ", ".join(plots)}
@@ -139,29 +181,32 @@ def sweep(configs: list[str], workdir: str, triggers: list[str], sigmas: list[fl
 def _define_flags() -> None:
   """The CLI's flags (defined only when run as a program, so importing this module next to
   ``certssb_jax.launch``, which has flags of the same names, is fine)."""
-  flags.DEFINE_list("configs", None, "Config files (with optional :variant), comma-separated.")
+  flags.DEFINE_string("configs", None, "Config files (with optional :variant, which may hold commas), "
+                                       "comma-separated.")
   flags.DEFINE_string("workdir", None, "Folder of the whole sweep.")
-  flags.DEFINE_list("triggers", ["onepixel", "fourpixel", "blending"], "Triggers of the grid.")
-  flags.DEFINE_list("sigma_0", None, "Base sigmas of the grid (default: the paper's for each data set).")
+  flags.DEFINE_list("triggers", None, "Triggers of the grid (default: each config's own); the paper's: "
+                                      "onepixel,fourpixel,blending.")
+  flags.DEFINE_list("sigma_0", None, "Base sigmas of the grid (default: each config's own); the paper's: "
+                                     "0.12,0.25,0.5,1.0 (0.25,0.5,1.0 at 224 pixels).")
   flags.DEFINE_list("sigma_modes", ["fixed", "sample_specific"], "sigma modes of the grid.")
   flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 
 def main(argv: list[str]) -> None:
   f = flags.FLAGS
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not f.configs or not f.workdir:
-    raise app.UsageError("--configs and --workdir are required")
-  logging.getLogger().setLevel(logging.WARNING)
-  logging.getLogger("certssb_jax").setLevel(logging.INFO)
-  from certssb_jax import pipeline  # pylint: disable=g-import-not-at-top
-
-  sigmas = [float(s) for s in f.sigma_0] if f.sigma_0 else None
   try:
-    paths = sweep(f.configs, f.workdir, f.triggers, sigmas, f.sigma_modes,
-                  pipeline.tqdm_progress if f.progress else None)
-  except ValueError as e:
+    if len(argv) > 1:
+      raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not f.configs or not f.workdir:
+      raise ValueError("--configs and --workdir are required")
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("certssb_jax").setLevel(logging.INFO)
+    from certssb_jax import pipeline  # pylint: disable=g-import-not-at-top
+
+    sigmas = [float(s) for s in f.sigma_0] if f.sigma_0 else None
+    paths = sweep(split_specs(f.configs), f.workdir, f.triggers, sigmas, f.sigma_modes,
+                  pipeline.tqdm_progress if f.progress else pipeline.no_progress)
+  except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(open(paths["table_md"]).read())
@@ -169,6 +214,14 @@ def main(argv: list[str]) -> None:
     print(f"{k}: {v}")
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -2,26 +2,30 @@ r"""The paper's 224-pixel protocol (METHOD.md section 7) on ImageNette: tench (y
 springer (y=1), ResNet-18 with one logit, M = 200.
 
 Adam 1e-4, batch 32, 5 epochs; images resized (shorter side 224, bilinear) and center-cropped to 224x224. The
-two classes give about 1,918 train / 782 validation images (the validation split is the test split). Data from
-tensorflow-datasets (prepare it once where there is network:
-`python -c "import tensorflow_datasets as tfds; tfds.data_source('imagenette')"`), or from the extracted
-archive with `source=image_folder,data_dir=/path/to/imagenette2` (train/<wnid>/*.JPEG, val/<wnid>/*.JPEG; class
-ids index the sorted WordNet-id folders: 0 = n01440764 tench, 1 = n02102040 English springer). The paper's code
-used cats vs dogs: any two-class image folder works with `source=image_folder`. The ResNet-18 trains from
-scratch (the pipeline has no pretrained-weights option yet; see `models.load_pretrained`).
+two classes give about 1,918 train / 782 validation images (the validation split is the test split). Get the
+data once (fast.ai's imagenette2-320.tgz, checksum verified, extracted to imagenette2-320/{train,val}/<wnid>/
+*.JPEG in the default folder `data_dir=""` reads: $CERTSSB_JAX_DATA/imagenette or
+~/.cache/certssb_jax/data/imagenette; class ids index the sorted WordNet-id folders: 0 = n01440764 tench,
+1 = n02102040 English springer):
+
+  python -m certssb_jax.data fetch imagenette
+
+then:
 
   python -m certssb_jax.launch --config configs/imagenette.py --workdir runs/imagenette_onepixel_0.25
   python -m certssb_jax.launch --config configs/imagenette.py:sigma_0=0.5 --workdir runs/imagenette_0.5
   python -m certssb_jax.launch --config configs/imagenette.py:sigma_mode=sample_specific --workdir runs/inette_ssb
-  python -m certssb_jax.launch --config configs/imagenette.py:source=image_folder,data_dir=/data/imagenette2 \
-      --workdir runs/imagenette_folder
+  python -m certssb_jax.launch --config configs/imagenette.py:data_dir=/data/imagenette2 --workdir runs/inette_own
+  python -m certssb_jax.launch --config configs/imagenette.py:source=tfds --workdir runs/inette_tfds   # prepared tfds
   python -m certssb_jax.launch --config configs/imagenette.py:quick --workdir /tmp/imagenette_quick   # smoke test
 
 Variants (comma-separated key=value): trigger (onepixel|fourpixel|blending), sigma_0 (0.25|0.5|1.0 in the
 paper), sigma_mode (fixed|sample_specific), num_models, epochs, batch_size, learning_rate, bound
-(clopper_pearson|hoeffding), alpha, poison_rate, delta, seed, source, data_dir, max_train, max_test, any dotted
-field (data.image_size=160); `quick`: 3 models, 1 epoch, 32x32 images, at most 64 / 32 images, same data
-source (its CI test passes `source=image_folder,data_dir=...` with a tiny local folder).
+(clopper_pearson|hoeffding), alpha, poison_rate, delta, seed, source (image_folder|tfds), data_dir, max_train,
+max_test, any dotted field (data.image_size=160); `quick`: 3 models, 1 epoch, 32x32 images, at most 64 / 32
+images, same data source (its CI test passes `source=image_folder,data_dir=...` with a tiny local folder). The
+paper's code used cats vs dogs: any two-class image folder works with `data_dir=...`. The ResNet-18 trains from
+scratch (the pipeline has no pretrained-weights option yet; see `models.load_pretrained`).
 """
 
 from __future__ import annotations
@@ -31,12 +35,13 @@ from certssb_jax import config as config_lib
 
 def get_config(arg: str | None = None):
   c = config_lib.base_config()
-  c.data.source = "tfds"  # tfds (prepared imagenette) | image_folder (with data_dir)
-  c.data.name = "imagenette"  # tfds name, and the data set's name in the outputs
+  c.data.source = "image_folder"  # image_folder (the fetched imagenette2-320) | tfds (prepared imagenette)
+  c.data.name = "imagenette"  # tfds name, the data set's name in the outputs, and its default folder
+  c.data.data_dir = ""  # "": the default folder of `python -m certssb_jax.data fetch imagenette`
   c.data.classes = (0, 1)  # original ids: tench (0) -> y=0 (the target), English springer (1) -> y=1
   c.data.image_size = 224  # shorter side to 224, center crop 224x224
-  c.data.max_train = 0  # all images of the two classes
-  c.data.max_test = 0  # all validation images of the two classes
+  c.data.max_train = None  # all images of the two classes
+  c.data.max_test = None  # all validation images of the two classes
   c.attack.trigger = "onepixel"  # (112, 112) in every channel += delta / sqrt(3)
   c.attack.poison_rate = 0.02  # of the non-target (springer) training images
   c.attack.delta = 1.0  # l2 norm of the trigger
@@ -58,7 +63,7 @@ def get_config(arg: str | None = None):
     c.data.max_train = 64
     c.data.max_test = 32
     config_lib.make_quick(c, num_models=3)
-    c.train.models_per_chunk = 0  # auto: all 3 on an accelerator, 1 on CPU
+    c.train.models_per_chunk = None  # auto: all 3 on an accelerator, 1 on CPU
     c.train.batch_size = 8  # several steps even on tiny data
     c.sigma.batch_size = 32  # the search pads every batch to this size: keep it near the data size
   return config_lib.apply_overrides(c, variant)

@@ -1,9 +1,10 @@
-"""Shared fixtures: a tiny end-to-end run on the built-in data (real MNIST digits), made once per session."""
+"""Shared fixtures: a tiny end-to-end run on the built-in data (real MNIST digits), made once per session.
+
+Markers: ``slow`` (a test that trains several runs or starts subprocesses; ``pytest -m "not slow"`` is the fast
+development subset) and ``multiprocess`` (starts several JAX processes). CI runs everything.
+"""
 
 import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: configs/
 
 # One persistent compilation cache for the whole test session (and the subprocesses it starts): the same
 # programs are compiled by many small runs, and compilation dominates the suite's time on a 2-core CPU.
@@ -18,9 +19,11 @@ import pytest  # noqa: E402
 
 from certssb_jax import config as config_lib  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def tiny_config(**overrides):
-  """The quickstart made tiny: 256 train / 64 test digits, 8 models, 1 epoch, alpha 0.1 so something certifies."""
+  """The quickstart made tiny: 256 train / 64 test digits, 8 models, 2 epochs, alpha 0.1 so something certifies."""
   c = config_lib.base_config()
   c.data.source = "builtin"
   c.data.max_train = 256
@@ -29,11 +32,12 @@ def tiny_config(**overrides):
   c.train.num_models = 8
   c.train.epochs = 2
   c.train.batch_size = 32
-  c.train.models_per_chunk = 4
+  c.train.models_per_chunk = 2
   c.sigma.mode = "sample_specific"
   c.sigma.sigma_0 = 0.25
   c.sigma.num_steps = 2
   c.sigma.num_draws = 2
+  c.sigma.target_draws = 8
   c.sigma.batch_size = 128
   c.sigma.pilot_epochs = 1
   c.certify.alpha = 0.1

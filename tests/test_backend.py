@@ -10,6 +10,7 @@ import pytest
 
 from certssb_jax import backend
 from certssb_jax import ensemble
+from certssb_jax import member
 from certssb_jax import models
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the options are for XLA:CPU")
@@ -17,11 +18,11 @@ pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the opti
 
 def _step_and_inputs():
   model, tx = models.MnistCNN(1), optax.adam(1e-3)
-  state = ensemble.init_member(model, tx, jax.random.key(0), (28, 28, 1))
+  state = member.init_member(model, tx, jax.random.key(0), (28, 28, 1))
   rs = np.random.RandomState(0)
   x = jnp.asarray(rs.rand(16, 28, 28, 1).astype(np.float32))
   y = jnp.asarray((rs.rand(16) > 0.5).astype(np.int32))
-  return (lambda s, x, y: ensemble.member_step(model, tx, s, x, y)), (state, x, y)
+  return (lambda s, x, y: member.member_step(model, tx, s, x, y)), (state, x, y)
 
 
 def _ynn_convolutions(compiled_text: str) -> int:

@@ -8,14 +8,15 @@ from certssb_jax import certify
 from certssb_jax import ensemble
 from certssb_jax import models
 from certssb_jax import rng
+from certssb_jax.member import Streams
 
 
 def _ensemble(num_models, num_classes):
   model = models.get_model("mnist_cnn", num_classes)
   tx_cfg = ensemble.TrainConfig(1, 8, 1e-3, models_per_chunk=num_models)
   tr = ensemble.EnsembleTrainer(model, (28, 28, 1), tx_cfg)
-  state = tr._init(tr._keys(np.arange(num_models), rng.stream(0, rng.INIT)))  # pylint: disable=protected-access
-  return model, jax.tree.map(np.asarray, state)
+  dummy = np.zeros((8, 28, 28, 1), np.float32), np.zeros(8, np.int32)
+  return model, tr.train_chunk(np.arange(num_models), Streams.ensemble(0), *dummy, None, epochs=0)
 
 
 def _naive(model, state, x, sigma, seed, num_models, num_classes):
@@ -59,11 +60,18 @@ def test_kernel_votes_match_a_naive_loop_three_classes():
 
 
 def test_test_noise_is_one_fixed_vector_per_model():
-  a = np.asarray(certify.test_noise(3, np.array([0, 1, 2]), (4, 4, 1)))
-  b = np.asarray(certify.test_noise(3, np.array([2, 1]), (4, 4, 1)))
-  np.testing.assert_array_equal(a[2], b[0])
-  np.testing.assert_array_equal(a[1], b[1])
-  assert not np.allclose(a[0], a[1])
+  """Model m sees x + sigma u_m with u_m = normal(member_key(seed, TEST_NOISE, m)) for every input: one model,
+  two inputs that differ by a constant, shifted logits exactly as the noise says."""
+  model, state = _ensemble(2, 2)
+  x = np.random.RandomState(0).rand(2, 28, 28, 1).astype(np.float32)
+  preds_a, probs_a = certify.certify_inputs(model, [(np.arange(2), state)], x, np.full(2, 0.5, np.float32), seed=3,
+                                            num_models=2)
+  naive_votes, naive_probs = _naive(model, state, x, np.full(2, 0.5, np.float32), 3, 2, 2)
+  np.testing.assert_array_equal(certify.votes_from_preds(preds_a, 2), naive_votes)
+  np.testing.assert_allclose(probs_a, naive_probs, rtol=1e-5, atol=1e-6)
+  _, probs_b = certify.certify_inputs(model, [(np.arange(2), state)], x, np.full(2, 0.5, np.float32), seed=4,
+                                      num_models=2)
+  assert not np.allclose(probs_a, probs_b)  # another seed, other noise
 
 
 def test_votes_from_preds():

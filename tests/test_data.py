@@ -121,7 +121,9 @@ def test_load_dataset_rejects_bad_arguments():
     data.load_dataset("builtin", image_size=14)
   assert data.load_dataset("builtin", image_size=28).input_shape == (28, 28, 1)
   with pytest.raises(DataError, match="needs data_dir"):
-    data.load_dataset("idx")
+    data.load_dataset("idx", name="toy")  # no default folder: only the fetched data sets have one
+  with pytest.raises(DataError, match="needs data_dir"):
+    data.load_dataset("cifar_pickle", name="cifar100", data_dir="")
   with pytest.raises(DataError, match="max_train"):
     data.load_dataset("builtin", max_train=0)
   with pytest.raises(DataError, match="no samples"):
@@ -165,9 +167,18 @@ def test_tfds_mock_data(name, shape):
 
 def test_tfds_not_prepared_raises_helpful_error(tmp_path):
   pytest.importorskip("tensorflow_datasets")
-  with pytest.raises(DataError, match="no network") as e:
+  with pytest.raises(DataError, match="is not prepared in") as e:
     data.load_dataset("tfds", name="mnist", data_dir=str(tmp_path))
-  assert "tfds build mnist" in str(e.value) and "source='idx'" in str(e.value)
+  msg = str(e.value)
+  assert str(tmp_path) in msg and "\n" not in msg
+  assert "`python -m certssb_jax.data fetch mnist` and source=idx work without TensorFlow" in msg
+  # Neither a claim about this machine's network nor commands that need TensorFlow (tfds build) or
+  # importlib_resources (tfds.data_source).
+  assert "network" not in msg and "tfds build" not in msg and "data_source" not in msg
+  with pytest.raises(DataError, match="fetch imagenette` and source=image_folder"):
+    data.load_dataset("tfds", name="imagenette/320px-v2", data_dir=str(tmp_path))
+  with pytest.raises(DataError, match="fetch cifar10` and source=cifar_pickle"):
+    data.load_dataset("tfds", name="cifar10", data_dir=str(tmp_path))
   with pytest.raises(DataError, match="does not exist"):
     data.load_tfds("mnist", (0, 1), data_dir=str(tmp_path / "nope"))
   with pytest.raises(DataError, match="unknown tfds data set"):
@@ -509,6 +520,83 @@ def test_fingerprint_sees_every_array_and_the_classes():
   ]
   fps = {data.dataset_fingerprint(v) for v in variants}
   assert len(fps) == len(variants) and fp not in fps
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The registry of sources and the default data folders.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_sources_registry_shape():
+  assert set(data.SOURCES) == {"builtin", "tfds", "idx", "cifar_pickle", "image_folder"}
+  assert "idx" in data.SOURCES and "hub" not in data.SOURCES
+  file_sources = {k for k, v in data.SOURCES.items() if v.needs_data_dir}
+  assert file_sources == {"idx", "cifar_pickle", "image_folder"}
+  fetched = {n: k for k, v in data.SOURCES.items() for n in v.fetches}
+  assert fetched == {"mnist": "idx", "fashion_mnist": "idx", "cifar10": "cifar_pickle", "imagenette": "image_folder"}
+  assert all(callable(v.has_files) for k, v in data.SOURCES.items() if k in file_sources)
+  entry = data.SOURCES["idx"]
+  assert not entry.requires_data_dir("mnist") and entry.requires_data_dir("toy")
+  assert not data.SOURCES["tfds"].requires_data_dir("toy")
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    entry.needs_data_dir = False
+
+
+def test_default_data_dir_env_home_and_debian_fashion_mnist(tmp_path, monkeypatch):
+  monkeypatch.delenv(data.DATA_ENV, raising=False)
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  monkeypatch.setattr(data, "_DEBIAN_FASHION_MNIST", str(tmp_path / "debian"))
+  assert data.default_data_dir("cifar10") == str(tmp_path / "home" / ".cache" / "certssb_jax" / "data" / "cifar10")
+  monkeypatch.setenv(data.DATA_ENV, str(tmp_path / "root"))
+  for name in ("mnist", "fashion_mnist", "cifar10", "imagenette"):
+    assert data.default_data_dir(name) == str(tmp_path / "root" / name)
+  with pytest.raises(DataError, match="no default data folder for 'svhn'"):
+    data.default_data_dir("svhn")
+  # Debian's dataset-fashion-mnist folder is used only while the default folder has no files.
+  debian = str(tmp_path / "debian")
+  os.makedirs(debian)
+  _write_idx(debian, np.random.default_rng(3))
+  assert data.default_data_dir("fashion_mnist") == debian
+  assert data.default_data_dir("mnist") == str(tmp_path / "root" / "mnist")  # only fashion_mnist
+  ds = data.load_dataset("idx", name="fashion_mnist", classes=(0, 1))
+  assert ds.name == "fashion_mnist" and len(ds.y_train) == 16  # 30 labels cycling 0..3
+  own = str(tmp_path / "root" / "fashion_mnist")
+  os.makedirs(own)
+  _write_idx(own, np.random.default_rng(4), n_train=8)
+  assert data.default_data_dir("fashion_mnist") == own
+  assert len(data.load_dataset("idx", name="fashion_mnist", classes=(0, 1), data_dir="").y_train) == 4
+
+
+@pytest.mark.parametrize("source,name", [("idx", "mnist"), ("idx", "fashion_mnist"), ("cifar_pickle", "cifar10"),
+                                         ("image_folder", "imagenette")])
+def test_missing_default_files_name_the_fetch_command(source, name, tmp_path, monkeypatch):
+  monkeypatch.setenv(data.DATA_ENV, str(tmp_path))
+  monkeypatch.setattr(data, "_DEBIAN_FASHION_MNIST", str(tmp_path / "no_debian"))
+  os.makedirs(tmp_path / name / "partial")  # a folder without the files is still "missing"
+  for data_dir in (None, ""):
+    with pytest.raises(DataError) as e:
+      data.load_dataset(source, name=name, data_dir=data_dir)
+    msg = str(e.value)
+    assert f"`python -m certssb_jax.data fetch {name}`" in msg and str(tmp_path / name) in msg
+    assert "\n" not in msg
+    assert ("apt-get install dataset-fashion-mnist" in msg) == (name == "fashion_mnist")
+
+
+def test_image_folder_reads_the_top_folder_of_an_extracted_archive(tmp_path):
+  parent = tmp_path / "imagenette"
+  for split in ("train", "val"):
+    for k, wnid in enumerate(("n01440764", "n02102040")):
+      d = parent / "imagenette2-320" / split / wnid
+      d.mkdir(parents=True)
+      Image.fromarray(np.full((5, 7, 3), 40 * k, np.uint8)).save(d / "a.JPEG")
+  (parent / ".imagenette2-320.tgz.verified").write_text("x")  # a hidden file is not a second tree
+  nested = data.load_dataset("image_folder", name="imagenette", data_dir=str(parent), image_size=4)
+  direct = data.load_dataset("image_folder", name="imagenette", data_dir=str(parent / "imagenette2-320"),
+                             image_size=4)
+  assert data.dataset_fingerprint(nested) == data.dataset_fingerprint(direct)
+  (parent / "other" / "train").mkdir(parents=True)  # two candidate trees: ambiguous, not guessed
+  with pytest.raises(DataError, match="has no train/ sub-folder"):
+    data.load_dataset("image_folder", name="imagenette", data_dir=str(parent))
 
 
 def test_png_bytes_helper_sanity():

@@ -10,17 +10,12 @@ import filecmp
 import os
 import socket
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+import helpers
 from conftest import write_tiny_config  # pylint: disable=g-bad-import-order
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMEOUT_S = 240
-
-
 
 def _has_cpu_collectives() -> bool:
   import jax  # pylint: disable=g-import-not-at-top
@@ -38,18 +33,8 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _env(num_devices: int) -> dict:
-  env = dict(os.environ)
-  env.update(JAX_NUM_CPU_DEVICES=str(num_devices), PJRT_NPROC="4", JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                              if not f.startswith("--xla_force_host_platform_device_count"))
-  env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-  return env
-
-
 def _launch_args(config_path: str, workdir: str) -> list[str]:
-  return [sys.executable, "-m", "certssb_jax.launch", f"--config={config_path}", f"--workdir={workdir}",
-          "--noprogress"]
+  return [f"--config={config_path}", f"--workdir={workdir}", "--noprogress"]
 
 
 def _wait_all(procs: list[subprocess.Popen]) -> list[tuple[int, str, str]]:
@@ -57,12 +42,12 @@ def _wait_all(procs: list[subprocess.Popen]) -> list[tuple[int, str, str]]:
   out = []
   try:
     for p in procs:
-      stdout, stderr = p.communicate(timeout=TIMEOUT_S)
+      stdout, stderr = p.communicate(timeout=helpers.TIMEOUT_S)
       out.append((p.returncode, stdout, stderr))
   except subprocess.TimeoutExpired:
     for p in procs:
       p.kill()
-    pytest.fail(f"a process did not finish within {TIMEOUT_S} s (deadlock between processes?)")
+    pytest.fail(f"a process did not finish within {helpers.TIMEOUT_S} s (deadlock between processes?)")
   return out
 
 
@@ -74,23 +59,26 @@ def runs(tmp_path_factory):
   config_path = str(tmp / "tiny_distributed.py")
   # 6 models in chunks of 4 (the second chunk is padded), the ensemble as the test scorer
   write_tiny_config(config_path, max_train=96, max_test=24, num_models=6, models_per_chunk=4, epochs=1,
-                    test_scorer="ensemble", **{"sigma.num_steps": 1, "undefended.enabled": False,
-                                                "train.checkpoint_every_s": 0})
+                    scorer="ensemble", **{"sigma.search_models": 2, "sigma.num_steps": 1,
+                                          "undefended.enabled": False, "train.checkpoint_every_s": 0})
   single, multi = str(tmp / "single"), str(tmp / "multi")
   port = _free_port()
-  procs = [subprocess.Popen(_launch_args(config_path, multi) + [
-      f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
-      "--distributed_timeout_s=120"], env=_env(2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for i in range(2)]
+  procs = [helpers.start_module("certssb_jax.launch", *_launch_args(config_path, multi),
+                                f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
+                                "--distributed_timeout_s=120", environ=helpers.env(2, nproc=4),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
   results = _wait_all(procs)
   for i, (rc, _, stderr) in enumerate(results):
     assert rc == 0, f"process {i} failed:\n{stderr[-4000:]}"
-  (rc, _, stderr), = _wait_all([subprocess.Popen(_launch_args(config_path, single), env=_env(1), cwd=ROOT,
-                                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)])
+  (rc, _, stderr), = _wait_all([helpers.start_module("certssb_jax.launch", *_launch_args(config_path, single),
+                                                     environ=helpers.env(1, nproc=4), stdout=subprocess.PIPE,
+                                                     stderr=subprocess.PIPE)])
   assert rc == 0, stderr[-4000:]
   return single, multi, results
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_give_the_single_process_outputs(runs):
   single, multi, _ = runs
   assert filecmp.cmp(os.path.join(single, "per_sample.csv"), os.path.join(multi, "per_sample.csv"), shallow=False)
@@ -100,11 +88,13 @@ def test_two_processes_give_the_single_process_outputs(runs):
     for k in a.files:
       np.testing.assert_array_equal(a[k], b[k], err_msg=f"{name}:{k}")
   votes = np.load(os.path.join(multi, "votes.npz"))
-  assert np.all(votes["clean"].sum(axis=1) == 6)  # the padding models of the second chunk did not vote
+  assert np.all(votes["clean"].sum(axis=1) == 4)  # neither the padding models nor the 2 search models voted
   # a checkpoint per chunk (checkpoint_every_s = 0: the processes agreed on every save), nothing stray
   assert sorted(os.listdir(os.path.join(multi, "ensemble"))) == ["chunks_00000-00000", "chunks_00001-00001"]
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_the_processes_formed_one_job_and_only_process_0_reported(runs):
   _, multi, results = runs
   (_, out0, err0), (_, out1, err1) = results
@@ -122,7 +112,7 @@ def test_the_processes_formed_one_job_and_only_process_0_reported(runs):
 def test_half_given_distributed_flags_are_refused():
   from certssb_jax import launch  # pylint: disable=g-import-not-at-top
 
-  with pytest.raises(ValueError, match="go together"):
+  with pytest.raises(launch.UsageError, match="go together"):
     launch.initialize_distributed("127.0.0.1:1234", None, 0)
-  with pytest.raises(ValueError, match="process_id must be in"):
+  with pytest.raises(launch.UsageError, match="process_id must be in"):
     launch.initialize_distributed("127.0.0.1:1234", 2, 2)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from certssb_jax import ensemble
+from certssb_jax import member
 from certssb_jax import models
 from certssb_jax import rng
 
@@ -31,7 +32,7 @@ def _noise_by_sample(trainer, data, epoch, fresh=False):
   ids = np.arange(3)
   out = {}
   for step in range(len(x) // trainer.config.batch_size):
-    xb, yb, idx = trainer.training_batch(ids, ensemble.Streams.ensemble(0), x, y, sigma, epoch, step, fresh)
+    xb, yb, idx = trainer.training_batch(ids, member.Streams.ensemble(0), x, y, sigma, epoch, step, fresh)
     for m in range(3):
       for b, j in enumerate(idx[m]):
         assert yb[m, b] == y[j]
@@ -54,8 +55,8 @@ def test_training_noise_is_fixed_across_epochs_and_differs_between_models(traine
 
 def test_batch_order_changes_between_epochs(trainer, data):
   x, y, sigma = data
-  _, _, idx0 = trainer.training_batch(np.arange(3), ensemble.Streams.ensemble(0), x, y, sigma, 0, 0)
-  _, _, idx1 = trainer.training_batch(np.arange(3), ensemble.Streams.ensemble(0), x, y, sigma, 1, 0)
+  _, _, idx0 = trainer.training_batch(np.arange(3), member.Streams.ensemble(0), x, y, sigma, 0, 0)
+  _, _, idx1 = trainer.training_batch(np.arange(3), member.Streams.ensemble(0), x, y, sigma, 1, 0)
   assert not np.array_equal(idx0, idx1)
   assert not np.array_equal(idx0[0], idx0[1])  # and between models
 
@@ -73,7 +74,7 @@ def test_chunk_training_equals_training_each_model_alone(data):
   cfg = dict(epochs=1, batch_size=8, learning_rate=1e-3)
   big = ensemble.EnsembleTrainer(model, (28, 28, 1), ensemble.TrainConfig(models_per_chunk=2, **cfg))
   one = ensemble.EnsembleTrainer(model, (28, 28, 1), ensemble.TrainConfig(models_per_chunk=1, **cfg))
-  streams = ensemble.Streams.ensemble(7)
+  streams = member.Streams.ensemble(7)
   both = big.train_chunk(np.arange(2), streams, x, y, sigma)
   second = one.train_chunk(np.array([1]), streams, x, y, sigma)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a[1], b[0], rtol=2e-4, atol=2e-5), both.params, second.params)
@@ -88,28 +89,34 @@ def test_noised_copies_and_noise_from_keys_train_the_same_bits(data, monkeypatch
   x, y, sigma = data
   model = models.get_model("mnist_cnn", 2)
   tr = ensemble.EnsembleTrainer(model, (28, 28, 1), ensemble.TrainConfig(2, 8, 1e-3, models_per_chunk))
-  streams, ids = ensemble.Streams.ensemble(3), np.arange(models_per_chunk)
-  sources = []
-  real_step = tr._step  # pylint: disable=protected-access
-
-  def spy(*args):
-    sources.append(args[-1])
-    return real_step(*args)
-
-  monkeypatch.setattr(tr, "_step", spy)
+  streams, ids = member.Streams.ensemble(3), np.arange(models_per_chunk)
+  assert tr.noise_source(x, sigma) == "noised_copy"
   cached = tr.train_chunk(ids, streams, x, y, sigma)
-  monkeypatch.setattr(ensemble, "NOISE_CACHE_BYTES", tr._noise_cache_bytes(x) - 1)  # pylint: disable=protected-access
+  monkeypatch.setattr(ensemble, "NOISE_CACHE_BYTES", models_per_chunk * x.size * 4 - 1)
+  assert tr.noise_source(x, sigma) == "noise_keys"
   from_keys = tr.train_chunk(ids, streams, x, y, sigma)
-  steps = 2 * (len(x) // 8)
-  assert sources == ["cached"] * steps + ["keys"] * steps
   for a, b in zip(jax.tree.leaves(cached), jax.tree.leaves(from_keys)):
     np.testing.assert_array_equal(a, b)
   # the undefended model (no sigma) and the pilot (fresh noise every epoch) never use a copy
-  sources.clear()
-  tr.train_chunk(ids, streams, x, y, None, epochs=1)
   monkeypatch.setattr(ensemble, "NOISE_CACHE_BYTES", 1 << 30)
-  tr.train_chunk(ids, streams, x, y, sigma, epochs=1, fresh_noise=True)
-  assert sources == ["none"] * (steps // 2) + ["keys"] * (steps // 2)
+  assert tr.noise_source(x, None) == "none" and tr.noise_source(x, sigma, fresh_noise=True) == "noise_keys"
+
+
+def test_the_step_returns_every_models_loss_and_a_nan_stops_the_run(data):
+  x, y, sigma = data
+  model = models.get_model("mnist_cnn", 2)
+  tr = ensemble.EnsembleTrainer(model, (28, 28, 1), ensemble.TrainConfig(2, 8, 1e-3, 2))
+  _, losses = tr.train_chunk(np.arange(2), member.Streams.ensemble(0), x, y, sigma, return_losses=True)
+  assert losses.shape == (2, 2 * (len(x) // 8)) and np.all(np.isfinite(losses)) and np.all(losses > 0)
+  ensemble.check_losses(losses, np.arange(2))
+  losses[1, 3] = np.nan
+  with pytest.raises(FloatingPointError, match=r"model\(s\) \[1\] from step 3"):
+    ensemble.check_losses(losses, np.arange(2))
+  bad = x.copy()
+  bad[0, 0, 0, 0] = np.nan
+  _, nan_losses = tr.train_chunk(np.arange(2), member.Streams.ensemble(0), bad, y, sigma, return_losses=True)
+  with pytest.raises(FloatingPointError):
+    ensemble.check_losses(nan_losses, np.arange(2))
 
 
 def test_training_reduces_the_loss_and_learns(data):
@@ -120,7 +127,7 @@ def test_training_reduces_the_loss_and_learns(data):
   model = models.get_model("mnist_cnn", 2)
   tr = ensemble.EnsembleTrainer(model, (28, 28, 1),
                                 ensemble.TrainConfig(epochs=5, batch_size=16, learning_rate=1e-3, models_per_chunk=2))
-  state = tr.train_chunk(np.arange(2), ensemble.Streams.ensemble(0), x, y, np.full(64, 0.1, np.float32))
+  state = tr.train_chunk(np.arange(2), member.Streams.ensemble(0), x, y, np.full(64, 0.1, np.float32))
   logits = ensemble.predict_logits(model, state, x)  # (2, 64, 1)
   acc = ((logits[..., 0] > 0) == y).mean(axis=1)
   assert np.all(acc > 0.95), acc
@@ -137,7 +144,7 @@ def test_train_chunk_rejects_a_too_small_training_set():
   model = models.get_model("mnist_cnn", 2)
   tr = ensemble.EnsembleTrainer(model, (28, 28, 1), ensemble.TrainConfig(1, 64, 1e-3, models_per_chunk=1))
   with pytest.raises(ValueError, match="fewer than batch_size"):
-    tr.train_chunk(np.arange(1), ensemble.Streams.ensemble(0), np.zeros((10, 28, 28, 1)), np.zeros(10), None)
+    tr.train_chunk(np.arange(1), member.Streams.ensemble(0), np.zeros((10, 28, 28, 1)), np.zeros(10), None)
 
 
 def test_pretrained_weights_initialise_every_model_but_the_head(tmp_path):
@@ -147,9 +154,9 @@ def test_pretrained_weights_initialise_every_model_but_the_head(tmp_path):
   models.save_params(source, str(tmp_path / "w.npz"))
   tr = ensemble.EnsembleTrainer(model, (28, 28, 1), cfg, pretrained=models.read_params(str(tmp_path / "w.npz")))
   plain = ensemble.EnsembleTrainer(model, (28, 28, 1), cfg)
-  keys = tr._keys(np.arange(2), rng.stream(0, rng.INIT))  # pylint: disable=protected-access
-  state = jax.tree.map(np.asarray, tr._init(keys, jax.device_put(tr.pretrained)))  # pylint: disable=protected-access
-  fresh = jax.tree.map(np.asarray, plain._init(keys))  # pylint: disable=protected-access
+  dummy = np.zeros((8, 28, 28, 1), np.float32), np.zeros(8, np.int32)
+  state = tr.train_chunk(np.arange(2), member.Streams.ensemble(0), *dummy, None, epochs=0)  # the initial state
+  fresh = plain.train_chunk(np.arange(2), member.Streams.ensemble(0), *dummy, None, epochs=0)
   for m in range(2):
     np.testing.assert_array_equal(state.params["Conv_0"]["kernel"][m], source["params"]["Conv_0"]["kernel"])
     np.testing.assert_array_equal(state.params["Dense_0"]["kernel"][m], source["params"]["Dense_0"]["kernel"])

@@ -32,48 +32,57 @@ def test_the_notebook_is_valid_nbformat_4():
 
 
 @pytest.fixture(scope="module")
-def executed(tmp_path_factory):
+def executed(tmp_path_factory, monkeypatch_module):
+  """Every code cell in order, in one namespace, from a temporary folder (the notebook writes into its own
+  temporary folder, OUT); what the notebook displays is recorded."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+  from IPython import display  # pylint: disable=g-import-not-at-top
 
   matplotlib.use("Agg")
+  shown = []
+  monkeypatch_module.setattr(display, "display", shown.append)
+  monkeypatch_module.setattr(display, "Image", lambda path: path)
   folder = tmp_path_factory.mktemp("notebook")
-  cwd = os.getcwd()
-  os.chdir(folder)
+  monkeypatch_module.chdir(folder)
   namespace = {"__name__": "__main__"}
-  try:
-    for i, cell in enumerate(c for c in _load()["cells"] if c["cell_type"] == "code"):
-      program = compile("".join(cell["source"]), f"quickstart.ipynb:code{i}", "exec")
-      exec(program, namespace)  # pylint: disable=exec-used
-  finally:
-    os.chdir(cwd)
-  return folder, namespace
+  for i, cell in enumerate(c for c in _load()["cells"] if c["cell_type"] == "code"):
+    exec(compile("".join(cell["source"]), f"quickstart.ipynb:code{i}", "exec"), namespace)  # pylint: disable=exec-used
+  assert not os.listdir(folder)  # nothing written into the working directory
+  return namespace, shown
 
 
-def test_the_notebook_certifies_and_plots(executed):
-  folder, ns = executed
-  m, x, y = ns["M"], ns["x"], ns["y"]
-  assert ns["preds"].shape == (m, len(x))
-  np.testing.assert_array_equal(ns["votes"].sum(axis=1), m)
-  assert ns["accuracy"] > 0.8  # real digits: the smoothed ensemble learns even at this size
-  assert np.ptp(ns["exp"].sigma_train) > 0  # the sample-specific search moved the sigmas
-  assert len(ns["answer"].pred) == len(y)
-  assert os.path.getsize(os.path.join(folder, "certified_accuracy.png")) > 1000
-  assert sorted(os.listdir(os.path.join(folder, "quickstart_run", "ensemble"))) == ["chunks_00000-00001"]
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+  with pytest.MonkeyPatch.context() as mp:
+    yield mp
 
 
-def test_the_notebook_votes_equal_a_naive_recomputation_of_model_0(executed):
-  """Model 0's predictions, recomputed with a plain model.apply on x + sigma_x * u_0 (no sharding, no layout)."""
+@pytest.mark.slow
+def test_the_notebook_shows_the_attack_and_both_defenses(executed):
+  ns, shown = executed
+  rab, ssb = ns["runs"]["RAB"], ns["runs"]["Cert-SSB"]
+  assert rab["undefended"]["asr"] > 0.3  # the attack works without a defense
+  assert rab["metrics"]["clean_accuracy"] > 0.8 and ssb["metrics"]["clean_accuracy"] > 0.8  # real digits learn
+  assert ssb["consistency"]["contradictions"] == 0
+  assert len(shown) == 3 and all(os.path.getsize(p) > 1000 for p in shown)
+  assert all(p.startswith(ns["OUT"]) for p in shown)
+
+
+@pytest.mark.slow
+def test_the_notebooks_stages_give_the_votes_of_a_naive_recomputation_of_model_0(executed):
+  """Model 0's votes in the by-hand stages, recomputed with a plain model.apply on x + sigma_x * u_0."""
   import jax  # pylint: disable=g-import-not-at-top
 
   from certssb_jax import models  # pylint: disable=g-import-not-at-top
   from certssb_jax import rng  # pylint: disable=g-import-not-at-top
 
-  _, ns = executed
-  exp, x = ns["exp"], ns["x"]
-  ids, state = next(iter(ns["pipeline"].iter_ensemble(ns["trainer"], ns["workdir"], ns["M"])))
+  ns, _ = executed
+  attacked, members, sigma_test = ns["attacked"], ns["members"], ns["sigma_test"]
+  x = attacked.splits["clean"].x
+  ids, state = next(iter(members.chunks()))
   assert ids[0] == 0
-  u0 = np.asarray(jax.random.normal(rng.member_key(ns["config"].seed, rng.TEST_NOISE, 0), x.shape[1:]))
+  u0 = np.asarray(jax.random.normal(rng.member_key(ns["cfg"].seed, rng.TEST_NOISE, 0), x.shape[1:]))
   params = jax.tree.map(lambda a: np.asarray(a)[0], state.params)
-  sigma = ns["exp"].sigma_test["clean"].reshape(-1, 1, 1, 1)
-  logits = exp.model.apply({"params": params}, x + sigma * u0, train=False)
-  np.testing.assert_array_equal(np.asarray(models.logits_to_pred(logits)), ns["preds"][0])
+  logits = attacked.model.apply({"params": params}, x + sigma_test["clean"].reshape(-1, 1, 1, 1) * u0, train=False)
+  np.testing.assert_array_equal(np.asarray(models.logits_to_pred(logits)), ns["votes"]["clean_preds"][0])
+  assert ns["answers"]["clean"].pred.shape == (len(x),)

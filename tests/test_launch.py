@@ -1,38 +1,80 @@
-"""The launcher as a user runs it: `python -m certssb_jax.launch` on the quick configs, and its error exit."""
+"""The launcher and the sweep as a user runs them: the quick configs end to end, and every user mistake ends with
+one line on stderr, exit code 2 and nothing written."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import helpers
+from conftest import write_tiny_config  # pylint: disable=g-bad-import-order
 
 
-def _launch(*args, timeout=300, env=None):
-  return subprocess.run([sys.executable, "-m", "certssb_jax.launch", *args, "--noprogress"], cwd=ROOT,
-                        capture_output=True, text=True, timeout=timeout, env=env or os.environ.copy())
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("config,own_cache", [("configs/quickstart.py:quick", False), ("configs/mnist.py:quick", True)])
 def test_quick_configs_run_through_the_launcher(config, own_cache, tmp_path):
   """The second run fills the compilation cache the launcher turns on (the suite's shared cache, set through
   JAX_COMPILATION_CACHE_DIR, is taken away from it)."""
-  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  environ = helpers.env()
+  if own_cache:
+    environ.pop("JAX_COMPILATION_CACHE_DIR", None)
   cache = ["--compilation_cache_dir", str(tmp_path / "xla")] if own_cache else []
-  out = _launch("--config", config, "--workdir", str(tmp_path / "w"), *cache, env=env if own_cache else None)
-  assert out.returncode == 0, out.stderr[-3000:]
+  out = helpers.launch("--config", config, "--workdir", str(tmp_path / "w"), *cache, environ=environ)
+  stdout = helpers.check(out, "launch")
   assert (len(os.listdir(tmp_path / "xla")) > 5) if own_cache else not os.path.exists(tmp_path / "xla")
-  assert "clean accuracy" in out.stdout and "undefended ASR" in out.stdout  # the one-screen table
-  assert "summary.json" in out.stdout  # the paths of the files written
+  assert "clean accuracy" in stdout and "undefended ASR" in stdout  # the one-screen table
+  assert "summary.json" in stdout  # where the files went
   summary = json.load(open(tmp_path / "w" / "summary.json"))
-  assert summary["metrics"]["clean_accuracy"] > 0.9  # real digits, even at one epoch
   assert summary["undefended"] is not None
 
 
-def test_bad_config_exits_with_a_clear_message(tmp_path):
-  out = _launch("--config", "configs/quickstart.py:trigger=star", "--workdir", str(tmp_path / "w"))
-  assert out.returncode == 2
-  assert "attack.trigger 'star'" in out.stderr
-  assert not os.path.exists(tmp_path / "w")
+def _one_error_line(proc, *fragments):
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  errors = [l for l in lines if l.startswith("error:")]
+  assert len(errors) == 1, proc.stderr
+  assert "Traceback" not in proc.stderr and "resuming" not in proc.stderr and "FATAL" not in proc.stderr
+  for f in fragments:
+    assert f in errors[0], errors[0]
+  return errors[0]
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--config", "configs/nosuch.py"], ["config file", "nosuch.py", "does not exist"]),
+    (["--config", "configs/quickstart.py", "--config.train.epocs=3"], ["unknown config field 'train.epocs'",
+                                                                        "did you mean 'train.epochs'"]),
+    (["--config", "configs/quickstart.py:trigers=fourpixel"], ["unknown config field 'trigers'",
+                                                                "did you mean 'trigger'"]),
+    (["--config", "configs/quickstart.py:trigger=star"], ["attack.trigger 'star'"]),
+    (["--config", "configs/quickstart.py:num_models=many"], ["cannot read 'many' as int"]),
+    (["--config", "configs/quickstart.py:source=idx,data_dir=/nonexistent"], ["/nonexistent"]),
+    (["--config", "configs/quickstart.py", "--nosuchflag"], ["nosuchflag"]),
+    (["--workdir_missing"], ["workdir_missing"]),
+])
+def test_user_mistakes_end_with_one_line_and_exit_code_2(args, fragments, tmp_path):
+  workdir = tmp_path / "w"
+  extra = ["--workdir", str(workdir)] if "--workdir_missing" not in args else ["--config", "configs/quickstart.py"]
+  proc = helpers.launch(*[a for a in args if a != "--workdir_missing"], *extra)
+  if "--workdir_missing" in args:
+    _one_error_line(proc, "--workdir is required")
+  else:
+    _one_error_line(proc, *fragments)
+  assert not workdir.exists()  # nothing written
+
+
+def test_a_workdir_of_another_run_is_refused_and_kept(tmp_path):
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(json.dumps({"seed": 5}))
+  (workdir / "votes.npz").write_bytes(b"results of another run")
+  proc = helpers.launch("--config", write_tiny_config(tmp_path / "c.py"), "--workdir", str(workdir))
+  _one_error_line(proc, "holds a run with another config", "--fresh")
+  assert (workdir / "votes.npz").read_bytes() == b"results of another run"
+  assert json.loads((workdir / "config.json").read_text()) == {"seed": 5}
+
+
+def test_the_sweep_refuses_a_bad_config_before_any_training(tmp_path):
+  proc = helpers.run_module("certssb_jax.sweep", "--configs", "configs/quickstart.py:quick,sigma_0=-1",
+                            "--workdir", str(tmp_path / "s"), "--noprogress")
+  _one_error_line(proc, "sigma.sigma_0 must be > 0")
+  assert not os.path.exists(tmp_path / "s" / "mnist_0-1")

@@ -15,7 +15,10 @@ import pytest
 from flax import traverse_util
 from PIL import Image
 
+from certssb_jax import config as config_lib
 from certssb_jax import ensemble
+from certssb_jax import sharding
+from certssb_jax import member
 from certssb_jax import models
 from certssb_jax import pipeline
 
@@ -149,12 +152,12 @@ def trained(request):
   name = request.param
   shape = SHAPES[name]
   model = models.get_model(name, 2, **SHALLOW[name])
-  mesh = ensemble.default_mesh(jax.devices()[:1])
+  mesh = sharding.default_mesh(jax.devices()[:1])
   rs = np.random.RandomState(0)
   x = rs.rand(N_TRAIN, *shape).astype(np.float32)
   y = np.array([0, 1, 1, 0], np.int32)
   sigma = np.full(N_TRAIN, 0.25, np.float32)
-  streams = ensemble.Streams.ensemble(0)
+  streams = member.Streams.ensemble(0)
 
   def trainer(chunk, member_map=None):
     cfg = ensemble.TrainConfig(epochs=1, batch_size=4, learning_rate=1e-3, models_per_chunk=chunk)
@@ -366,25 +369,22 @@ def _check_run(workdir, summary, n_train, n_test, num_models, input_shape):
 
 
 def test_cifar_quick_config_runs(tmp_path):
-  from configs import cifar10  # pylint: disable=g-import-not-at-top
-
   folder = str(tmp_path / "cifar-10-batches-py")
   _write_cifar_pickles(folder, np.random.RandomState(0))
-  # sample-specific sigmas (pilot model + searches); the undefended baseline runs in the ImageNette test
-  c = cifar10.get_config(f"quick,source=cifar_pickle,data_dir={folder},sigma_mode=sample_specific,poison_rate=0.1,"
-                         "undefended.enabled=false")
+  # sample-specific sigmas searched for training and test (pilot model + searches); the undefended baseline
+  # runs in the ImageNette test
+  c = config_lib.load_config(f"configs/cifar10.py:quick,data_dir={folder},sigma_mode=sample_specific,"
+                             "poison_rate=0.1,train_sigma=search,undefended.enabled=false")
   assert c.model.name == "preact_resnet" and c.data.name == "cifar10" and tuple(c.data.classes) == (2, 0)
   workdir = str(tmp_path / "run")
   summary = pipeline.run(c, workdir)
   on_disk, sig = _check_run(workdir, summary, 40, 20, c.train.num_models, (32, 32, 3))
-  assert on_disk["dataset"] == "cifar10" and on_disk["n_poisoned"] == 2  # round(0.1 * 20 airplanes)
-  lo, hi = c.sigma.sigma_0 / 2, c.sigma.sigma_0 * 2
+  assert on_disk["dataset"] == "cifar10" and on_disk["n_poisoned"] == 4  # round(0.1 * 40 training images)
+  lo, hi = c.sigma.sigma_0, c.sigma.sigma_0 * 1.5
   assert np.all((sig["train"] >= lo - 1e-6) & (sig["train"] <= hi + 1e-6))
 
 
 def test_imagenette_quick_config_runs(tmp_path):
-  from configs import imagenette  # pylint: disable=g-import-not-at-top
-
   rs = np.random.RandomState(0)
   root = tmp_path / "imagenette"
   # three WordNet-id class dirs; classes (0, 1) keep the first two in sorted order (tench, English springer)
@@ -395,7 +395,7 @@ def test_imagenette_quick_config_runs(tmp_path):
       for i in range(per_class if k < 2 else 2):
         img = np.clip(60 + 100 * k + rs.randint(-50, 50, (40, 48, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(img).save(d / f"{i:03d}.png")
-  c = imagenette.get_config(f"quick,source=image_folder,data_dir={root},poison_rate=0.1")
+  c = config_lib.load_config(f"configs/imagenette.py:quick,data_dir={root},poison_rate=0.1,sigma_mode=fixed")
   assert c.model.name == "resnet18" and c.data.name == "imagenette" and c.data.image_size == 32
   workdir = str(tmp_path / "run")
   summary = pipeline.run(c, workdir)
@@ -405,17 +405,15 @@ def test_imagenette_quick_config_runs(tmp_path):
 
 
 def test_paper_defaults_of_the_configs():
-  from configs import cifar10, imagenette  # pylint: disable=g-import-not-at-top
-
-  c = cifar10.get_config()
-  assert (c.data.source, c.data.name, tuple(c.data.classes), c.model.name) == ("tfds", "cifar10", (2, 0),
+  c = config_lib.load_config("configs/cifar10.py")
+  assert (c.data.source, c.data.name, tuple(c.data.classes), c.model.name) == ("cifar_pickle", "cifar10", (2, 0),
                                                                                "preact_resnet")
   assert (c.train.learning_rate, c.train.batch_size, c.train.epochs, c.train.num_models) == (1e-3, 64, 10, 1000)
   assert (c.sigma.sigma_0, c.attack.poison_rate, c.attack.delta, c.attack.target_class) == (0.25, 0.02, 1.0, 0)
-  c = imagenette.get_config("sigma_0=0.5,trigger=fourpixel")
+  c = config_lib.load_config("configs/imagenette.py:sigma_0=0.5,trigger=fourpixel")
   assert (c.data.source, c.data.name, tuple(c.data.classes), c.data.image_size, c.model.name) == (
-      "tfds", "imagenette", (0, 1), 224, "resnet18")
+      "image_folder", "imagenette", (0, 1), 224, "resnet18")
   assert (c.train.learning_rate, c.train.batch_size, c.train.epochs, c.train.num_models) == (1e-4, 32, 5, 200)
   assert c.sigma.sigma_0 == 0.5 and c.attack.trigger == "fourpixel"
   with pytest.raises(ValueError, match="unknown config field"):
-    cifar10.get_config("no_such_field=1")
+    config_lib.load_config("configs/cifar10.py:no_such_field=1")

@@ -1,8 +1,10 @@
-"""End to end on real MNIST digits: outputs, their schema, an independent recomputation, determinism, errors."""
+"""End to end on real MNIST digits: outputs, their schema, the reported numbers against an independent
+recomputation from the per-sample outputs, determinism, resuming, and errors that stop before any work."""
 
 import csv
 import filecmp
 import json
+import logging
 import os
 
 import jax
@@ -10,61 +12,61 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from certssb_jax import bounds
 from certssb_jax import config as config_lib
 from certssb_jax import data as data_lib
+from certssb_jax import ensemble
 from certssb_jax import pipeline
+from certssb_jax import report
+from certssb_jax import rundir
 
 from conftest import tiny_config  # pylint: disable=g-bad-import-order
 
-SUMMARY_KEYS = ("dataset", "n_train", "n_test", "n_poisoned", "num_models", "alpha", "bound", "sigma_mode",
-                "margin_ceiling", "metrics", "timings_s", "versions", "devices", "undefended")
+SUMMARY_KEYS = ("dataset", "n_train", "n_test", "n_poisoned", "num_models", "models", "alpha", "bound",
+                "sigma_mode", "margin_ceiling", "radius_grid", "metrics", "pre_store", "consistency",
+                "other_order", "probe", "timings_s", "versions", "devices", "undefended", "precision", "seed")
 OUTPUTS = ("config.json", "summary.json", "per_sample.csv", "votes.npz", "sigmas.npz", "certified_accuracy.png",
            "store.npz", "poison.npz", "sigma_histogram.png")
 
 
-def _rows(workdir):
+def _rows(workdir, split=None):
   with open(os.path.join(workdir, "per_sample.csv")) as f:
-    return list(csv.DictReader(f))
+    return [r for r in csv.DictReader(f) if split is None or r["split"] == split]
 
 
 def test_outputs_and_schema(tiny_run):
   c, workdir, summary = tiny_run
   for name in OUTPUTS:
     assert os.path.exists(os.path.join(workdir, name)), name
+    assert os.stat(os.path.join(workdir, name)).st_mode & 0o044 == 0o044, f"{name} is not readable by others"
   on_disk = json.load(open(os.path.join(workdir, "summary.json")))
   for key in SUMMARY_KEYS:
     assert key in on_disk, key
   metrics = on_disk["metrics"]
-  for key in ("clean_accuracy", "era", "asr", "abstain_rate", "cra"):
+  for key in ("clean_accuracy", "era", "asr", "abstain_rate", "abstain_rate_triggered", "cra", "cra_test"):
     assert key in metrics
-  assert list(metrics["cra"]) == [str(float(r)) for r in np.round(np.arange(0, 2.51, 0.25), 2)]
+  assert list(metrics["cra"]) == [str(float(r)) for r in on_disk["radius_grid"]]
   assert on_disk["n_train"] == 256 and on_disk["n_test"] == 64 and on_disk["num_models"] == 8
-  assert on_disk["n_poisoned"] == round(0.05 * 128)
+  assert on_disk["n_poisoned"] == round(0.05 * 256)  # a fraction of the whole training set
   assert set(on_disk["undefended"]) == {"clean_accuracy", "era", "asr"}
-  assert "storage_update" in on_disk
+  assert on_disk["models"] == {"trained": 8, "search": 0, "voting": 8, "class_selection": 0, "estimating": 8}
   rows = _rows(workdir)
   n_trig = on_disk["n_triggered"]
   assert len(rows) == 64 + n_trig
-  assert {r["split"] for r in rows} == {"clean", "triggered"}
   votes = np.load(os.path.join(workdir, "votes.npz"))
   assert votes["clean"].shape == (64, 2) and votes["triggered"].shape == (n_trig, 2)
   assert np.all(votes["clean"].sum(axis=1) == 8)
-  # the real data learn: the smoothed ensemble is far better than chance even in this tiny run
-  assert metrics["clean_accuracy"] > 0.8
+  assert metrics["clean_accuracy"] > 0.8  # the real data learn, even in this tiny run
+  assert on_disk["consistency"]["contradictions"] == 0
 
 
 def test_p_lower_and_margin_equal_an_independent_scipy_recomputation(tiny_run):
   c, workdir, _ = tiny_run
   votes = np.load(os.path.join(workdir, "votes.npz"))
-  k = 2
-  alpha = c.certify.alpha / k  # Bonferroni over the classes
-  rows = _rows(workdir)
+  alpha = c.certify.alpha / 2  # Bonferroni over the two classes
   for split in ("clean", "triggered"):
-    split_rows = [r for r in rows if r["split"] == split]
-    for i, r in enumerate(split_rows):
-      counts = votes[split][i]
-      top = int(np.argmax(counts))
-      m = int(counts.sum())
+    for r, counts in zip(_rows(workdir, split), votes[split]):
+      top, m = int(np.argmax(counts)), int(counts.sum())
       p_low = 0.0 if counts[top] == 0 else stats.beta.ppf(alpha, counts[top], m - counts[top] + 1)
       assert float(r["p_lower"]) == pytest.approx(p_low, rel=1e-9, abs=1e-12)
       expected_margin = stats.norm.ppf(p_low) if p_low > 0.5 else 0.0  # pB_high = 1 - pA_low
@@ -76,23 +78,63 @@ def test_p_lower_and_margin_equal_an_independent_scipy_recomputation(tiny_run):
 def test_radius_uses_the_sigma_the_kernel_sampled_with(tiny_run):
   """Every row: radius_test = sigma * margin with the sigma in sigmas.npz (the one passed to the kernel), and
   radius = min(sigma_x, min_j sigma_j) * margin."""
-  c, workdir, _ = tiny_run
+  _, workdir, _ = tiny_run
   sig = np.load(os.path.join(workdir, "sigmas.npz"))
   sigma_train_min = float(sig["train"].min())
-  rows = _rows(workdir)
-  assert sig["train"].std() > 0  # sample-specific: the sigmas really differ
   for split in ("clean", "triggered"):
-    split_rows = [r for r in rows if r["split"] == split]
-    np.testing.assert_array_equal(sig[f"test_{split}_index"], [int(r["index"]) for r in split_rows])
-    for r, s in zip(split_rows, sig[f"test_{split}"]):
+    rows = _rows(workdir, split)
+    np.testing.assert_array_equal(sig[f"test_{split}_index"], [int(r["index"]) for r in rows])
+    for r, s in zip(rows, sig[f"test_{split}"]):
       assert float(r["sigma"]) == pytest.approx(float(s), rel=1e-7)
       assert float(r["radius_test"]) == pytest.approx(float(s) * float(r["margin"]), rel=1e-7, abs=1e-12)
       assert float(r["radius"]) == pytest.approx(min(float(s), sigma_train_min) * float(r["margin"]), rel=1e-6,
                                                  abs=1e-12)
 
 
+def _headline_from_rows(rows_by_split, grid, pred_col, joint_col, test_col, target):
+  def split(rows):
+    y = np.array([int(r["label"]) for r in rows])
+    pred = np.array([int(r[pred_col]) for r in rows])
+    joint = np.array([float(r[joint_col]) for r in rows])
+    test = np.array([float(r[test_col]) for r in rows])
+    return y, pred, joint, test
+
+  y, pred, joint, test = split(rows_by_split["clean"])
+  ty, tpred, _, _ = split(rows_by_split["triggered"])
+  cra = lambda rad: {str(float(r)): float(np.mean((pred == y) & (rad > r))) for r in grid}
+  answered = tpred != -1
+  return {"clean_accuracy": float(np.mean(pred == y)), "era": float(np.mean(tpred == ty)),
+          "asr": float(np.mean(tpred == target)) if answered.any() else None,
+          "cra": cra(joint), "cra_test": cra(test)}
+
+
+def test_reported_numbers_are_the_storage_update_answers(tiny_run):
+  """summary.metrics recomputed from per_sample.csv's pred_stored / radius_joint_stored / radius_stored, and
+  summary.pre_store from the certificates before the store (pred / radius / radius_test)."""
+  c, workdir, summary = tiny_run
+  rows = {s: _rows(workdir, s) for s in ("clean", "triggered")}
+  grid = summary["radius_grid"]
+  after = _headline_from_rows(rows, grid, "pred_stored", "radius_joint_stored", "radius_stored", 0)
+  before = _headline_from_rows(rows, grid, "pred", "radius", "radius_test", 0)
+  for key, value in after.items():
+    assert summary["metrics"][key] == value, key
+  for key, value in before.items():
+    assert summary["pre_store"][key] == value, key
+
+
+def test_store_answers_are_consistent_and_saved(tiny_run):
+  c, workdir, summary = tiny_run
+  st = np.load(os.path.join(workdir, "store.npz"))
+  rows = _rows(workdir, "clean") + _rows(workdir, "triggered")
+  answered = [r for r in rows if int(r["pred_stored"]) != -1]
+  assert len(st["label"]) == len(answered)  # one store, every answered query of both splits, in order
+  np.testing.assert_allclose(st["radius"], [float(r["radius_stored"]) for r in answered])
+  from certssb_jax import store as store_lib  # pylint: disable=g-import-not-at-top
+  assert store_lib.audit(st["x"], st["label"], st["radius"])[0] == 0
+
+
 def test_same_seed_gives_identical_outputs(tiny_run, tmp_path):
-  c, workdir, _ = tiny_run
+  _, workdir, _ = tiny_run
   again = str(tmp_path / "again")
   pipeline.run(tiny_config(), again)
   for name in ("per_sample.csv", "poison.npz"):
@@ -105,44 +147,41 @@ def test_same_seed_gives_identical_outputs(tiny_run, tmp_path):
 
 
 def test_checkpoint_grouping_and_reading_back_do_not_change_results(tiny_run, tmp_path, monkeypatch):
-  """The tiny run kept its ensemble in memory and saved its 2 chunks in one checkpoint; a run that saves every
-  chunk on its own and certifies from the checkpoints (nothing kept in memory) gives the same bits."""
-  from certssb_jax import ensemble, models  # pylint: disable=g-import-not-at-top
-
+  """The tiny run kept its ensemble in memory and saved its first chunk alone and the other three together; a run
+  that saves every chunk on its own and certifies from the checkpoints (nothing kept in memory) gives the same
+  bits."""
   c, workdir, _ = tiny_run
   again = str(tmp_path / "per_chunk")
-  monkeypatch.setattr(pipeline, "KEEP_ENSEMBLE_IN_MEMORY_BYTES", 0)
+  monkeypatch.setattr(ensemble, "KEEP_IN_MEMORY_BYTES", 0)
   pipeline.run(tiny_config(**{"train.checkpoint_every_s": 0}), again)
-  assert os.listdir(os.path.join(workdir, "ensemble")) == ["chunks_00000-00001"]
-  assert sorted(os.listdir(os.path.join(again, "ensemble"))) == ["chunks_00000-00000", "chunks_00001-00001"]
+  assert sorted(os.listdir(os.path.join(workdir, "ensemble"))) == ["chunks_00000-00000", "chunks_00001-00003"]
+  assert sorted(os.listdir(os.path.join(again, "ensemble"))) == [f"chunks_0000{i}-0000{i}" for i in range(4)]
   assert filecmp.cmp(os.path.join(workdir, "per_sample.csv"), os.path.join(again, "per_sample.csv"), shallow=False)
-  a, b = np.load(os.path.join(workdir, "votes.npz")), np.load(os.path.join(again, "votes.npz"))
-  for k in a.files:
-    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-  t = c.train
-  trainer = ensemble.EnsembleTrainer(models.get_model(c.model.name, len(c.data.classes)), (28, 28, 1),
-                                     ensemble.TrainConfig(t.epochs, t.batch_size, t.learning_rate, t.models_per_chunk))
-  grouped = list(pipeline.iter_ensemble(trainer, workdir, t.num_models))
-  single = list(pipeline.iter_ensemble(trainer, again, t.num_models))
-  assert [list(ids) for ids, _ in grouped] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+  cfg = config_lib.resolve(c)
+  from certssb_jax import models  # pylint: disable=g-import-not-at-top
+  trainer = ensemble.trainer_for(models.get_model(cfg.model.name, 2), (28, 28, 1), cfg, models_per_chunk=2)
+  grouped = list(ensemble.TrainedEnsemble(trainer, 8, rundir.RunDir(workdir)).chunks())
+  single = list(ensemble.TrainedEnsemble(trainer, 8, rundir.RunDir(again)).chunks())
+  assert [list(ids) for ids, _ in grouped] == [[0, 1], [2, 3], [4, 5], [6, 7]]
   for (ids_a, sa), (ids_b, sb) in zip(grouped, single):
     np.testing.assert_array_equal(ids_a, ids_b)
     assert sa.opt_state is None and sb.opt_state is None  # only params and batch statistics are saved
     for la, lb in zip(jax.tree.leaves(sa), jax.tree.leaves(sb)):
       np.testing.assert_array_equal(la, lb)
-  with pytest.raises(FileNotFoundError, match="chunk 2 of the ensemble is in no checkpoint"):
-    list(pipeline.iter_ensemble(trainer, workdir, t.num_models + 1))
+  with pytest.raises(FileNotFoundError, match="chunk 4 of the ensemble is in no checkpoint"):
+    list(ensemble.TrainedEnsemble(trainer, 9, rundir.RunDir(workdir)).chunks())
 
 
 def test_rerun_in_the_same_workdir_reuses_every_stage(tiny_run, caplog):
   c, workdir, summary = tiny_run
   before = open(os.path.join(workdir, "per_sample.csv")).read()
-  import logging
   with caplog.at_level(logging.INFO, logger="certssb_jax"):
     again = pipeline.run(tiny_config(), workdir)
-  assert "reusing" in caplog.text
+  assert "reusing stage votes" in caplog.text and "train ensemble" not in caplog.text
   assert open(os.path.join(workdir, "per_sample.csv")).read() == before
   assert again["metrics"] == summary["metrics"]
+  for stage in ("undefended", "pilot", "train_ensemble", "votes"):  # the compute time of the first run, kept
+    assert again["timings_s"][stage] == summary["timings_s"][stage], stage
 
 
 @pytest.mark.parametrize("override,message", [
@@ -151,9 +190,14 @@ def test_rerun_in_the_same_workdir_reuses_every_stage(tiny_run, caplog):
     ({"alpha": 1.5}, "certify.alpha must be in"),
     ({"bound": "bernstein"}, "certify.bound 'bernstein'"),
     ({"target_class": 2}, "attack.target_class 2"),
-    ({"source": "idx"}, "needs data.data_dir"),
+    ({"source": "idx", "data.name": "toy"}, "set data.data_dir"),
     ({"model.pretrained": "/nonexistent/weights.npz"}, "is not a file"),
     ({"poison_rate": 1.5}, "poison_rate must be in"),
+    ({"bound": "hoeffding", "correction": "holdout"}, "does not work with certify.bound 'hoeffding'"),
+    ({"scorer": "ensemble", "sigma.search_models": 0}, "breaks the bound's coverage"),
+    ({"sigma.search_models": 2}, "is for sigma.scorer 'ensemble'"),
+    ({"scorer": "ensemble", "sigma.search_models": 8}, "no model is left to vote"),
+    ({"objective": "labels"}, "did you mean 'label'"),
 ])
 def test_bad_config_stops_before_any_work(override, message, tmp_path):
   c = tiny_config(**override)
@@ -166,7 +210,7 @@ def test_missing_data_folder_stops_with_a_clear_message(tmp_path):
   c = tiny_config(source="idx", data_dir=str(tmp_path / "nowhere"))
   with pytest.raises(data_lib.DataError, match="nowhere"):
     pipeline.run(c, str(tmp_path / "w"))
-  assert not os.path.exists(tmp_path / "w" / "ensemble")
+  assert not os.path.exists(tmp_path / "w")
 
 
 def test_labels_outside_the_pair_stop_with_a_clear_message(tmp_path):
@@ -177,29 +221,49 @@ def test_labels_outside_the_pair_stop_with_a_clear_message(tmp_path):
 
 
 def test_a_workdir_with_another_config_is_refused(tiny_run):
-  c, workdir, _ = tiny_run
-  other = tiny_config(seed=1)
-  with pytest.raises(pipeline.ConfigMismatchError, match="seed: 0 -> 1"):
-    pipeline.run(other, workdir)
+  _, workdir, _ = tiny_run
+  with pytest.raises(rundir.ConfigMismatchError, match="seed: 0 -> 1"):
+    pipeline.run(tiny_config(seed=1), workdir)
   assert os.path.exists(os.path.join(workdir, "votes.npz"))  # nothing lost
 
 
-def test_config_variants_parse():
-  from configs import mnist, quickstart  # noqa: F401
-  c = mnist.get_config("trigger=fourpixel,sigma_0=0.5,num_models=200,bound=hoeffding")
+def test_config_variants_parse_and_resolve():
+  c = config_lib.load_config("configs/mnist.py:trigger=fourpixel,sigma_0=0.5,num_models=200,bound=hoeffding")
   assert (c.attack.trigger, c.sigma.sigma_0, c.train.num_models, c.certify.bound) == ("fourpixel", 0.5, 200, "hoeffding")
-  config_lib.validate_config(c)
-  q = quickstart.get_config("quick")
-  assert q.train.num_models < 40
-  with pytest.raises(ValueError, match="unknown config field"):
-    mnist.get_config("sigma0=0.5")
+  r = config_lib.resolve(c)
+  assert (r.sigma.sigma_lo, r.sigma.sigma_hi, r.sigma.num_steps, r.sigma.num_draws) == (0.5, 0.75, 10, 8)
+  assert r.undefended.epochs == 20 and r.sigma.pilot_epochs == 20
+  ref = config_lib.resolve(config_lib.load_config("configs/mnist.py:rule=reference"))
+  assert (ref.sigma.num_steps, ref.sigma.num_draws, ref.sigma.lr) == (850, 1, 1e-4)
+  assert config_lib.load_config("configs/quickstart.py:quick").train.num_models < 40
+  assert config_lib.load_config("configs/fashion_mnist.py:classes=7+9").data.classes == (7, 9)
+  assert config_lib.parse_variant("classes=0,1,quick,num_models=16") == {"classes": "0,1", "quick": "true",
+                                                                         "num_models": "16"}
+  with pytest.raises(ValueError, match="unknown config field 'sigma0' \\(did you mean 'sigma_0'\\?\\)"):
+    config_lib.load_config("configs/mnist.py:sigma0=0.5")
   with pytest.raises(ValueError, match="cannot read"):
-    mnist.get_config("num_models=many")
+    config_lib.load_config("configs/mnist.py:num_models=many")
+  with pytest.raises(ValueError, match="does not exist"):
+    config_lib.load_config("configs/nosuch.py")
+
+
+def test_random_seed_is_drawn_and_recorded(tmp_path):
+  seeds = {config_lib.apply_overrides(config_lib.base_config(), {"seed": "random"}).seed for _ in range(3)}
+  assert len(seeds) > 1 and all(0 <= s < 2**31 for s in seeds)
+  c = tiny_config(seed="random", num_models=2, epochs=1, max_train=64, max_test=16, **{"undefended.enabled": False})
+  pipeline.run(c, str(tmp_path / "r"))
+  assert json.load(open(tmp_path / "r" / "config.json"))["seed"] == c.seed
 
 
 def test_too_few_models_warns_with_the_number_needed(caplog):
-  import logging
-  c = tiny_config(num_models=4, alpha=0.001)
   with caplog.at_level(logging.WARNING, logger="certssb_jax"):
-    assert pipeline.warn_if_uncertifiable(c) == 0.0
-  assert "4 models cannot certify any radius" in caplog.text and "at least 11 models" in caplog.text
+    assert report.warn_if_uncertifiable(config_lib.resolve(tiny_config(num_models=4, alpha=0.001))) == 0.0
+  assert "4 estimating models cannot certify any radius" in caplog.text and "at least 11 are needed" in caplog.text
+
+
+def test_margin_ceiling_and_radius_grid():
+  cfg = config_lib.resolve(tiny_config(num_models=60, alpha=0.001))
+  from certssb_jax import metrics  # pylint: disable=g-import-not-at-top
+  ceiling = bounds.margin_ceiling(60, 0.001, num_classes=2)
+  assert metrics.margin_ceiling(cfg) == ceiling
+  assert metrics.radius_grid(cfg)[4] == pytest.approx(ceiling * 0.25, abs=1e-4)

@@ -1,4 +1,5 @@
-"""The paper's protocol pieces: multi-class runs, the reference-compat numbers, the sweep table."""
+"""The protocol around the certificate: multi-class runs, held-out search models, the reference release's
+numbers, the sweep table, RAB and Cert-SSB sharing their models."""
 
 import csv
 import json
@@ -8,16 +9,21 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from certssb_jax import bounds
+from certssb_jax import config as config_lib
+from certssb_jax import ensemble
 from certssb_jax import pipeline
+from certssb_jax import rng
+from certssb_jax import rundir
+from certssb_jax import scorer as scorer_lib
+from certssb_jax import sigma_search
 from certssb_jax import sweep
 
-from conftest import tiny_config  # pylint: disable=g-bad-import-order
-
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+from conftest import tiny_config, write_tiny_config  # pylint: disable=g-bad-import-order
 
 
 def test_three_classes_end_to_end(tmp_path):
-  c = tiny_config(classes="0 1 2", sigma_mode="fixed", poison_rate=0.05)
+  c = tiny_config(classes="0 1 2", sigma_mode="fixed")
   summary = pipeline.run(c, str(tmp_path / "k3"))
   votes = np.load(tmp_path / "k3" / "votes.npz")
   assert votes["clean"].shape[1] == 3 and np.all(votes["clean"].sum(axis=1) == 8)
@@ -25,63 +31,117 @@ def test_three_classes_end_to_end(tmp_path):
   assert summary["n_triggered"] == int((votes["clean_label"] != 0).sum())
   assert summary["metrics"]["clean_accuracy"] > 0.6
   with open(tmp_path / "k3" / "per_sample.csv") as f:
-    rows = list(csv.DictReader(f))
-  # Bonferroni over K = 3 classes: p_lower is the CP bound at alpha / 3
-  clean = [r for r in rows if r["split"] == "clean"]
-  for r, v in zip(clean, votes["clean"]):
+    clean = [r for r in csv.DictReader(f) if r["split"] == "clean"]
+  for r, v in zip(clean, votes["clean"]):  # Bonferroni over K = 3 classes: the CP bound at alpha / 3
     top = int(np.argmax(v))
     expected = stats.beta.ppf(c.certify.alpha / 3, v[top], 8 - v[top] + 1) if v[top] else 0.0
     assert float(r["p_lower"]) == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
 
-def test_reference_compat_recomputes_the_reference_formulas(tmp_path):
-  c = tiny_config(compat="reference")
+def test_search_models_score_and_never_vote(tmp_path):
+  """With scorer=ensemble the first search_models models choose sigma_x and the others vote: the votes count
+  only models 2..7, and sigma_x is what a search with models 0 and 1 alone gives."""
+  c = tiny_config(scorer="ensemble", **{"sigma.search_models": 2})
+  summary = pipeline.run(c, str(tmp_path / "s"))
+  assert summary["models"]["search"] == 2 and summary["models"]["voting"] == 6
+  votes = np.load(tmp_path / "s" / "votes.npz")
+  assert np.all(votes["clean"].sum(axis=1) == 6)
+  preds = votes["clean_preds"]  # (8, N): every model's class
+  np.testing.assert_array_equal(votes["clean"][:, 1], (preds[2:] == 1).sum(axis=0))
+  cfg = config_lib.resolve(c)
+  from certssb_jax import models  # pylint: disable=g-import-not-at-top
+  model = models.get_model("mnist_cnn", 2)
+  trainer = ensemble.trainer_for(model, (28, 28, 1), cfg, models_per_chunk=2)
+  held_out = ensemble.TrainedEnsemble(trainer, 8, rundir.RunDir(str(tmp_path / "s"))).stacked(np.arange(2))
+  score_fn = scorer_lib.EnsembleScorer(model, trainer.mesh, 2)
+  attacked = pipeline.poison(cfg, pipeline.load_data(cfg), rundir.RunDir(str(tmp_path / "s")), pipeline.no_progress)
+  key = jax_fold(rng.stream(0, rng.SIGMA_SEARCH), 1)
+  sigma, _ = sigma_search.find_sigmas(score_fn, score_fn.place(held_out.params, held_out.batch_stats),
+                                      attacked.splits["clean"].x, None, np.arange(64, dtype=np.int32), key,
+                                      config_lib.search_config_of(cfg.sigma), cfg.sigma.objective, 128)
+  np.testing.assert_array_equal(sigma, np.load(tmp_path / "s" / "sigmas.npz")["test_clean"])
+
+
+def jax_fold(key, i):
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.random.fold_in(key, i)
+
+
+def test_reference_compat_shows_the_reference_inflation(tmp_path):
+  """compat=reference re-runs the ensemble at sigma_0 (as the reference samples) and multiplies the margin by the
+  searched sigma_x: its radii are inflated by exactly sigma_x / sigma_0."""
+  c = tiny_config(compat="reference", **{"sigma.sigma_hi": 0.5})
   summary = pipeline.run(c, str(tmp_path / "ref"))
   ref = summary["reference_compat"]
-  assert "unsound" in ref["note"]
-  votes = np.load(tmp_path / "ref" / "votes.npz")
+  assert "UNSOUND" in ref["note"]
+  cfg = config_lib.resolve(c)
+  attacked = pipeline.poison(cfg, pipeline.load_data(cfg), rundir.RunDir(str(tmp_path / "ref")),
+                             pipeline.no_progress)
+  votes = rundir.load_npz(str(tmp_path / "ref" / "stages" / "votes.npz"))
   sig = np.load(tmp_path / "ref" / "sigmas.npz")["test_clean"]
-  # independent recomputation: Hoeffding with M fixed at 1000, no correction, radius x the optimised sigma
-  mean = votes["clean_probs_sum"] / 8
+  # independent recomputation: Hoeffding with M fixed at 1000, no correction, radius x the searched sigma_x
+  mean = votes["ref_clean_probs_sum"] / 8
   top2 = np.sort(mean, axis=1)[:, ::-1]
   h = np.sqrt(np.log(1 / c.certify.alpha) / 2000)
   pa, pb = np.maximum(1e-8, top2[:, 0] - h), np.minimum(1 - 1e-8, top2[:, 1] + h)
-  radius = sig * (stats.norm.ppf(pa) - stats.norm.ppf(pb)) / 2
-  pred = np.argmax(mean, axis=1)
-  correct = pred == votes["clean_label"]
-  assert ref["cra"]["0.0"] == pytest.approx(np.mean(correct & (radius > 0)))
-  assert ref["cra"]["0.25"] == pytest.approx(np.mean(correct & (radius > 0.25)))
-  assert 0 <= ref["triggered_accuracy_relabelled"] <= 1
+  margin = (stats.norm.ppf(pa) - stats.norm.ppf(pb)) / 2
+  certified = pa > pb
+  correct = (np.argmax(mean, axis=1) == attacked.splits["clean"].y) & certified
+  for r in summary["radius_grid"]:
+    assert ref["cra"][str(float(r))] == pytest.approx(np.mean(correct & (sig * margin > r)))
+    assert ref["cra_at_sigma_0_without_inflation"][str(float(r))] == pytest.approx(
+        np.mean(correct & (0.25 * margin > r)))
+  factor = sig[certified] / 0.25
+  assert factor.max() > 1.2  # the search moved sigma_x, so the inflation is visible
+  assert ref["inflation_factor"]["mean"] == pytest.approx(factor.mean(), rel=1e-6)
+  assert ref["inflation_factor"]["max"] == pytest.approx(factor.max(), rel=1e-6)
+  # its "triggered accuracy" relabels every test input, target class included, to the target
+  assert votes["ref_triggered_all_preds"].shape[1] == 64
 
 
-def test_sweep_writes_a_complete_table_and_resumes(tmp_path):
-  cfg = tmp_path / "tiny.py"
-  cfg.write_text(f"import sys\nsys.path.insert(0, {TESTS_DIR!r})\nfrom conftest import tiny_config\n\n"
-                 "def get_config(arg=None):\n  return tiny_config()\n")
+@pytest.mark.slow
+def test_sweep_table_shares_models_and_resumes(tmp_path):
+  cfg = write_tiny_config(tmp_path / "tiny.py")
   out = str(tmp_path / "sweep")
-  paths = sweep.sweep([str(cfg)], out, ["onepixel"], [0.25], ["fixed", "sample_specific"])
+  paths = sweep.sweep([cfg], out, ["onepixel"], [0.25], ["fixed", "sample_specific"])
   md = open(paths["table_md"]).read()
-  assert "RAB clean_acc" in md and "Cert-SSB clean_acc" in md and "RAB CRA@2.5" in md
   lines = [l for l in md.splitlines() if l.startswith("| mnist")]
-  assert len(lines) == 1 and "-" not in lines[0].split("|")[4:-1]  # both modes filled in
+  assert len(lines) == 2 and "| RAB |" in lines[0] and "| Cert-SSB |" in lines[1]
+  assert "CRA test r=1u" in md and "CRA joint r=1u" in md and "u = margin ceiling x sigma_0" in md
   with open(paths["table_csv"]) as f:
     rows = list(csv.reader(f))
-  assert len(rows) == 2 and len(rows[0]) == 3 + 2 * 14
-  for mode in ("fixed", "sample_specific"):
-    s = json.load(open(os.path.join(sweep.row_dir(out, "mnist", "onepixel", 0.25, mode), "summary.json")))
-    assert s["sigma_mode"] == mode
-  assert os.path.exists(os.path.join(out, "cra_mnist.png"))
-  mtime = os.path.getmtime(os.path.join(sweep.row_dir(out, "mnist", "onepixel", 0.25, "fixed"), "summary.json"))
-  sweep.sweep([str(cfg)], out, ["onepixel"], [0.25], ["fixed", "sample_specific"])  # finished rows are reused
-  assert os.path.getmtime(os.path.join(sweep.row_dir(out, "mnist", "onepixel", 0.25, "fixed"), "summary.json")) == mtime
+  assert len(rows) == 3 and all(len(r) == len(rows[0]) for r in rows)
+  dirs = sorted(os.listdir(os.path.join(out, "mnist_0-1")))
+  assert len(dirs) == 2 and dirs[0].startswith("onepixel_sigma0.25_fixed_")
+  rab, ssb = (os.path.join(out, "mnist_0-1", d) for d in dirs)
+  assert os.path.islink(os.path.join(ssb, "undefended"))  # Cert-SSB (sigma.train = base) trains RAB's models
+  assert all(os.path.islink(os.path.join(ssb, "ensemble", n)) for n in os.listdir(os.path.join(ssb, "ensemble")))
+  a, b = np.load(os.path.join(rab, "votes.npz")), np.load(os.path.join(ssb, "votes.npz"))
+  assert a["clean_preds"].shape == b["clean_preds"].shape
+  assert os.path.exists(os.path.join(out, "cra_mnist_0-1.png"))
+  mtime = os.path.getmtime(os.path.join(rab, "summary.json"))
+  sweep.sweep([cfg], out, ["onepixel"], [0.25], ["fixed", "sample_specific"])  # finished rows are reused
+  assert os.path.getmtime(os.path.join(rab, "summary.json")) == mtime
 
 
-def test_ensemble_scorer_and_the_paper_rule_run_end_to_end(tmp_path):
-  c = tiny_config(test_scorer="ensemble", method="paper", num_models=8)
-  c.sigma.num_steps = 3
-  pipeline.run(c, str(tmp_path / "ens"))
-  sig = np.load(tmp_path / "ens" / "sigmas.npz")
-  # the paper rule only ever grows sigma: every sigma is >= sigma_0 and some grew
-  for k in ("train", "test_clean", "test_triggered"):
-    assert np.all(sig[k] >= c.sigma.sigma_0 - 1e-7), k
-    assert np.any(sig[k] > c.sigma.sigma_0), k
+def test_sweep_splits_config_lists_at_config_files():
+  assert sweep.split_specs("a.py:quick,num_models=16,classes=0,1,b.py,c/d.py:x=1") == [
+      "a.py:quick,num_models=16,classes=0,1", "b.py", "c/d.py:x=1"]
+
+
+def test_training_key_says_which_runs_train_the_same_models():
+  key = lambda **kw: config_lib.training_key(config_lib.to_json(config_lib.resolve(tiny_config(**kw))))
+  assert key(sigma_mode="fixed") == key() == key(objective="prediction", scorer="pilot")
+  assert key(sigma_mode="fixed") != key(train_sigma="search")
+  assert key() != key(seed=3) and key() != key(sigma_0=0.5)
+  assert key() == key(**{"train.checkpoint_every_s": 5})
+
+
+def test_the_reference_rule_and_searched_training_sigmas_run_end_to_end(tmp_path):
+  c = tiny_config(rule="reference", train_sigma="search", objective="label", **{"sigma.num_steps": 12})
+  pipeline.run(c, str(tmp_path / "ref_rule"))
+  sig = np.load(tmp_path / "ref_rule" / "sigmas.npz")
+  top = 0.25 + 12 * 1e-4 * stats.norm.ppf(0.98)
+  for k in ("train", "test_clean", "test_triggered"):  # the reference rule only ever grows sigma
+    assert np.all(sig[k] >= 0.25 - 1e-7) and np.all(sig[k] <= top + 1e-6), k
+    assert np.any(sig[k] > 0.25), k

@@ -2,7 +2,7 @@
 
 The key test builds a 1-D slab scorer whose smoothed probability psi(sigma) is computed independently by
 quadrature (scipy, float64), finds the maximiser of r(sigma) on a grid, and checks that the stochastic ascent
-lands there. Other tests check hand-computed updates (constant scorers, the "paper" rule), a float64
+lands there. Other tests check hand-computed updates (constant scorers, the reference rule), a float64
 finite-difference replica of the reparameterised gradient for a K = 3 scorer, batching invariance, clipping,
 validation and that a batched run compiles once.
 """
@@ -243,23 +243,41 @@ def test_k3_reparam_steps_match_float64_finite_differences():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The "paper" rule: detached scores, sigma += lr * |gap| / 2, never decreasing.
+# The "reference" rule: detached scores, sigma += lr * |gap| / 2, never decreasing.
 # ----------------------------------------------------------------------------------------------------------
 
 
-def test_paper_defaults():
-  config = ss.SearchConfig.paper(sigma_0=0.12, sigma_lo=0.12, sigma_hi=1.0)
-  assert (config.method, config.num_draws, config.lr, config.kappa) == ("paper", 1, 1e-4, 0.02)
-  config = ss.SearchConfig.reparam(sigma_0=0.12, sigma_lo=0.06, sigma_hi=0.5)
-  assert (config.method, config.num_draws, config.lr, config.kappa, config.num_steps) == (
-      "reparam", 8, 0.05, 0.02, 20)
+def reference(**kwargs):
+  rule = ss.RULES["reference"]
+  return ss.SearchConfig(rule="reference", lr=rule.lr, num_draws=rule.num_draws, **kwargs)
 
 
-def test_paper_rule_constant_scorer_by_hand():
+def test_rule_defaults():
+  assert (ss.RULES["reference"].lr, ss.RULES["reference"].num_draws) == (1e-4, 1)
+  assert [ss.RULES["reference"].num_steps(t) for t in ("onepixel", "fourpixel", "blending")] == [850, 1100, 1100]
+  assert (ss.RULES["reparam"].lr, ss.RULES["reparam"].num_draws, ss.RULES["reparam"].num_steps("onepixel")) == (
+      0.05, 8, 10)
+
+
+@pytest.mark.parametrize("trigger,increment", [("onepixel", 0.1746), ("fourpixel", 0.2259)])
+def test_reference_rule_largest_increment_is_steps_lr_probit(trigger, increment):
+  # A saturated scorer (p_A = 0.995 > 1 - kappa): every step adds lr * Phi^-1(0.98), the most the rule can add.
+  # With the release's step counts this is the largest increment of the released sigmas.
+  steps = ss.RULES["reference"].num_steps(trigger)
+  config = reference(sigma_0=0.25, sigma_lo=0.25, sigma_hi=10.0, num_steps=steps)
+  sigma = ss.search_sigma(constant_scorer([0.005, 0.995]), None, np.zeros((3, 2), np.float32), np.ones(3, np.int32),
+                          np.arange(3), KEY, config, unroll=1)
+  expected = steps * 1e-4 * stats.norm.ppf(0.98)
+  np.testing.assert_allclose(np.asarray(sigma) - 0.25, expected, rtol=1e-4)
+  assert ss.largest_increment(config) == pytest.approx(expected, rel=1e-9)
+  assert expected == pytest.approx(increment, abs=5e-5)
+
+
+def test_reference_rule_constant_scorer_by_hand():
   # p_A = 0.9: |gap| = 2 Phi^-1(0.9) whatever the class; each step adds lr * Phi^-1(0.9), also when A is the
   # weaker class (the rule uses |gap|, so sigma grows even for a misclassified sample).
   score = constant_scorer([0.1, 0.9])
-  config = ss.SearchConfig.paper(sigma_0=0.12, sigma_lo=0.12, sigma_hi=1.0, num_steps=7, lr=0.01)
+  config = dataclasses.replace(reference(sigma_0=0.12, sigma_lo=0.12, sigma_hi=1.0, num_steps=7), lr=0.01)
   sigma = ss.search_sigma(score, None, np.zeros((2, 4), np.float32), np.array([1, 0]), np.arange(2), KEY,
                           config, unroll=1)
   np.testing.assert_allclose(np.asarray(sigma), 0.12 + 7 * 0.01 * stats.norm.ppf(0.9), rtol=1e-5)
@@ -270,7 +288,7 @@ def logistic_score(params, xb):
   return ss.binary_probs(xb @ w + b)  # (B, 2)
 
 
-def test_paper_rule_follows_hand_increments_and_never_decreases():
+def test_reference_rule_follows_hand_increments_and_never_decreases():
   w, b = np.array([3.0, -2.0]), 0.5
   params = (jnp.asarray(w, jnp.float32), jnp.float32(b))
   x = np.array([[0.2, 0.7], [0.9, 0.1], [0.5, 0.5], [0.0, 1.0]], np.float32)
@@ -279,7 +297,7 @@ def test_paper_rule_follows_hand_increments_and_never_decreases():
   lo, hi, lr, kappa = 0.1, 5.0, 0.05, 0.02
   finals = []
   for num_steps in range(5):
-    config = ss.SearchConfig.paper(sigma_0=0.25, sigma_lo=lo, sigma_hi=hi, num_steps=num_steps, lr=lr)
+    config = dataclasses.replace(reference(sigma_0=0.25, sigma_lo=lo, sigma_hi=hi, num_steps=num_steps), lr=lr)
     finals.append(np.asarray(ss.search_sigma(logistic_score, params, x, target, indices, KEY, config,
                                              unroll=1)))
   finals = np.stack(finals)  # (T + 1, N): sigma after 0..4 steps (prefixes of the same run)
@@ -347,6 +365,55 @@ def test_batched_driver_compiles_once_and_reports_progress():
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Objectives: which class the search maximises the radius of.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_objectives_pick_class_a():
+  # Inside the slab (u0 = 0) the noise-free class is 1 (F = 0.9), but at sigma_hi = 3 most of the noise leaves
+  # the slab: psi_1(3) = 0.31 by quadrature, so the class that survives the noise is 0.
+  config = ss.SearchConfig(sigma_0=0.3, sigma_lo=0.1, sigma_hi=3.0, num_steps=2, num_draws=8, target_draws=512)
+  assert slab_psi(0.0, 3.0) == pytest.approx(0.31, abs=0.01)
+  x, _, indices = slab_inputs(6, 0.0)
+  labels = np.array([0, 1, 0, 1, 1, 0])
+  pick = lambda name, lab: np.asarray(ss.OBJECTIVES[name].target(slab_score, None, jnp.asarray(x), lab, indices,
+                                                                  KEY, config))
+  np.testing.assert_array_equal(pick("robust_prediction", labels), 0)
+  np.testing.assert_array_equal(pick("prediction", labels), 1)
+  np.testing.assert_array_equal(pick("label", labels), labels)
+  np.testing.assert_array_equal(pick("label", None), 1)  # no labels (test inputs): the scorer's class
+  assert [name for name, o in ss.OBJECTIVES.items() if o.reads_labels] == ["label"]
+
+
+def test_find_sigmas_is_the_objective_then_the_search():
+  config = ss.SearchConfig(sigma_0=0.3, sigma_lo=0.1, sigma_hi=3.0, num_steps=3, num_draws=8, target_draws=64)
+  x, _, _ = slab_inputs(5, 0.0)
+  x[:, 0] = [0.0, 0.5, 0.9, 1.5, -0.2]
+  indices = np.array([4, 9, 2, 30, 7])
+  done = []
+  sigma, target = ss.find_sigmas(slab_score, None, x, None, indices, KEY, config, "robust_prediction",
+                                 batch_size=2, unroll=1, progress=done.append)
+  assert done == [2, 4, 5] and sigma.shape == target.shape == (5,)
+  expected_target = ss.OBJECTIVES["robust_prediction"].target(slab_score, None, jnp.asarray(x), None, indices,
+                                                              jax.random.fold_in(KEY, 0), config)
+  np.testing.assert_array_equal(target, np.asarray(expected_target))
+  expected = ss.search_sigma_batched(slab_score, None, x, target, indices, jax.random.fold_in(KEY, 1), config,
+                                     batch_size=5, unroll=1)
+  np.testing.assert_allclose(sigma, expected, rtol=1e-6)
+  with pytest.raises(ValueError, match="objective"):
+    ss.find_sigmas(slab_score, None, x, None, indices, KEY, config, "nosuch", batch_size=2)
+
+
+def test_steps_split_into_programs_give_the_single_program_result(monkeypatch):
+  x, target, indices = slab_inputs(3, 0.3)
+  config = dataclasses.replace(SMALL, num_steps=7)
+  whole = np.asarray(ss.search_sigma(slab_score, None, x, target, indices, KEY, config, unroll=1))
+  monkeypatch.setattr(ss, "CPU_STEPS_PER_CALL", 3)  # 3 + 3 + 1 steps
+  split = np.asarray(ss.search_sigma(slab_score, None, x, target, indices, KEY, config, unroll=1))
+  np.testing.assert_allclose(split, whole, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Helpers and validation.
 # ----------------------------------------------------------------------------------------------------------
 
@@ -384,7 +451,8 @@ def test_binary_probs_and_runner_up():
     ({"lr": float("nan")}, "lr"),
     ({"kappa": 0.0}, "kappa"),
     ({"kappa": 0.5}, "kappa"),
-    ({"method": "adam"}, "method"),
+    ({"rule": "adam"}, "rule"),
+    ({"target_draws": 0}, "target_draws"),
 ])
 def test_config_validation(changes, match):
   config = dataclasses.replace(ss.SearchConfig(sigma_0=0.25, sigma_lo=0.1, sigma_hi=1.0), **changes)

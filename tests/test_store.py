@@ -15,7 +15,7 @@ from scipy.spatial import distance
 from certssb_jax import store as store_lib
 from certssb_jax.store import CertifiedStore, StoreAnswer
 
-_FIELDS = ("pred", "radius_stored", "margin_stored", "aligned", "trimmed", "stored", "align_source")
+_FIELDS = ("pred", "radius_stored", "radius_joint", "margin_stored", "aligned", "trimmed", "stored", "align_source")
 
 
 def make_stream(seed: int, n: int, dim: int, num_labels: int, num_clusters: int = 3):
@@ -38,33 +38,39 @@ def make_stream(seed: int, n: int, dim: int, num_labels: int, num_clusters: int 
   return x, pred, radius, sigma
 
 
-def reference(x, pred, radius_test, sigma):
-  """Naive float64 storage-update certification, one query at a time, exactly as METHOD.md section 5 says."""
-  xs, labels, radii = [], [], []
+def reference(x, pred, radius_test, sigma, sigma_min=None):
+  """Naive float64 storage-update certification, one query at a time, as docs/method.md section 5 says: every
+  answer is stored (radius 0 included), joint radius sigma_min * margin, or J_k - d_k for an aligned answer."""
+  sigma_min = sigma if sigma_min is None else sigma_min
+  xs, labels, radii, joints = [], [], [], []
   out = {f: [] for f in _FIELDS}
   for i in range(len(pred)):
     c, r = int(pred[i]), float(radius_test[i])
     answer, aligned, trimmed, src = c, False, False, -1
+    j = r * sigma_min[i] / sigma[i]
     if c < 0:
-      r = 0.0
+      r = j = 0.0
     elif xs:
       d = np.sqrt(np.sum((np.asarray(xs) - x[i]) ** 2, axis=1))
-      lab, rad = np.asarray(labels), np.asarray(radii)
+      lab, rad, jnt = np.asarray(labels), np.asarray(radii), np.asarray(joints)
       g = d - rad
       other = lab != c
-      inside = other & (g < 0)
+      inside = other & ((g < 0) | (d == 0))
       if inside.any():  # step 2: align with the ball of largest R_k - d_k
         k = int(np.argmin(np.where(inside, g, np.inf)))
         answer, r, aligned, src = int(lab[k]), float(rad[k] - d[k]), True, k
+        j = max(0.0, min(float(jnt[k] - d[k]), r))
       elif other.any():  # step 3: trim
         new = max(0.0, min(r, float(g[other].min())))
         trimmed = new < r
         r = new
-    if c >= 0 and r > 0:  # step 4: store
+        j = r * sigma_min[i] / sigma[i]
+    if c >= 0:  # step 4: store
       xs.append(x[i])
       labels.append(answer)
       radii.append(r)
-    for f, v in zip(_FIELDS, (answer, r, r / sigma[i], aligned, trimmed, c >= 0 and r > 0, src)):
+      joints.append(j)
+    for f, v in zip(_FIELDS, (answer, r, j, r / sigma[i], aligned, trimmed, c >= 0, src)):
       out[f].append(v)
   return {f: np.asarray(v) for f, v in out.items()}
 
@@ -91,13 +97,15 @@ def check_invariant(store: CertifiedStore) -> None:
   """
   x, label, radius = store.stored_arrays()
   x = x.reshape(len(label), int(np.prod(x.shape[1:]))).astype(np.float64)
-  assert (radius > 0).all()
+  assert (radius >= 0).all()
   d = distance.cdist(x, x)  # (n, n)
   conflict = label[:, None] != label[None, :]
   bad = conflict & (d < radius[:, None] + radius[None, :])
   assert not bad.any(), f"{bad.sum() // 2} overlapping pairs with different labels"
-  # The documented safety margin: each ball was made at least SAFETY * (d + R) smaller than needed.
-  thin = conflict & (d - (radius[:, None] + radius[None, :]) < 0.5 * store_lib.SAFETY * d)
+  # The documented safety margin: each ball was made at least SAFETY * (d + R) smaller than needed. A point
+  # answered with radius 0 may lie exactly on the sphere of an (open) ball of another label: no margin there.
+  balls = (radius[:, None] > 0) & (radius[None, :] > 0)
+  thin = conflict & balls & (d - (radius[:, None] + radius[None, :]) < 0.5 * store_lib.SAFETY * d)
   assert not thin.any(), f"{thin.sum() // 2} pairs closer than the safety margin"
 
 
@@ -119,7 +127,8 @@ def check_answers(ans: dict[str, np.ndarray], store: CertifiedStore, x, pred, ra
   assert (ans["radius_stored"][plain] <= radius[plain]).all()  # trimming never increases a radius
   np.testing.assert_array_equal(ans["trimmed"][plain], ans["radius_stored"][plain] < radius[plain])
   assert not (ans["trimmed"] & ans["aligned"]).any()
-  np.testing.assert_array_equal(ans["stored"], ans["radius_stored"] > 0)
+  np.testing.assert_array_equal(ans["stored"], pred >= 0)
+  assert (ans["radius_joint"] <= ans["radius_stored"]).all() and (ans["radius_joint"] >= 0).all()
 
 
 def assert_same_answers(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
@@ -155,6 +164,7 @@ def test_matches_naive_reference(dim, num_labels):
   ans = store.certify(x, pred, radius, sigma)
   for f in ("pred", "aligned", "trimmed", "stored", "align_source"):
     np.testing.assert_array_equal(ans.__getattribute__(f), ref[f], err_msg=f)
+  np.testing.assert_allclose(ans.radius_joint, ref["radius_joint"], rtol=1e-8, atol=1e-8)
   # The store lowers every radius by SAFETY * (d + R) ~ 2e-10 (and later trims inherit it): atol 1e-8.
   np.testing.assert_allclose(ans.radius_stored, ref["radius_stored"], rtol=1e-8, atol=1e-8)
   np.testing.assert_allclose(ans.margin_stored, ref["margin_stored"], rtol=1e-8, atol=1e-7)
@@ -220,8 +230,8 @@ def test_hand_built_conflict():
   assert ans.radius_stored[0] == 0.25 and not ans.trimmed[0] and not ans.aligned[0]
   ans = store.certify(pts[4:5], [1], [0.5], sigma)  # on A's sphere (d = R_A): not inside, trimmed to 0
   assert ans.pred[0] == 1 and not ans.aligned[0] and ans.trimmed[0]
-  assert ans.radius_stored[0] == 0.0 and not ans.stored[0]
-  assert len(store) == 4
+  assert ans.radius_stored[0] == 0.0 and ans.stored[0]  # stored as a point: no later ball of label 0 covers it
+  assert len(store) == 5
   check_invariant(store)
 
 
@@ -309,6 +319,7 @@ def test_margin_and_abstain():
   np.testing.assert_allclose(ans.radius_stored, [0.0, 2.0, 1.0])
   np.testing.assert_allclose(ans.margin_stored, [0.0, 4.0, 0.5])
   np.testing.assert_array_equal(ans.stored, [False, True, True])
+  np.testing.assert_allclose(ans.radius_joint, ans.radius_stored)  # no sigma_min: joint = test-input radius
   assert isinstance(ans, StoreAnswer)
 
 
@@ -351,3 +362,53 @@ def test_validation():
   assert len(store) == 0  # nothing was stored by the rejected calls
   ans = store.certify(x[:0], [], [], 0.5)  # an empty call is fine
   assert ans.pred.shape == (0,)
+
+
+def test_a_point_answered_with_radius_zero_limits_later_balls():
+  """An answer trimmed to radius 0 is still stored: a later ball of another label stops short of it, and a
+  later query at exactly that point takes its label."""
+  store = CertifiedStore((1,), dtype=np.float64)
+  store.certify(np.array([[0.0]]), [0], [1.0], 1.0)  # ball A: label 0, radius 1
+  ans = store.certify(np.array([[1.0]]), [1], [0.5], 1.0)  # on A's sphere: answered 1, trimmed to 0
+  assert ans.pred[0] == 1 and ans.radius_stored[0] == 0 and ans.stored[0]
+  ans = store.certify(np.array([[1.5]]), [0], [2.0], 1.0)  # label 0 near the point (d = 0.5): trimmed to 0.5
+  assert ans.pred[0] == 0 and ans.trimmed[0] and ans.radius_stored[0] == pytest.approx(0.5, rel=1e-9)
+  ans = store.certify(np.array([[1.0]]), [0], [0.3], 1.0)  # the very same point with label 0: aligned to 1
+  assert ans.aligned[0] and ans.pred[0] == 1 and ans.radius_stored[0] == 0
+  x, label, radius = store.stored_arrays()
+  assert store_lib.audit(x, label, radius)[0] == 0
+
+
+def test_joint_radius_of_answers_by_hand():
+  """Plain answers: sigma_min / sigma_x times the stored radius; aligned ones: J_k - d_k (capped at R)."""
+  store = CertifiedStore((1,), dtype=np.float64)
+  ans = store.certify(np.array([[0.0], [10.0]]), [0, 1], [2.0, 1.0], np.array([0.5, 0.5]),
+                      sigma_min=np.array([0.25, 0.5]))
+  np.testing.assert_allclose(ans.radius_joint, [1.0, 1.0])  # 2 * 0.25 / 0.5 and 1 * 0.5 / 0.5
+  ans = store.certify(np.array([[0.5], [8.5]]), [1, 0], [3.0, 3.0], 0.5, sigma_min=0.5)
+  # Query 1 lies in ball 0 (d = 0.5): label 0, R = 2 - 0.5 = 1.5, J = 1 - 0.5 = 0.5. Query 2 is 1.5 from ball 1
+  # (R = 1) and 8 from ball 0 (other label is only ball 1): trimmed to 0.5, J = 0.5 * 0.5 / 0.5.
+  np.testing.assert_array_equal(ans.pred, [0, 0])
+  np.testing.assert_allclose(ans.radius_stored, [1.5, 0.5], rtol=1e-8)
+  np.testing.assert_allclose(ans.radius_joint, [0.5, 0.5], rtol=1e-8)
+  ans = store.certify(np.array([[0.75]]), [1], [1.0], 0.5, sigma_min=0.5)  # inside balls 0 and 2
+  assert ans.align_source[0] == 0  # R_k - d_k ties at 1.25 (2 - 0.75, 1.5 - 0.25): the earliest ball wins
+  np.testing.assert_allclose(ans.radius_joint, [1.0 - 0.75], rtol=1e-8)  # J_0 - d_0 (J_2 - d_2 is 0.25 too)
+  with pytest.raises(ValueError, match="sigma_min"):
+    store.certify(np.array([[3.0]]), [1], [1.0], 0.5, sigma_min=0.6)
+
+
+def test_audit_counts_contradictions_like_a_naive_loop():
+  """The audit against scipy's pairwise distances, on raw (contradicting) certificates and on store answers."""
+  for dim, seed in ((2, 0), (784, 1)):
+    x, pred, radius, sigma = make_stream(seed, 150, dim, 3)
+    d = distance.cdist(x, x)
+    ok = pred >= 0
+    naive = np.triu((pred[:, None] != pred[None, :]) & ok[:, None] & ok[None, :] &
+                    (d < radius[:, None] + radius[None, :]), k=1)
+    count, pairs = store_lib.audit(x, pred, radius, max_pairs=5)
+    assert count == naive.sum() > 0
+    assert len(pairs) == 5 and all(naive[i, k] for i, k in pairs)
+    ans = CertifiedStore((dim,)).certify(x, pred, radius, sigma)
+    assert store_lib.audit(x, ans.pred, ans.radius_stored)[0] == 0
+  assert store_lib.audit(np.zeros((1, 3)), [0], [1.0])[0] == 0

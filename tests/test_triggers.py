@@ -63,10 +63,37 @@ def test_poison_indices_are_deterministic_non_target_and_sized():
   b = triggers.choose_poison_indices(y, 0.02, target_class=0, seed=3)
   c = triggers.choose_poison_indices(y, 0.02, target_class=0, seed=4)
   np.testing.assert_array_equal(a, b)
-  assert len(a) == 3 and np.all(y[a] == 1)
+  assert len(a) == 4 and np.all(y[a] == 1)  # 2% of all 200 samples, all of them non-target
   assert not np.array_equal(a, c)
+  old = triggers.choose_poison_indices(y, 0.02, target_class=0, seed=3, base="non_target")
+  assert len(old) == 3  # 2% of the 150 non-target samples
   with pytest.raises(ValueError, match="selects no sample"):
     triggers.choose_poison_indices(y, 0.001, target_class=0, seed=0)
+  with pytest.raises(ValueError, match="only 150"):
+    triggers.choose_poison_indices(y, 0.9, target_class=0, seed=0)
+
+
+def test_poison_count_matches_the_paper_on_mnist_sizes():
+  # MNIST 0 vs 1: 5,923 zeros (the target) and 6,742 ones; the reference poisons 2% of all 12,665: 253.
+  y = np.array([0] * 5923 + [1] * 6742)
+  assert triggers.poison_count(y, 0.02, target_class=0) == 253
+  assert triggers.poison_count(y, 0.02, target_class=0, base="non_target") == 135  # the old reading
+  assert triggers.poison_count(np.array([0] * 5000 + [1] * 5000), 0.02, target_class=0) == 200  # CIFAR-10 pair
+
+
+def test_adaptive_selection_takes_the_lowest_scores():
+  y = np.array([1, 0, 1, 1, 1, 0, 1, 1, 1, 1] * 10)
+  scores = np.arange(100.0)[::-1]  # the last samples score lowest
+  idx = triggers.choose_poison_indices(y, 0.05, target_class=0, seed=0, scores=scores)
+  expected = np.flatnonzero(y != 0)[::-1][:5]
+  np.testing.assert_array_equal(idx, np.sort(expected))
+
+
+def test_relabel_only_trigger_leaves_the_images():
+  x = np.random.RandomState(1).rand(3, 28, 28, 1).astype(np.float32)
+  out, norms = triggers.apply_trigger(x, "none", 1.0)
+  np.testing.assert_array_equal(out, x)
+  np.testing.assert_array_equal(norms, 0.0)
 
 
 def test_poison_training_set_relabels_and_triggers_only_the_chosen():

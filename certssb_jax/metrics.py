@@ -1,0 +1,226 @@
+"""What a run's answers mean: accuracies, ASR and CRA, the consistency audit, the side-channel probe and the
+reference release's numbers (docs/method.md sections 3, 5-7). Host-side numpy; ``report`` writes the results.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import scipy.stats
+
+from certssb_jax import bounds
+from certssb_jax import config as config_lib
+from certssb_jax import store as store_lib
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("clean", "triggered")
+# Radii of the CRA curves, in units of ceiling * sigma_0: RAB's largest certifiable test-input radius is 1 on
+# this scale, a sample-specific run's can reach sigma_hi / sigma_0.
+GRID_UNITS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
+# The side-channel probe warns when sigma_j ranks the suspicious training samples this well (AUC) ...
+CHANNEL_AUC = 0.7
+# ... or when triggered inputs get less noise than their clean copies and the attack is this much stronger at
+# the smallest sigma_x than at the largest.
+CHANNEL_ASR_GAP = 0.1
+
+
+def margin_ceiling(cfg: Any) -> float:
+  """The largest margin the run's estimation models and alpha allow at all (sigma units)."""
+  c = cfg.certify
+  m_est = config_lib.num_voters(cfg) - c.holdout_models
+  return bounds.margin_ceiling(m_est, c.alpha, bound=c.bound, correction=c.correction,
+                               num_classes=len(cfg.data.classes))
+
+
+def radius_grid(cfg: Any) -> tuple[float, ...]:
+  """The radii CRA is reported at: ``GRID_UNITS`` times ceiling * sigma_0 (the same grid for RAB and Cert-SSB
+  runs of one M, alpha and sigma_0, so their curves compare point by point)."""
+  unit = margin_ceiling(cfg) * cfg.sigma.sigma_0
+  return tuple(round(u * unit, 4) for u in GRID_UNITS)
+
+
+def split_metrics(pred: np.ndarray, radius_joint: np.ndarray, radius_test: np.ndarray, y: np.ndarray,
+                  target_class: int, grid: tuple[float, ...]) -> dict[str, Any]:
+  """Accuracy (abstain counts as wrong), abstain rate, rate of the target class and CRA of one split.
+
+  ``cra`` uses the joint radius (training triggers and test trigger together, docs/method.md section 3);
+  ``cra_test`` the test-input radius alone (clean training set), the quantity the paper reports.
+  """
+  correct = pred == y
+  answered = pred != -1
+  return {
+      "accuracy": float(np.mean(correct)),
+      "abstain_rate": float(np.mean(~answered)),
+      # Of all inputs (an abstention is no success of the attack); None when every input abstained, which
+      # says nothing about the attack (a 0 there would read as a perfect defense).
+      "target_rate": float(np.mean(pred == target_class)) if answered.any() else None,
+      "cra": bounds.certified_accuracy(radius_joint, correct, grid),
+      "cra_test": bounds.certified_accuracy(radius_test, correct, grid),
+  }
+
+
+def headline(per: dict[str, dict[str, Any]]) -> dict[str, Any]:
+  """The summary's metrics from the per-split metrics: clean split for accuracy and CRA, triggered for ERA/ASR."""
+  clean, trig = per["clean"], per["triggered"]
+  return {"clean_accuracy": clean["accuracy"], "abstain_rate": clean["abstain_rate"], "era": trig["accuracy"],
+          "asr": trig["target_rate"], "abstain_rate_triggered": trig["abstain_rate"], "cra": clean["cra"],
+          "cra_test": clean["cra_test"], "cra_triggered": trig["cra"], "cra_test_triggered": trig["cra_test"]}
+
+
+def answer_metrics(cfg: Any, attacked: Any, answers: dict[str, store_lib.StoreAnswer]) -> dict[str, Any]:
+  """Headline metrics of the storage-update answers (the certificates), with aligned / trimmed counts."""
+  grid = radius_grid(cfg)
+  per = {s: split_metrics(answers[s].pred, answers[s].radius_joint, answers[s].radius_stored,
+                          attacked.splits[s].y, cfg.attack.target_class, grid) for s in SPLITS}
+  out = headline(per)
+  for s in SPLITS:
+    out[f"aligned_{s}"] = int(answers[s].aligned.sum())
+    out[f"trimmed_{s}"] = int(answers[s].trimmed.sum())
+  return out
+
+
+def majority_metrics(cfg: Any, attacked: Any, votes: dict[str, np.ndarray]) -> dict[str, float]:
+  """Clean accuracy, ERA and ASR of the plain majority vote of the voting models: the smoothed classifier's
+  prediction without abstentions (uncertified). With a few dozen models the certificates abstain unless the
+  vote is nearly unanimous; the majority vote shows what the smoothed classifier itself does."""
+  voters = cfg.train.num_models - config_lib.num_voters(cfg)
+  k = len(cfg.data.classes)
+  pred = {s: _majority(votes[f"{s}_preds"][voters:], k) for s in SPLITS}
+  trig = attacked.splits["triggered"]
+  return {"clean_accuracy": float(np.mean(pred["clean"] == attacked.splits["clean"].y)),
+          "era": float(np.mean(pred["triggered"] == trig.y)),
+          "asr": float(np.mean(pred["triggered"] == cfg.attack.target_class))}
+
+
+def certificate_metrics(cfg: Any, attacked: Any, certs: dict[str, bounds.Certificate]) -> dict[str, Any]:
+  """Headline metrics of the certificates before the storage update."""
+  grid = radius_grid(cfg)
+  return headline({s: split_metrics(certs[s].pred, certs[s].radius, certs[s].radius_test, attacked.splits[s].y,
+                                    cfg.attack.target_class, grid) for s in SPLITS})
+
+
+def _ranked_auc(low: np.ndarray, high: np.ndarray) -> float | None:
+  """P(a value of ``low`` < a value of ``high``) + P(tie) / 2: the AUC of -value for telling ``low`` apart."""
+  if len(low) == 0 or len(high) == 0:
+    return None
+  u = scipy.stats.mannwhitneyu(high, low, alternative="two-sided").statistic
+  return float(u / (len(low) * len(high)))
+
+
+def side_channel_probe(cfg: Any, attacked: Any, votes: dict[str, np.ndarray], sigma_train: np.ndarray,
+                       disagree: np.ndarray | None, sigma_test: dict[str, np.ndarray]) -> dict[str, Any]:
+  """Does the noise level carry the attack? (docs/soundness.md, "the noise level as a side channel").
+
+  * ``auc_label_disagreement``: how well a small sigma_j picks out the training samples whose label the pilot
+    disagrees with (what a relabelled image looks like), as an AUC; 0.5 is no signal.
+  * ``auc_poisoned``: the same for the poisoned samples against the clean samples of the target class (the
+    experiment knows which were poisoned).
+  * triggered inputs against their clean copies: the mean difference of sigma_x and the fraction that got
+    less noise than their copy (by more than 1%).
+  * the ensemble's clean accuracy, ERA and ASR re-evaluated with every input at the smallest and at the largest
+    sigma_x the run used: how strongly the noise level moves the attack.
+
+  ``channel`` is set, and a warning logged, when an AUC reaches ``CHANNEL_AUC``, or when most triggered inputs
+  got less noise than their copies while the ASR at the smallest sigma_x exceeds the ASR at the largest by
+  ``CHANNEL_ASR_GAP``.
+  """
+  y, target = attacked.y_train, cfg.attack.target_class
+  poisoned = np.zeros(len(y), bool)
+  poisoned[attacked.poison_indices] = True
+  same_label = (y == target) & ~poisoned
+  out: dict[str, Any] = {
+      "auc_label_disagreement": (_ranked_auc(sigma_train[disagree], sigma_train[~disagree])
+                                 if disagree is not None else 0.5),
+      "auc_poisoned": _ranked_auc(sigma_train[poisoned], sigma_train[same_label]),
+  }
+  trig = attacked.splits["triggered"]
+  diff = sigma_test["triggered"] - sigma_test["clean"][trig.index]
+  out["sigma_x_triggered_minus_clean_copy"] = float(diff.mean())
+  out["triggered_below_clean_copy"] = float(np.mean(diff < -0.01 * sigma_test["clean"][trig.index]))
+  used = np.concatenate([sigma_test[s] for s in SPLITS])
+  voters = cfg.train.num_models - config_lib.num_voters(cfg)
+  for name, level in (("at_min", used.min()), ("at_max", used.max())):  # majority votes, as in majority_metrics
+    pred = {s: _majority(votes[f"{name}_{s}_preds"][voters:], len(cfg.data.classes)) for s in SPLITS}
+    out[name] = {"sigma_x": float(level), "clean_accuracy": float(np.mean(pred["clean"] == attacked.splits["clean"].y)),
+                 "era": float(np.mean(pred["triggered"] == trig.y)),
+                 "asr": float(np.mean(pred["triggered"] == target))}
+  reasons = [f"{k} = {out[k]:.3f}" for k in ("auc_label_disagreement", "auc_poisoned")
+             if out[k] is not None and out[k] >= CHANNEL_AUC]
+  gap = out["at_min"]["asr"] - out["at_max"]["asr"]
+  if out["triggered_below_clean_copy"] > 0.5 and gap >= CHANNEL_ASR_GAP:
+    reasons.append(f"{out['triggered_below_clean_copy']:.0%} of triggered inputs got less noise than their clean "
+                   f"copy and the ASR is {gap:.2f} higher at the smallest sigma_x")
+  out["channel"] = bool(reasons)
+  if reasons:
+    logger.warning("side channel: the noise level carries the attack (%s); see docs/soundness.md",
+                   "; ".join(reasons))
+  return out
+
+
+def _majority(preds: np.ndarray, num_classes: int) -> np.ndarray:
+  """The plain majority vote (ties to the lowest class) of per-model predictions (M, N) -> (N,)."""
+  counts = np.zeros((preds.shape[1], num_classes), np.int64)
+  np.add.at(counts, (np.broadcast_to(np.arange(preds.shape[1]), preds.shape), preds), 1)
+  return counts.argmax(axis=1)
+
+
+def reference_numbers(cfg: Any, attacked: Any, votes: dict[str, np.ndarray],
+                      sigma_test: dict[str, np.ndarray]) -> dict[str, Any]:
+  """The reference release's numbers (docs/method.md section 6), recomputed by re-running the ensemble as it
+  does: test noise sampled at sigma_0, Hoeffding with M fixed at 1000 and no selection correction, the margin
+  multiplied by the searched sigma_x, and a "triggered accuracy" that relabels every triggered test input
+  (target class included) to the target. UNSOUND; for comparison with the paper only."""
+  m = cfg.train.num_models
+  sigma_0 = cfg.sigma.sigma_0
+  ref = bounds.reference_certificate(votes["ref_clean_probs_sum"], sigma_test["clean"], sigma_0, cfg.certify.alpha,
+                                     num_models=m)
+  y = attacked.splits["clean"].y
+  grid = radius_grid(cfg)
+  sound = bounds.certify_counts(None, alpha=cfg.certify.alpha, bound="hoeffding", correction=None,
+                                soft_sums=votes["ref_clean_probs_sum"], num_models=m, sigma_x=sigma_0)
+  certified = ref.pred != -1
+  inflation = ref.radius[certified] / (sigma_0 * ref.margin[certified]) if certified.any() else np.ones(1)
+  ref_trig = bounds.reference_certificate(votes["ref_triggered_all_probs_sum"], sigma_0, sigma_0,
+                                          cfg.certify.alpha, num_models=m)
+  return {
+      "note": "the reference release's formulas: test noise at sigma_0, Hoeffding with M fixed at 1000, no "
+              "selection correction, radius = searched sigma_x * margin (inflated by sigma_x / sigma_0), "
+              "triggered accuracy = every triggered test input relabelled to the target; UNSOUND",
+      "clean_accuracy": float(np.mean(ref.pred == y)),
+      "cra": bounds.certified_accuracy(ref.radius, ref.pred == y, grid),
+      "cra_paper_grid": bounds.certified_accuracy(ref.radius, ref.pred == y),
+      "cra_at_sigma_0_without_inflation": bounds.certified_accuracy(sigma_0 * ref.margin, ref.pred == y, grid),
+      "cra_hoeffding_real_m_at_sigma_0": bounds.certified_accuracy(sound.radius_test, sound.pred == y, grid),
+      "inflation_factor": {"min": float(inflation.min()), "mean": float(inflation.mean()),
+                           "max": float(inflation.max())},
+      "triggered_accuracy_relabelled": float(np.mean(ref_trig.pred == cfg.attack.target_class)),
+  }
+
+
+def collect(cfg: Any, attacked: Any, certs: dict[str, bounds.Certificate],
+            answers: dict[str, store_lib.StoreAnswer], other_answers: dict[str, store_lib.StoreAnswer],
+            other_order: str, votes: dict[str, np.ndarray], sigma_train: np.ndarray, disagree: np.ndarray | None,
+            sigma_test: dict[str, np.ndarray]) -> dict[str, Any]:
+  """Everything the summary reports besides the headline answers: the pre-store certificates (uncertified),
+  the consistency audit, the other query order, the probe and the reference's numbers."""
+  x = np.concatenate([attacked.splits[s].x for s in SPLITS])
+  cat = lambda arrays: np.concatenate([arrays[s] for s in SPLITS])
+  pre, _ = store_lib.audit(x, cat({s: certs[s].pred for s in SPLITS}), cat({s: certs[s].radius_test for s in SPLITS}))
+  post, pairs = store_lib.audit(x, cat({s: answers[s].pred for s in SPLITS}),
+                                cat({s: answers[s].radius_stored for s in SPLITS}))
+  if post:
+    logger.error("consistency audit: %d contradicting answers after the storage update (first %s)", post, pairs[:3])
+  out = {
+      "majority": majority_metrics(cfg, attacked, votes),
+      "pre_store": certificate_metrics(cfg, attacked, certs),
+      "consistency": {"contradictions": post, "contradictions_pre_store": pre, "queries": int(len(x))},
+      "other_order": {"query_order": other_order, **answer_metrics(cfg, attacked, other_answers)},
+  }
+  if cfg.sigma.mode == "sample_specific":
+    out["probe"] = side_channel_probe(cfg, attacked, votes, sigma_train, disagree, sigma_test)
+  if cfg.certify.compat == "reference":
+    out["reference_compat"] = reference_numbers(cfg, attacked, votes, sigma_test)
+  return out

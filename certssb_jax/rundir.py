@@ -1,0 +1,289 @@
+"""The run folder: its paths, the config check, the stage cache, the model checkpoints and atomic writes.
+
+A killed run leaves a folder that resumes: every finished stage is one ``.npz`` written to a temporary name and
+renamed into place, models are Orbax checkpoints (which Orbax also commits atomically), and what a killed run
+left half-written is removed when the folder is opened again. Only process 0 writes (``multihost``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from typing import Any, Callable
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+from certssb_jax import config as config_lib
+from certssb_jax import multihost
+
+logger = logging.getLogger(__name__)
+
+_ENSEMBLE_CHECKPOINT = re.compile(r"^chunks_(\d{5})-(\d{5})$")  # chunks first..last (inclusive) of the ensemble
+_RESULTS = ("stages", "ensemble", "pilot", "undefended", "surrogate")  # what --fresh discards
+
+
+class ConfigMismatchError(ValueError):
+  """The run folder holds a run with a different config."""
+
+
+# ---------------------------------------------------------------------------------------------- atomic files
+
+
+def _remove(path: str) -> None:
+  """Removes a file, a folder or a link (not what a link points to)."""
+  if os.path.islink(path) or os.path.isfile(path):
+    os.unlink(path)
+  elif os.path.isdir(path):
+    shutil.rmtree(path)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+  """Writes ``data`` to ``path`` through a temporary file in the same folder and ``os.replace`` (mode 0644)."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.basename(path))
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600: results are meant to be read by others
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def save_npz(path: str, **arrays: Any) -> None:
+  """Atomically writes arrays as an uncompressed ``.npz``."""
+  buf = io.BytesIO()
+  np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+  atomic_write_bytes(path, buf.getvalue())
+
+
+def load_npz(path: str) -> dict[str, np.ndarray]:
+  """Reads every array of an ``.npz`` into memory."""
+  with np.load(path, allow_pickle=False) as f:
+    return {k: f[k] for k in f.files}
+
+
+def save_json(path: str, obj: Any) -> None:
+  """Atomically writes JSON (indented, keys in insertion order)."""
+  atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
+
+
+def load_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
+
+
+def _json_default(o: Any) -> Any:
+  if isinstance(o, np.generic):
+    return o.item()
+  if isinstance(o, (np.ndarray, tuple)):
+    return list(o) if isinstance(o, tuple) else o.tolist()
+  raise TypeError(f"cannot write {type(o).__name__} to JSON")
+
+
+# ---------------------------------------------------------------------------------------------- the folder
+
+
+def check_config(path: str, config: Any, *, fresh: bool = False) -> bool:
+  """Whether the folder holds a run with another config (its results would be discarded), without writing.
+
+  Raises:
+    ConfigMismatchError: it does (names the fields) and ``fresh`` is False.
+  """
+  new = config if isinstance(config, dict) else config_lib.to_json(config)
+  old_path = os.path.join(path, "config.json")
+  if not os.path.exists(old_path):
+    return False
+  try:
+    diff = config_lib.differences(load_json(old_path), new)
+  except (ValueError, AttributeError):
+    diff = ["config.json: unreadable"]
+  if diff and not fresh:
+    raise ConfigMismatchError(
+        f"{os.path.abspath(path)} holds a run with another config ({'; '.join(diff[:4])}"
+        f"{'; ...' if len(diff) > 4 else ''}): use another --workdir, or --fresh to discard its results")
+  return bool(diff)
+
+
+class RunDir:
+  """One run's folder. ``RunDir.open`` checks it against the config; the stages then read and write through it."""
+
+  def __init__(self, path: str):
+    self.path = os.path.abspath(path)
+    self._checkpointer = ocp.StandardCheckpointer()
+
+  @classmethod
+  def open(cls, path: str, config: Any, *, fresh: bool = False) -> RunDir:
+    """Creates the folder, or checks that the run it holds has the same config, and removes half-written files.
+
+    Args:
+      path: the folder.
+      config: the resolved config (``config.resolve``); written to ``config.json``.
+      fresh: discard the results of a run with another config instead of refusing.
+
+    Raises:
+      ConfigMismatchError: the folder's ``config.json`` differs (names the fields) and ``fresh`` is False.
+    """
+    rd = cls(path)
+    refused = None
+    if multihost.is_primary():
+      try:
+        rd._check_config(config_lib.to_json(config), fresh)
+        rd.clean_partial_writes()
+      except ConfigMismatchError as e:
+        refused = e
+    if not multihost.agree(refused is None):
+      raise refused or ConfigMismatchError(f"process 0 refused run folder {path} (see its log)")
+    note = rd.describe() if multihost.is_primary() else None
+    if note:
+      logger.info("%s", note)
+    return rd
+
+  def _check_config(self, new: dict[str, Any], fresh: bool) -> None:
+    if check_config(self.path, new, fresh=fresh):
+      for name in _RESULTS:
+        _remove(self.file(name))
+    os.makedirs(self.path, exist_ok=True)
+    save_json(self.file("config.json"), new)
+
+  def describe(self) -> str | None:
+    """One line on what the folder already holds (what a resumed run reuses), or None when it holds nothing."""
+    stages = sorted(f[:-4] for f in os.listdir(self.file("stages")) if f.endswith(".npz")) \
+        if os.path.isdir(self.file("stages")) else []
+    chunks = [c for first, last in self.saved_chunks() for c in range(first, last + 1)]
+    models = [n for n in ("surrogate", "undefended", "pilot") if os.path.isdir(self.file(n))]
+    if not (stages or chunks or models):
+      return None
+    return (f"resuming {self.path}: stages {', '.join(stages) or 'none'}; {len(chunks)} trained ensemble chunks"
+            + (f"; models {', '.join(models)}" if models else ""))
+
+  def file(self, name: str) -> str:
+    return os.path.join(self.path, name)
+
+  def clean_partial_writes(self) -> list[str]:
+    """Removes what a killed run left half-written (Orbax ``*.orbax-checkpoint-tmp*`` folders, ``.tmp_*`` files
+    of atomic writes): never reused, they would only accumulate. Returns the removed paths."""
+    removed = []
+    for folder in (self.path, self.file("stages"), self.file("ensemble")):
+      for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        path = os.path.join(folder, name)
+        if ".orbax-checkpoint-tmp" in name:
+          shutil.rmtree(path, ignore_errors=True)
+          removed.append(path)
+        elif name.startswith(".tmp_") and os.path.isfile(path):
+          os.remove(path)
+          removed.append(path)
+    for path in removed:
+      logger.info("removed %s, left half-written by an interrupted run", path)
+    return removed
+
+  # ------------------------------------------------------------------ results and the stage cache
+
+  def save_npz(self, name: str, **arrays: Any) -> None:
+    if multihost.is_primary():
+      save_npz(self.file(name), **arrays)
+
+  def save_json(self, name: str, obj: Any) -> None:
+    if multihost.is_primary():
+      save_json(self.file(name), obj)
+
+  def stage(self, name: str, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The arrays of a finished stage, or ``compute()`` saved as one (its seconds go to ``timings``)."""
+    path = self.file(os.path.join("stages", f"{name}.npz"))
+    if multihost.agree(os.path.exists(path)):
+      logger.info("reusing stage %s", name)
+      return load_npz(path)
+    t0 = time.perf_counter()
+    out = multihost.broadcast_exact(compute())
+    self.record_time(name, time.perf_counter() - t0)
+    self.save_npz(os.path.join("stages", f"{name}.npz"), **out)
+    return out
+
+  def record_time(self, name: str, seconds: float, *, accumulate: bool = True) -> None:
+    """Records the compute time of a stage in ``stages/timings.json``, kept across resumed runs: added to what
+    earlier runs spent on it (a stage resumed after a kill), or replacing it (a stage every run recomputes)."""
+    if not multihost.is_primary():
+      return
+    timings = self.timings()
+    timings[name] = round((timings.get(name, 0.0) if accumulate else 0.0) + seconds, 3)
+    save_json(self.file(os.path.join("stages", "timings.json")), timings)
+
+  def timings(self) -> dict[str, float]:
+    """Seconds spent computing each stage, over every run in this folder (reused work costs nothing)."""
+    path = self.file(os.path.join("stages", "timings.json"))
+    return load_json(path) if os.path.exists(path) else {}
+
+  # ------------------------------------------------------------------ single models (pilot, undefended, ...)
+
+  def has_model(self, name: str) -> bool:
+    return multihost.agree(os.path.exists(self.file(name)))
+
+  def restore_model(self, name: str, template: Any) -> Any:
+    logger.info("reusing the %s model", name)
+    return self._checkpointer.restore(self.file(name), template)
+
+  def save_model(self, name: str, state: Any) -> None:
+    self._checkpointer.save(self.file(name), state)
+    self._checkpointer.wait_until_finished()
+
+  # ------------------------------------------------------------------ ensemble chunks
+
+  def chunks_dir(self, first: int, last: int) -> str:
+    """The Orbax checkpoint of the trained chunks ``first..last`` (inclusive), stacked along the model axis."""
+    return self.file(os.path.join("ensemble", f"chunks_{first:05d}-{last:05d}"))
+
+  def saved_chunks(self) -> list[tuple[int, int]]:
+    """(first, last) chunk of every complete ensemble checkpoint (Orbax writes under a temporary name and renames
+    when complete, so a listed one is whole). Process 0's list, on every process."""
+    folder = self.file("ensemble")
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    found = np.asarray([(int(m.group(1)), int(m.group(2))) for m in map(_ENSEMBLE_CHECKPOINT.match, names) if m],
+                       np.int64).reshape(-1, 2)
+    return [tuple(int(v) for v in g) for g in multihost.broadcast_exact(found)]
+
+  def save_chunks(self, first: int, last: int, tree: Any) -> None:
+    """Starts saving chunks ``first..last`` in the background (after the previous save finished)."""
+    self._checkpointer.wait_until_finished()
+    self._checkpointer.save(self.chunks_dir(first, last), tree)
+
+  def wait(self) -> None:
+    self._checkpointer.wait_until_finished()
+
+  def restore_chunks(self, first: int, last: int, template: Any) -> Any:
+    return self._checkpointer.restore(self.chunks_dir(first, last), template)
+
+
+def link_trained(src: str, dst: str, config: Any) -> bool:
+  """Lets the run folder ``dst`` reuse the models trained in ``src`` when ``config`` trains the same ones.
+
+  A Cert-SSB run with ``sigma.train = base`` trains exactly RAB's models (same data, seeds and training noise),
+  so a sweep or ``--compare_modes`` trains them once: ``dst`` gets links to ``src``'s undefended model,
+  surrogate and ensemble checkpoints (whatever ``dst`` does not hold yet). Returns whether it linked.
+  """
+  src_config = os.path.join(src, "config.json")
+  if not multihost.is_primary() or not os.path.exists(src_config):
+    return False
+  if config_lib.training_key(load_json(src_config)) != config_lib.training_key(config_lib.to_json(config)):
+    return False
+  os.makedirs(os.path.join(dst, "ensemble"), exist_ok=True)
+  names = [n for n in ("undefended", "surrogate") if os.path.isdir(os.path.join(src, n))]
+  folder = os.path.join(src, "ensemble")
+  names += [os.path.join("ensemble", n) for n in sorted(os.listdir(folder)) if _ENSEMBLE_CHECKPOINT.match(n)] \
+      if os.path.isdir(folder) else []
+  for name in names:
+    if not os.path.lexists(os.path.join(dst, name)):
+      os.symlink(os.path.abspath(os.path.join(src, name)), os.path.join(dst, name))
+  logger.info("%s reuses the models trained in %s", dst, src)
+  return True
