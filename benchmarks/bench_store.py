@@ -1,4 +1,4 @@
-"""Cost per query of storage-update certification as the store grows (METHOD.md section 5).
+"""Cost per query of storage-update certification as the store grows (docs/method.md section 5).
 
 For each store size S the store is filled with S random balls (``CertifiedStore.from_arrays``: random inputs in
 [0, 1]^D, labels 0/1, radii in [0.05, 0.5], pairwise disjoint at these distances), then ``--repeats`` batches

@@ -1,9 +1,10 @@
 r"""certssb-jax against the PyTorch baseline on the same data: stage times and agreement of certified accuracies.
 
-Both sides do the same work (METHOD.md section 2, fixed sigma = RAB): train M smoothed models on the same
+Both sides do the same work (docs/method.md section 2, fixed sigma = RAB): train M smoothed models on the same
 poisoned training set and certify the clean and triggered test splits. certssb-jax runs its whole pipeline
-with ``sigma.mode=fixed``, ``undefended.enabled=False`` and ``certify.storage_update=False`` (the baseline has
-no store); the baseline is ``benchmarks/torch_baseline.py``. Both sides' votes go through the SAME host-side
+with ``sigma.mode=fixed`` and ``undefended.enabled=False``; its storage update runs as in every run and changes
+nothing here (RAB's certificates of one fixed sigma never contradict each other, so every stored answer is the
+certificate itself). The baseline is ``benchmarks/torch_baseline.py``. Both sides' votes go through the SAME host-side
 bounds (``certssb_jax.pipeline.bound_split`` -> ``bounds.certify_counts``, same alpha, bound and correction),
 so the metrics differ only by the random draws (noise, init, batch order) and the frameworks. Agreement is
 judged per metric with an exact McNemar test on the paired per-input outcomes (the same N test inputs on both
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
+import dataclasses
 import json
 import logging
 import math
@@ -41,16 +42,19 @@ from typing import Any, Callable, Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root: benchmarks.*
 
+import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from certssb_jax import bounds  # noqa: E402
 from certssb_jax import config as config_lib  # noqa: E402
 from certssb_jax import ensemble  # noqa: E402
-from certssb_jax import member
+from certssb_jax import member  # noqa: E402
+from certssb_jax import metrics  # noqa: E402
 from certssb_jax import models as models_lib  # noqa: E402
 from certssb_jax import pipeline  # noqa: E402
 from certssb_jax import report  # noqa: E402
+from certssb_jax import rundir  # noqa: E402
 
 from benchmarks import torch_baseline  # noqa: E402  pylint: disable=g-bad-import-order
 
@@ -62,28 +66,18 @@ AREA = "mean certified radius of correct inputs (area under CRA)"
 # ---------------------------------------------------------------------------------------------- config
 
 
-def load_config(spec: str):
-  """``path/to/config.py[:variant]`` -> the ConfigDict of ``get_config(variant)`` (as the launcher reads it)."""
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise ValueError(f"config file {path!r} does not exist")
-  module_spec = importlib.util.spec_from_file_location("_compare_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
-
-
-def benchmark_config(spec: str, num_models: int | None, epochs: int | None):
-  """The run config both sides use: fixed sigma (RAB), no undefended model, no storage update."""
-  c = load_config(spec)
+def benchmark_config(spec: str, num_models: int | None, epochs: int | None) -> ml_collections.ConfigDict:
+  """The run config both sides use: ``spec`` (``path/to/config.py[:variant]``, as the launcher reads it) with
+  fixed sigma (RAB) and no undefended model. Checked here (``config.resolve``), so a bad override stops before
+  any work."""
+  c = config_lib.load_config(spec)
   c.sigma.mode = "fixed"
   c.undefended.enabled = False
-  c.certify.storage_update = False
   if num_models is not None:
     c.train.num_models = num_models
   if epochs is not None:
     c.train.epochs = epochs
-  config_lib.validate_config(c)
+  config_lib.resolve(c)
   return c
 
 
@@ -141,29 +135,34 @@ def steady_state(rec: list[tuple[float, int]], unit_count: int) -> dict[str, flo
           "without_compile": t_close - t_open - (t_first - t_open) + per_chunk}
 
 
-def run_jax(config, workdir: str) -> dict[str, Any]:
-  """Runs the certssb-jax pipeline from scratch in ``workdir``; returns its summary and compile-free timings."""
+def run_jax(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs the certssb-jax pipeline from scratch in ``workdir``; returns its summary and compile-free timings.
+
+  Stage seconds come from the run's ``timings_s``: ``train_ensemble``, ``votes`` (the certification kernel over
+  both splits) and ``bounds_store_diagnostics`` (bounds, the storage update and the diagnostics).
+  """
   shutil.rmtree(workdir, ignore_errors=True)
+  cfg = config_lib.resolve(config)
   clock = StepClock()
   t0 = time.perf_counter()
   summary = pipeline.run(config, workdir, progress=clock)
   wall = time.perf_counter() - t0
   t = summary["timings_s"]
-  m = config.train.num_models
-  chunk = ensemble.auto_models_per_chunk(config.train.models_per_chunk, m)
+  m = cfg.train.num_models
+  chunk = ensemble.auto_models_per_chunk(cfg.train.models_per_chunk, m)
   n_train = summary["n_train"]
-  steps_per_chunk = config.train.epochs * (n_train // config.train.batch_size)
+  steps_per_chunk = cfg.train.epochs * (n_train // cfg.train.batch_size)
   train = steady_state(clock.bar("train ensemble"), steps_per_chunk)
-  # every certification bar (one per split, or one for both); a chunk is what its first update counted
+  # every certification bar (one for all requests); a chunk is what its first update counted
   cert = {name: steady_state(bar, bar[1][1] if len(bar) > 2 else chunk)
           for name, bar in clock.bars.items() if name.startswith("certify")}
-  out = {"train": t["train_ensemble"], "certify": t["certify"], "bounds": t["bounds"],
+  out = {"train": t["train_ensemble"], "certify": t["votes"], "bounds": t.get("bounds_store_diagnostics", 0.0),
          "pipeline_wall": round(wall, 3), "stage_timings": t, "models_per_chunk": chunk}
   out["train_plus_certify"] = round(out["train"] + out["certify"], 3)
   if train is not None and cert and all(cert.values()):
     out["train_without_compile"] = round(t["train_ensemble"] - train["bar"] + train["without_compile"], 3)
     out["certify_without_compile"] = round(
-        t["certify"] - sum(c["bar"] for c in cert.values()) + sum(c["without_compile"] for c in cert.values()), 3)
+        t["votes"] - sum(c["bar"] for c in cert.values()) + sum(c["without_compile"] for c in cert.values()), 3)
     out["train_plus_certify_without_compile"] = round(
         out["train_without_compile"] + out["certify_without_compile"], 3)
     out["train_first_chunk"] = round(train["first"], 3)
@@ -171,32 +170,36 @@ def run_jax(config, workdir: str) -> dict[str, Any]:
     out["train_ms_per_model_step"] = round(1e3 * train["per_chunk"] / (chunk * steps_per_chunk), 3)
     out["certify_per_chunk"] = {name: round(c["per_chunk"], 4) for name, c in cert.items()}
     out["certify_first_chunk"] = {name: round(c["first"], 3) for name, c in cert.items()}
-  ds = pipeline.load_data(config)
-  out.update(checkpoint_io(config, workdir, ds.input_shape, ds.num_classes))
+  ds = pipeline.load_data(cfg)
+  out.update(checkpoint_io(cfg, workdir, ds.input_shape, ds.num_classes))
   return {"summary": summary, "timings": out}
 
 
-def checkpoint_io(config, workdir: str, input_shape: tuple[int, ...], num_classes: int) -> dict[str, float]:
+def checkpoint_io(cfg: ml_collections.FrozenConfigDict, workdir: str, input_shape: tuple[int, ...],
+                  num_classes: int) -> dict[str, float]:
   """Seconds certssb-jax's Orbax checkpoints cost: restoring every trained chunk (what certification pays when
   it reads the ensemble back from disk) and saving one chunk again (the fixed cost of one checkpoint; training
-  saves its chunks together every ``train.checkpoint_every_s``)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  saves its chunks together every ``train.checkpoint_every_s``).
 
-  t = config.train
+  Args:
+    cfg: the resolved config of the run in ``workdir``.
+    workdir: the finished run's folder.
+    input_shape: (H, W, C).
+    num_classes: K.
+  """
+  t = cfg.train
   m = t.num_models
-  train_config = ensemble.TrainConfig(epochs=t.epochs, batch_size=t.batch_size, learning_rate=t.learning_rate,
-                                      models_per_chunk=ensemble.auto_models_per_chunk(t.models_per_chunk, m))
-  trainer = ensemble.EnsembleTrainer(models_lib.get_model(config.model.name, num_classes), input_shape, train_config)
+  trainer = ensemble.trainer_for(models_lib.get_model(cfg.model.name, num_classes), input_shape, cfg,
+                                 models_per_chunk=ensemble.auto_models_per_chunk(t.models_per_chunk, m))
   t0 = time.perf_counter()
-  states = [s for _, s in pipeline.iter_ensemble(trainer, workdir, m)]
+  states = [s for _, s in ensemble.TrainedEnsemble(trainer, m, rundir.RunDir(workdir)).chunks()]
   restore = time.perf_counter() - t0
-  path = os.path.join(os.path.abspath(workdir), "_io_probe")
-  checkpointer = ocp.StandardCheckpointer()
+  probe = rundir.RunDir(os.path.join(os.path.abspath(workdir), "_io_probe"))
   t0 = time.perf_counter()
-  checkpointer.save(path, states[0])
-  checkpointer.wait_until_finished()
+  probe.save_chunks(0, 0, {"params": states[0].params, "batch_stats": states[0].batch_stats})
+  probe.wait()
   save = time.perf_counter() - t0
-  shutil.rmtree(path, ignore_errors=True)
+  shutil.rmtree(probe.path, ignore_errors=True)
   return {"restore_all_chunks": round(restore, 3), "save_one_chunk": round(save, 4), "num_chunks": len(states)}
 
 
@@ -206,7 +209,30 @@ def load_jax_votes(workdir: str) -> dict[str, dict[str, np.ndarray]]:
     return {sp: {"preds": f[f"{sp}_preds"].astype(np.int64), "probs_sum": f[f"{sp}_probs_sum"]} for sp in SPLITS}
 
 
-def step_benchmark(exp: pipeline.Experiment, config, repeats: int, torch_threads: int | None) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What both sides train and certify on: the resolved config, the attacked data and RAB's sigmas."""
+
+  cfg: ml_collections.FrozenConfigDict
+  attacked: pipeline.Attacked
+  sigma_train: np.ndarray  # (n,) sigma_0 everywhere
+  sigma_test: dict[str, np.ndarray]  # split -> (N,) sigma_0 everywhere
+
+
+def make_setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
+  """The data and poisoning of the pipeline (deterministic in the config) and the fixed sigmas of RAB.
+
+  ``pipeline.poison`` records its poisoned indices in ``workdir`` (the certssb-jax run folder: the same file the
+  run wrote, when there is one).
+  """
+  cfg = config_lib.resolve(config)
+  attacked = pipeline.poison(cfg, pipeline.load_data(cfg), rundir.RunDir(workdir), pipeline.no_progress)
+  s0 = cfg.sigma.sigma_0
+  return Setup(cfg, attacked, np.full(len(attacked.y_train), s0, np.float32),
+               {sp: np.full(len(attacked.splits[sp].y), s0, np.float32) for sp in SPLITS})
+
+
+def step_benchmark(setup: Setup, repeats: int, torch_threads: int | None) -> dict[str, Any]:
   """Training throughput of both sides measured in the SAME time window, interleaved, to factor out load.
 
   Each repeat trains one more model for one epoch on each side, in turn: certssb-jax (``EnsembleTrainer.
@@ -217,28 +243,29 @@ def step_benchmark(exp: pipeline.Experiment, config, repeats: int, torch_threads
   Returns:
     {"jax", "torch", "torch_1_thread"}: median ms per model-step, plus the raw lists and the thread counts.
   """
-  t = config.train
+  cfg, a = setup.cfg, setup.attacked
+  t = cfg.train
   chunk = ensemble.auto_models_per_chunk(t.models_per_chunk, t.num_models)
-  trainer = ensemble.EnsembleTrainer(exp.model, exp.data.input_shape, ensemble.TrainConfig(
+  trainer = ensemble.EnsembleTrainer(a.model, a.data.input_shape, ensemble.TrainConfig(
       epochs=1, batch_size=t.batch_size, learning_rate=t.learning_rate, models_per_chunk=chunk))
-  streams = member.Streams.ensemble(config.seed)
-  steps = len(exp.y_train) // t.batch_size
-  x_t, y_t = torch_baseline.to_nchw(exp.x_train), torch_baseline.torch.from_numpy(exp.y_train.astype(np.int64))
+  streams = member.Streams.ensemble(cfg.seed)
+  steps = len(a.y_train) // t.batch_size
+  x_t, y_t = torch_baseline.to_nchw(a.x_train), torch_baseline.torch.from_numpy(a.y_train.astype(np.int64))
   base = torch_baseline.BaselineConfig(num_models=1, epochs=1, batch_size=t.batch_size,
-                                       learning_rate=t.learning_rate, sigma=config.sigma.sigma_0, seed=config.seed)
+                                       learning_rate=t.learning_rate, sigma=cfg.sigma.sigma_0, seed=cfg.seed)
   threads = torch_baseline.set_threads(torch_threads)
 
   def jax_round(r):
     t0 = time.perf_counter()
-    trainer.train_chunk(np.arange(r * trainer.chunk, (r + 1) * trainer.chunk), streams, exp.x_train, exp.y_train,
-                        exp.sigma_train)
+    trainer.train_chunk(np.arange(r * trainer.chunk, (r + 1) * trainer.chunk), streams, a.x_train, a.y_train,
+                        setup.sigma_train)
     return 1e3 * (time.perf_counter() - t0) / (steps * trainer.chunk)
 
   def torch_round(r, n_threads):
     torch_baseline.set_threads(n_threads)
     t0 = time.perf_counter()
     torch_baseline.train_member(torch_baseline.noised_training_set(x_t, base.sigma, base.seed, r), y_t, r,
-                                exp.data.num_classes, base)
+                                a.data.num_classes, base)
     return 1e3 * (time.perf_counter() - t0) / steps
 
   jax_round(0), torch_round(0, threads), torch_round(0, 1)  # warm-up (compiles)
@@ -268,27 +295,29 @@ def step_table(sb: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------- metrics
 
 
-def outcomes(exp: pipeline.Experiment, raw: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  """Per-input 0/1 outcomes of every reported metric, from votes through OUR bounds (METHOD.md sections 3, 7).
+def outcomes(setup: Setup, raw: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """Per-input 0/1 outcomes of every reported metric, from votes through OUR bounds (docs/method.md sections 3, 7).
 
   Returns:
     metric name -> (N,) bool: ``clean accuracy`` (correct, abstain counts as wrong), ``ERA`` and ``ASR`` on the
     triggered split, ``abstain (clean)``, and ``CRA(r)`` on the grid (correct and joint radius > r).
   """
-  certs = {sp: pipeline.bound_split(exp, sp, raw[sp]["preds"], raw[sp]["probs_sum"]) for sp in SPLITS}
-  y = {sp: exp.splits[sp]["y"] for sp in SPLITS}
+  cfg = setup.cfg
+  certs = {sp: pipeline.bound_split(cfg, raw[sp]["preds"], raw[sp]["probs_sum"], setup.sigma_test[sp],
+                                    bounds.sigma_min_of(setup.sigma_test[sp], setup.sigma_train)) for sp in SPLITS}
+  y = {sp: setup.attacked.splits[sp].y for sp in SPLITS}
   correct = certs["clean"].pred == y["clean"]
   out = {"clean accuracy": correct,
          "abstain (clean)": certs["clean"].pred == -1,
          "ERA (triggered, true label)": certs["triggered"].pred == y["triggered"],
-         "ASR (triggered -> target)": certs["triggered"].pred == exp.config.attack.target_class}
+         "ASR (triggered -> target)": certs["triggered"].pred == cfg.attack.target_class}
   for r in bounds.CRA_GRID:
     out[f"CRA(r={r})"] = correct & (certs["clean"].radius > r)
   # continuous: radius where correct, 0 elsewhere; its mean is the area under the CRA(r) curve
   out[AREA] = np.where(correct, certs["clean"].radius, 0.0)
   # the same numbers as the report module computes them (a consistency check of the indicators above)
-  ref = report.split_metrics(certs["clean"].pred, certs["clean"].radius, certs["clean"].radius_test, y["clean"],
-                             exp.config.attack.target_class)
+  ref = metrics.split_metrics(certs["clean"].pred, certs["clean"].radius, certs["clean"].radius_test, y["clean"],
+                              cfg.attack.target_class, bounds.CRA_GRID)
   assert math.isclose(ref["accuracy"], float(out["clean accuracy"].mean()))
   assert all(math.isclose(ref["cra"][str(r)], float(out[f"CRA(r={r})"].mean())) for r in bounds.CRA_GRID)
   return out
@@ -449,8 +478,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       json.dump(jax_side["timings"], f, indent=1)
   elif os.path.exists(os.path.join(jax_dir, "votes.npz")):
     try:
-      pipeline.prepare_workdir(config, jax_dir)  # refuses a run with another config
-    except pipeline.ConfigMismatchError as e:
+      rundir.check_config(jax_dir, config_lib.resolve(config))  # refuses a run with another config
+    except rundir.ConfigMismatchError as e:
       raise SystemExit(f"--skip-jax: {jax_dir} holds a certssb-jax run with another config ({e}); run without "
                        "--skip-jax to redo it") from e
     timings_path = os.path.join(args.workdir, "jax_timings.json")
@@ -458,11 +487,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "timings": json.load(open(timings_path)) if os.path.exists(timings_path) else None}
     logger.info("reusing the certssb-jax run in %s", jax_dir)
 
-  # the same data and poisoning as the pipeline (deterministic from the config)
-  exp = pipeline.poison(config, pipeline.load_data(config))
-  n = len(exp.y_train)
-  exp.sigma_train = np.full(n, config.sigma.sigma_0, np.float32)
-  exp.sigma_test = {sp: np.full(len(exp.splits[sp]["y"]), config.sigma.sigma_0, np.float32) for sp in SPLITS}
+  setup = make_setup(config, jax_dir)  # the same data and poisoning as the pipeline (deterministic in the config)
+  a = setup.attacked
+  n = len(a.y_train)
   t = config.train
   base = torch_baseline.BaselineConfig(num_models=t.num_models, epochs=t.epochs, batch_size=t.batch_size,
                                        learning_rate=t.learning_rate, sigma=config.sigma.sigma_0, seed=config.seed,
@@ -471,21 +498,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   shutil.rmtree(torch_dir, ignore_errors=True)
   logger.info("running the PyTorch baseline (%d models one by one) in %s", t.num_models, torch_dir)
   load_before = os.getloadavg()
-  tb = torch_baseline.run_baseline(exp.x_train, exp.y_train, {sp: exp.splits[sp]["x"] for sp in SPLITS},
-                                   exp.data.num_classes, base, torch_dir, num_threads=args.torch_threads)
+  tb = torch_baseline.run_baseline(a.x_train, a.y_train, {sp: a.splits[sp].x for sp in SPLITS},
+                                   a.data.num_classes, base, torch_dir, num_threads=args.torch_threads)
   tb.timings_s["loadavg_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
   result["torch"] = {"timings": tb.timings_s}
   sb = None
   if args.step_repeats > 0:
     logger.info("interleaved per-step benchmark (%d rounds)", args.step_repeats)
-    sb = step_benchmark(exp, config, args.step_repeats, args.torch_threads)
+    sb = step_benchmark(setup, args.step_repeats, args.torch_threads)
     result["step_benchmark"] = sb
 
-  torch_out = outcomes(exp, {sp: {"preds": tb.preds[sp], "probs_sum": tb.probs_sum[sp]} for sp in SPLITS})
+  torch_out = outcomes(setup, {sp: {"preds": tb.preds[sp], "probs_sum": tb.probs_sum[sp]} for sp in SPLITS})
   steps = t.epochs * (n // t.batch_size)
   sections = [f"## certssb-jax vs PyTorch baseline: {args.config}, M = {t.num_models}, {t.epochs} epochs, "
-              f"sigma = {config.sigma.sigma_0} (fixed), {n} train / {len(exp.splits['clean']['y'])} clean / "
-              f"{len(exp.splits['triggered']['y'])} triggered test inputs",
+              f"sigma = {config.sigma.sigma_0} (fixed), {n} train / {len(a.splits['clean'].y)} clean / "
+              f"{len(a.splits['triggered'].y)} triggered test inputs",
               "",
               "### Stage times",
               "",
@@ -497,7 +524,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if sb is not None:
     sections += ["", step_table(sb)]
   if jax_side is not None:
-    jax_out = outcomes(exp, load_jax_votes(jax_dir))
+    jax_out = outcomes(setup, load_jax_votes(jax_dir))
     s = jax_side["summary"]["metrics"]
     if not math.isclose(s["clean_accuracy"], float(jax_out["clean accuracy"].mean())):
       raise RuntimeError("recomputed JAX clean accuracy differs from the pipeline's summary")

@@ -1,9 +1,9 @@
-"""A PyTorch baseline of the smoothed ensemble, written the way the paper's code works (METHOD.md section 2).
+"""A PyTorch baseline of the smoothed ensemble, written the way the paper's code works (docs/method.md section 2).
 
 This is the yardstick certssb-jax is measured against (``benchmarks/compare_torch.py``). It is written from
-METHOD.md, not ported from the JAX code, and follows the structure of the RAB / Cert-SSB reference code:
+docs/method.md, not ported from the JAX code, and follows the structure of the RAB / Cert-SSB reference code:
 
-* the MNIST CNN of METHOD.md section 7 (conv 5x5x16 VALID, relu, max-pool 2, conv 5x5x32 VALID, relu, max-pool 2,
+* the MNIST CNN of docs/method.md section 7 (conv 5x5x16 VALID, relu, max-pool 2, conv 5x5x32 VALID, relu, max-pool 2,
   dense 512, relu, one logit; K logits for K > 2 classes), Adam, BCE-with-logits (cross-entropy for K logits);
 * the M models are trained ONE BY ONE; model m first materialises its own noised copy of the (poisoned)
   training set, ``x + sigma * z_m`` with ``z_m`` drawn once from a ``torch.Generator`` seeded by (seed, m), and
@@ -13,7 +13,7 @@ METHOD.md, not ported from the JAX code, and follows the structure of the RAB / 
 
 Fixed sigma (RAB) only: one ``sigma`` for every training and test sample. Init, batch order, training noise and
 test noise come from four generators seeded by (seed, purpose, m), so model m is a deterministic function of its
-noised training set, as METHOD.md section 2 asks. The draws are of course not the JAX pipeline's draws (different
+noised training set, as docs/method.md section 2 asks. The draws are of course not the JAX pipeline's draws (different
 generators, and PyTorch's default init instead of Flax's), so the two agree in distribution, not bit for bit.
 
 Batches are formed by indexing the materialised tensor with a shuffled permutation (the last incomplete batch
@@ -101,7 +101,7 @@ class BaselineResult:
 
 
 class MnistCNN(nn.Module):
-  """The paper's MNIST CNN in PyTorch (METHOD.md section 7), for inputs (B, C, H, W) in pixel space.
+  """The paper's MNIST CNN in PyTorch (docs/method.md section 7), for inputs (B, C, H, W) in pixel space.
 
   Args:
     input_shape: (H, W, C) of one input (the project's layout).
@@ -153,7 +153,7 @@ def to_nchw(x: np.ndarray) -> torch.Tensor:
 
 
 def noised_training_set(x: torch.Tensor, sigma: float, seed: int, m: int) -> torch.Tensor:
-  """Model m's noised copy of the training set, x + sigma * z_m, z_m ~ N(0, I) drawn once (METHOD.md section 2).
+  """Model m's noised copy of the training set, x + sigma * z_m, z_m ~ N(0, I) drawn once (docs/method.md section 2).
 
   Args:
     x: (n, C, H, W) training inputs in [0, 1].
@@ -169,7 +169,7 @@ def noised_training_set(x: torch.Tensor, sigma: float, seed: int, m: int) -> tor
 
 
 def test_noise(seed: int, m: int, input_shape: tuple[int, int, int]) -> torch.Tensor:
-  """u_m, model m's fixed test noise (C, H, W), shared by every query (METHOD.md section 2)."""
+  """u_m, model m's fixed test noise (C, H, W), shared by every query (docs/method.md section 2)."""
   h, w, c = input_shape
   return torch.randn((c, h, w), generator=generator(seed, TEST_NOISE, m), dtype=torch.float32)
 
@@ -275,7 +275,7 @@ def train_ensemble(x_train: np.ndarray, y_train: np.ndarray, num_classes: int, c
 def certify(splits: dict[str, np.ndarray], input_shape: tuple[int, int, int], num_classes: int,
             config: BaselineConfig, ckpt_dir: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray],
                                                              dict[str, float]]:
-  """Reloads every checkpoint and runs it over each split with its fixed test noise (METHOD.md section 2).
+  """Reloads every checkpoint and runs it over each split with its fixed test noise (docs/method.md section 2).
 
   Model m sees ``x + sigma * u_m`` for every input x of every split (one u_m per model).
 

@@ -1,22 +1,16 @@
 """Backend-specific compiler settings: ``jit`` is ``jax.jit`` with the XLA options that make this package's
 programs fast on the backend in use.
 
-On XLA:CPU (jax 0.10.2), convolutions are by default handed to YNNPACK, whose weight-gradient convolution is
-slow for the paper's small CNNs: in the MNIST CNN's training step at batch 64 the ``Conv_1`` weight gradient
-alone took 1.9 of 5.1 ms (``jax.profiler`` trace, 2-core AMD EPYC). Restricting YNNPACK to dot products
-(``xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT``) lets XLA's own convolutions run instead: the
-step takes 3.9-4.1 ms, the PreAct ResNet's step (batch 32) 108 instead of 118 ms and its inference (batch 256)
-159 instead of 196 ms; the MNIST CNN's inference is unchanged (``BENCHMARKS.md``). Other backends get no
-options. On a jaxlib that does not know the option, the probe compile fails and the defaults are used.
+On XLA:CPU, convolutions are kept away from YNNPACK (``xla_cpu_experimental_ynn_fusion_type``), whose
+weight-gradient convolution is slow for the paper's small CNNs, and programs that run once per chunk of models
+(initialisation, batch orders) get LLVM's lighter optimisation (``jit(..., run_once=True)``): both measured in
+docs/design.md and BENCHMARKS.md. Other backends get no options; a jaxlib that does not know an option keeps its
+defaults (a probe compile decides).
 
-Programs that run once per chunk of models (initialisation, batch orders) are compiled with LLVM's lighter
-optimisation (``xla_backend_optimization_level=1``, ``jit(..., run_once=True)``): the MNIST CNN's init compiles
-in 0.38 instead of 0.67 s and runs in ~2 instead of ~1.5 ms, once per chunk.
-
-The options are passed per function (``jax.jit(..., compiler_options=...)``), not through ``XLA_FLAGS``, so it
-applies to this package's programs only and needs nothing set before JAX starts. The backend is looked up
-lazily, at a function's first call, so importing this package initialises no backend (``jax.distributed``
-must be initialised before that).
+The options are passed per function (``jax.jit(..., compiler_options=...)``), not through ``XLA_FLAGS``, so they
+apply to this package's programs only and need nothing set before JAX starts. The backend is looked up lazily,
+at a function's first call, so importing this package initialises no backend (``jax.distributed`` must be
+initialised before that).
 """
 
 from __future__ import annotations

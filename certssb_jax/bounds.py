@@ -47,6 +47,8 @@ Clopper-Pearson with all votes on one class: about 2.46 uncorrected, 2.43 at alp
 only; it is unsound and never the default.
 """
 
+# Longer than the module size rule on purpose: one concept (the certificate arithmetic), all of it public API.
+
 from __future__ import annotations
 
 import dataclasses
@@ -294,18 +296,80 @@ def sigma_min_of(sigma_x: ArrayLike, sigma_train: ArrayLike) -> np.ndarray:
   return np.minimum(sx, st.min())
 
 
-def certify_counts(
-    votes: ArrayLike | None,
-    *,
-    alpha: float,
-    bound: str = "clopper_pearson",
-    correction: str | None = "bonferroni",
-    soft_sums: ArrayLike | None = None,
-    num_models: int | ArrayLike | None = None,
-    selection_votes: ArrayLike | None = None,
-    sigma_x: float | ArrayLike = 1.0,
-    sigma_min: float | ArrayLike | None = None,
-) -> Certificate:
+def _check_certify_args(votes: ArrayLike | None, alpha: float, bound: str,
+                        correction: str | None) -> tuple[float, np.ndarray | None]:
+  """Checks the bound, the correction and alpha; returns alpha as a float and the (N, K) votes (or None)."""
+  _check_choice("bound", bound, BOUNDS)
+  _check_choice("correction", correction, CORRECTIONS + (None,))
+  if not np.isscalar(alpha):
+    raise ValueError(f"alpha must be a scalar, got {alpha!r}.")
+  alpha = float(_check_alpha(alpha))
+  if votes is None:
+    if not BOUNDS[bound].uses_soft_scores:
+      raise ValueError(f"votes are required for bound={bound!r}.")
+    return alpha, None
+  return alpha, _as_votes(votes, "votes")  # (N, K)
+
+
+def _mean_soft_scores(soft_sums: ArrayLike | None, num_models: int | ArrayLike | None,
+                      v: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+  """Checks the soft-score sums against M (and the votes); returns the (N, K) mean scores and M (N,)."""
+  if soft_sums is None or num_models is None:
+    raise ValueError("bound='hoeffding' needs soft_sums and num_models (the real ensemble size M).")
+  s = np.asarray(soft_sums, dtype=np.float64)  # (N, K)
+  if s.ndim != 2 or s.shape[1] < 2:
+    raise ValueError(f"soft_sums must have shape (N, K) with K >= 2, got {s.shape}.")
+  if v is not None and s.shape != v.shape:
+    raise ValueError(f"soft_sums shape {s.shape} differs from votes shape {v.shape}.")
+  m_soft = _as_counts(num_models, "num_models")
+  if np.any(m_soft <= 0):
+    raise ValueError("num_models must be > 0.")
+  m_soft = np.broadcast_to(m_soft, s.shape[:1])  # (N,)
+  if v is not None and np.any(v.sum(axis=1) != m_soft):
+    raise ValueError("num_models must equal votes.sum(axis=1) (the same estimation models).")
+  if not np.all(np.isfinite(s)) or np.any(s < 0.0):
+    raise ValueError("soft_sums must be finite and >= 0.")
+  row = s.sum(axis=1)
+  if np.any(np.abs(row - m_soft) > 1e-3 * m_soft):
+    raise ValueError(
+        "soft_sums rows must sum to num_models (class probabilities sum to 1 per model); got row sums "
+        f"in [{row.min()}, {row.max()}].")
+  return np.clip(s / m_soft[:, None], 0.0, 1.0), m_soft  # (N, K) mean soft scores, (N,)
+
+
+def _select_top(spec: Bound, bound: str, correction: str | None, selection_votes: ArrayLike | None,
+                v: np.ndarray | None, scores: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
+  """The selected class c_A (N,): argmax of the held-out votes, else of the scores or votes (ties: lowest)."""
+  if correction == "holdout":
+    if not spec.supports_holdout:
+      raise ValueError(f"correction='holdout' does not work with bound={bound!r}.")
+    if selection_votes is None:
+      raise ValueError("correction='holdout' needs selection_votes from held-out models.")
+    sel = _as_votes(selection_votes, "selection_votes")
+    if sel.shape != shape:
+      raise ValueError(f"selection_votes shape {sel.shape} differs from {shape}.")
+    return np.argmax(sel, axis=1)  # (N,), ties -> lowest index
+  if selection_votes is not None:
+    raise ValueError(f"selection_votes are only used with correction='holdout', got {correction!r}.")
+  return np.argmax(scores if spec.uses_soft_scores else v, axis=1)  # (N,)
+
+
+def _certify_sigmas(sigma_x: float | ArrayLike, sigma_min: float | ArrayLike | None,
+                    num_inputs: int) -> tuple[np.ndarray, np.ndarray]:
+  """sigma_x and sigma_min broadcast to (N,), after checking 0 < sigma_min <= sigma_x."""
+  sx = np.broadcast_to(_as_positive(sigma_x, "sigma_x"), (num_inputs,))
+  if sigma_min is None:
+    return sx, sx
+  smin = np.broadcast_to(_as_positive(sigma_min, "sigma_min"), (num_inputs,))
+  if np.any(smin > sx):
+    raise ValueError("sigma_min must be <= sigma_x (it is min(sigma_x, min_j sigma_j)).")
+  return sx, smin
+
+
+def certify_counts(votes: ArrayLike | None, *, alpha: float, bound: str = "clopper_pearson",
+                   correction: str | None = "bonferroni", soft_sums: ArrayLike | None = None,
+                   num_models: int | ArrayLike | None = None, selection_votes: ArrayLike | None = None,
+                   sigma_x: float | ArrayLike = 1.0, sigma_min: float | ArrayLike | None = None) -> Certificate:
   """Certifies N test inputs from the ensemble's votes or soft scores (docs/method.md section 3).
 
   See the module docstring for the statistics. With the default sigmas (1.0) `radius` and `radius_test` are the
@@ -333,63 +397,15 @@ def certify_counts(
     ValueError: on an unknown bound or correction, alpha outside (0, 1), non-integer or negative votes, M = 0,
       inconsistent shapes or model counts, or sigma_min > sigma_x.
   """
-  _check_choice("bound", bound, BOUNDS)
-  _check_choice("correction", correction, CORRECTIONS + (None,))
-  if not np.isscalar(alpha):
-    raise ValueError(f"alpha must be a scalar, got {alpha!r}.")
-  alpha = float(_check_alpha(alpha))
-
-  if votes is None:
-    if not BOUNDS[bound].uses_soft_scores:
-      raise ValueError(f"votes are required for bound={bound!r}.")
-    v = None
-  else:
-    v = _as_votes(votes, "votes")  # (N, K)
-
+  alpha, v = _check_certify_args(votes, alpha, bound, correction)
   spec = BOUNDS[bound]
+  scores = m_soft = None
   if spec.uses_soft_scores:
-    if soft_sums is None or num_models is None:
-      raise ValueError("bound='hoeffding' needs soft_sums and num_models (the real ensemble size M).")
-    s = np.asarray(soft_sums, dtype=np.float64)  # (N, K)
-    if s.ndim != 2 or s.shape[1] < 2:
-      raise ValueError(f"soft_sums must have shape (N, K) with K >= 2, got {s.shape}.")
-    if v is not None and s.shape != v.shape:
-      raise ValueError(f"soft_sums shape {s.shape} differs from votes shape {v.shape}.")
-    m_soft = _as_counts(num_models, "num_models")
-    if np.any(m_soft <= 0):
-      raise ValueError("num_models must be > 0.")
-    m_soft = np.broadcast_to(m_soft, s.shape[:1])  # (N,)
-    if v is not None and np.any(v.sum(axis=1) != m_soft):
-      raise ValueError("num_models must equal votes.sum(axis=1) (the same estimation models).")
-    if not np.all(np.isfinite(s)) or np.any(s < 0.0):
-      raise ValueError("soft_sums must be finite and >= 0.")
-    row = s.sum(axis=1)
-    if np.any(np.abs(row - m_soft) > 1e-3 * m_soft):
-      raise ValueError(
-          "soft_sums rows must sum to num_models (class probabilities sum to 1 per model); got row sums "
-          f"in [{row.min()}, {row.max()}].")
-    scores = np.clip(s / m_soft[:, None], 0.0, 1.0)  # (N, K) mean soft scores
-    num_inputs, num_classes = s.shape
-  else:
-    if soft_sums is not None:
-      logger.debug("soft_sums ignored for bound='clopper_pearson'.")
-    scores = None
-    num_inputs, num_classes = v.shape
-
-  if correction == "holdout":
-    if not spec.supports_holdout:
-      raise ValueError(f"correction='holdout' does not work with bound={bound!r}.")
-    if selection_votes is None:
-      raise ValueError("correction='holdout' needs selection_votes from held-out models.")
-    sel = _as_votes(selection_votes, "selection_votes")
-    if sel.shape != (num_inputs, num_classes):
-      raise ValueError(f"selection_votes shape {sel.shape} differs from {(num_inputs, num_classes)}.")
-    top = np.argmax(sel, axis=1)  # (N,), ties -> lowest index
-  else:
-    if selection_votes is not None:
-      raise ValueError(f"selection_votes are only used with correction='holdout', got {correction!r}.")
-    top = np.argmax(scores if spec.uses_soft_scores else v, axis=1)  # (N,)
-
+    scores, m_soft = _mean_soft_scores(soft_sums, num_models, v)
+  elif soft_sums is not None:
+    logger.debug("soft_sums ignored for bound='clopper_pearson'.")
+  num_inputs, num_classes = scores.shape if spec.uses_soft_scores else v.shape
+  top = _select_top(spec, bound, correction, selection_votes, v, scores, (num_inputs, num_classes))
   a_prime = _alpha_prime(alpha, correction, num_classes)
   rows = np.arange(num_inputs)
   if spec.uses_soft_scores:
@@ -397,30 +413,16 @@ def certify_counts(
   else:
     p_lower = spec.lower(v[rows, top], None, v.sum(axis=1), a_prime)  # (N,)
   p_upper_runner = 1.0 - p_lower  # (N,)
-
-  sx = np.broadcast_to(_as_positive(sigma_x, "sigma_x"), (num_inputs,))
-  if sigma_min is None:
-    smin = sx
-  else:
-    smin = np.broadcast_to(_as_positive(sigma_min, "sigma_min"), (num_inputs,))
-    if np.any(smin > sx):
-      raise ValueError("sigma_min must be <= sigma_x (it is min(sigma_x, min_j sigma_j)).")
-
+  sx, smin = _certify_sigmas(sigma_x, sigma_min, num_inputs)
   margin = _margin_from_bounds(p_lower, p_upper_runner)  # (N,)
   certified = p_lower > p_upper_runner
   pred = np.where(certified, top, -1).astype(np.int64)
   votes_top = v[rows, top] if v is not None else np.full(num_inputs, -1)
   logger.debug("certify_counts: %d of %d inputs certified (bound=%s, correction=%s, alpha'=%g).",
                int(certified.sum()), num_inputs, bound, correction, a_prime)
-  return Certificate(
-      pred=pred,
-      p_lower=p_lower.astype(np.float64),
-      p_upper_runner=p_upper_runner.astype(np.float64),
-      margin=margin,
-      radius=smin * margin,
-      radius_test=sx * margin,
-      votes_top=votes_top.astype(np.int64),
-  )
+  return Certificate(pred=pred, p_lower=p_lower.astype(np.float64), p_upper_runner=p_upper_runner.astype(np.float64),
+                     margin=margin, radius=smin * margin, radius_test=sx * margin,
+                     votes_top=votes_top.astype(np.int64))
 
 
 def margin_ceiling(num_models: int, alpha: float, *, bound: str = "clopper_pearson",
@@ -542,6 +544,34 @@ def certified_accuracy(radius: ArrayLike, correct: ArrayLike, grid: tuple = CRA_
 # The reference release's formulas (comparison only).
 
 
+def _reference_mean_scores(soft_sums: ArrayLike, num_models: int | ArrayLike | None) -> np.ndarray:
+  """The (N, K) mean soft scores of the reference: the sums over M, M given or inferred from the row sums."""
+  s = np.asarray(soft_sums, dtype=np.float64)  # (N, K)
+  if s.ndim != 2 or s.shape[1] < 2:
+    raise ValueError(f"soft_sums must have shape (N, K) with K >= 2, got {s.shape}.")
+  if not np.all(np.isfinite(s)) or np.any(s < 0.0):
+    raise ValueError("soft_sums must be finite and >= 0.")
+  if num_models is None:
+    m = np.round(s.sum(axis=1))
+    if np.any(m <= 0):
+      raise ValueError("soft_sums rows must sum to the (positive) number of models.")
+  else:
+    m = np.broadcast_to(_as_counts(num_models, "num_models"), (s.shape[0],)).astype(np.float64)
+    if np.any(m <= 0):
+      raise ValueError("num_models must be > 0.")
+  return s / m[:, None]
+
+
+def _reference_votes_top(votes: ArrayLike | None, shape: tuple[int, ...], top: np.ndarray) -> np.ndarray:
+  """The (N,) int64 votes of the selected classes, -1 without votes."""
+  if votes is None:
+    return np.full(shape[0], -1, dtype=np.int64)
+  v = _as_votes(votes, "votes")
+  if v.shape != shape:
+    raise ValueError(f"votes shape {v.shape} differs from soft_sums shape {shape}.")
+  return v[np.arange(shape[0]), top].astype(np.int64)
+
+
 def reference_certificate(soft_sums: ArrayLike, sigma_search: ArrayLike, sigma_sampled: ArrayLike,
                           alpha: float, *, num_models: int | ArrayLike | None = None,
                           votes: ArrayLike | None = None) -> Certificate:
@@ -574,21 +604,8 @@ def reference_certificate(soft_sums: ArrayLike, sigma_search: ArrayLike, sigma_s
     A `Certificate`.
   """
   alpha = float(_check_alpha(alpha))
-  s = np.asarray(soft_sums, dtype=np.float64)  # (N, K)
-  if s.ndim != 2 or s.shape[1] < 2:
-    raise ValueError(f"soft_sums must have shape (N, K) with K >= 2, got {s.shape}.")
-  if not np.all(np.isfinite(s)) or np.any(s < 0.0):
-    raise ValueError("soft_sums must be finite and >= 0.")
-  num_inputs = s.shape[0]
-  if num_models is None:
-    m = np.round(s.sum(axis=1))
-    if np.any(m <= 0):
-      raise ValueError("soft_sums rows must sum to the (positive) number of models.")
-  else:
-    m = np.broadcast_to(_as_counts(num_models, "num_models"), (num_inputs,)).astype(np.float64)
-    if np.any(m <= 0):
-      raise ValueError("num_models must be > 0.")
-  gx = s / m[:, None]  # (N, K) mean soft scores
+  gx = _reference_mean_scores(soft_sums, num_models)  # (N, K) mean soft scores
+  num_inputs = gx.shape[0]
   top = np.argmax(gx, axis=1)  # (N,)
   rows = np.arange(num_inputs)
   pa = gx[rows, top]
@@ -605,20 +622,8 @@ def reference_certificate(soft_sums: ArrayLike, sigma_search: ArrayLike, sigma_s
   ratio = s_search / s_sampled
   logger.info("reference_certificate: radii inflated by sigma_search / sigma_sampled in [%.3g, %.3g].",
               float(ratio.min()), float(ratio.max()))
-  if votes is None:
-    votes_top = np.full(num_inputs, -1, dtype=np.int64)
-  else:
-    v = _as_votes(votes, "votes")
-    if v.shape != s.shape:
-      raise ValueError(f"votes shape {v.shape} differs from soft_sums shape {s.shape}.")
-    votes_top = v[rows, top]
+  votes_top = _reference_votes_top(votes, gx.shape, top)
   radius = s_search * margin
-  return Certificate(
-      pred=np.where(certified, top, -1).astype(np.int64),
-      p_lower=p_lower,
-      p_upper_runner=p_upper_runner,
-      margin=margin,
-      radius=radius,
-      radius_test=radius.copy(),
-      votes_top=votes_top.astype(np.int64),
-  )
+  return Certificate(pred=np.where(certified, top, -1).astype(np.int64), p_lower=p_lower,
+                     p_upper_runner=p_upper_runner, margin=margin, radius=radius, radius_test=radius.copy(),
+                     votes_top=votes_top)

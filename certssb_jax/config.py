@@ -256,7 +256,17 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDic
   """
   c = ml_collections.ConfigDict(config.to_dict(), type_safe=False)
   _check(isinstance(c.seed, int) and 0 <= c.seed < 2**31, f"seed must be an int in [0, 2^31) or 'random', got {c.seed!r}")
-  d, a, t, s, cc = c.data, c.attack, c.train, c.sigma, c.certify
+  _check_data_attack_training(c)
+  voters = _resolve_sigma(c)
+  _resolve_certify(c, voters)
+  if c.sigma.mode == "fixed":  # RAB searches nothing: its config records no search settings (and so does not
+    for name in _SEARCH_FIELDS:  # differ from another RAB run's by settings it never used)
+      c.sigma[name] = None
+  return ml_collections.FrozenConfigDict(c)
+
+
+def _check_data_attack_training(c: ml_collections.ConfigDict) -> None:
+  d, a, t = c.data, c.attack, c.train
   _one_of(d.source, data.SOURCES, "data.source")
   _check(bool(d.data_dir) or not data.SOURCES[d.source].requires_data_dir(d.name),
          f"data.source {d.source!r} has no default folder for {d.name!r}: set data.data_dir")
@@ -285,6 +295,10 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDic
          f"train.models_per_chunk must be >= 1 or None, got {t.models_per_chunk}")
   c.undefended.epochs = c.undefended.epochs or t.epochs
 
+
+def _resolve_sigma(c: ml_collections.ConfigDict) -> int:
+  """Checks and derives the ``sigma`` section; returns the number of voting models."""
+  s, t = c.sigma, c.train
   _one_of(s.mode, SIGMA_MODES, "sigma.mode")
   _one_of(s.train, TRAIN_SIGMAS, "sigma.train")
   _one_of(s.objective, sigma_search.OBJECTIVES, "sigma.objective")
@@ -294,7 +308,7 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDic
   _one_of(s.start, STARTS, "sigma.start")
   _check(s.sigma_0 > 0 and math.isfinite(s.sigma_0), f"sigma.sigma_0 must be > 0, got {s.sigma_0}")
   rule = sigma_search.RULES[s.rule]
-  s.num_steps = rule.num_steps(a.trigger) if s.num_steps is None else s.num_steps
+  s.num_steps = rule.num_steps(c.attack.trigger) if s.num_steps is None else s.num_steps
   s.num_draws = s.num_draws or rule.num_draws
   s.lr = s.lr or rule.lr
   s.sigma_lo = s.sigma_lo or s.sigma_0
@@ -316,8 +330,11 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDic
                                  "the models that then vote breaks the bound's coverage")
   else:
     _check(s.search_models == 0, "sigma.search_models is for sigma.scorer 'ensemble' (the pilot never votes)")
-  voters = t.num_models - (s.search_models if s.mode == "sample_specific" else 0)
+  return t.num_models - (s.search_models if s.mode == "sample_specific" else 0)
 
+
+def _resolve_certify(c: ml_collections.ConfigDict, voters: int) -> None:
+  cc, t, s = c.certify, c.train, c.sigma
   _check(0 < cc.alpha < 1, f"certify.alpha must be in (0, 1), got {cc.alpha}")
   _one_of(cc.bound, bounds.BOUNDS, "certify.bound")
   _one_of(cc.correction, bounds.CORRECTIONS, "certify.correction")
@@ -335,10 +352,6 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDic
   _check(voters >= 1, f"no model is left to vote: train.num_models {t.num_models}, search models {s.search_models}")
   cc.models_per_chunk = cc.models_per_chunk or t.models_per_chunk
   _check(cc.batch_size >= 1 and s.batch_size >= 1, "certify.batch_size and sigma.batch_size must be >= 1")
-  if s.mode == "fixed":  # RAB searches nothing: its config records no search settings (and so does not differ
-    for name in _SEARCH_FIELDS:  # from another RAB run's by settings it never used)
-      s[name] = None
-  return ml_collections.FrozenConfigDict(c)
 
 
 # The sigma fields only a sample-specific run uses.

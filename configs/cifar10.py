@@ -1,4 +1,4 @@
-r"""The paper's CIFAR-10 protocol (METHOD.md section 7): airplane (y=1) vs bird (y=0, the target), M = 1000.
+r"""The paper's CIFAR-10 protocol (docs/method.md section 7): airplane (y=1) vs bird (y=0, the target), M = 1000.
 
 Pre-activation ResNet (widths 16/32/64, 3 stages of 5 blocks, batch norm, one logit), Adam 1e-3, batch 64,
 10 epochs; the two classes give 10,000 train / 2,000 test images. Get the data once (the CIFAR-10 python

@@ -1,4 +1,4 @@
-r"""The paper's 224-pixel protocol (METHOD.md section 7) on ImageNette: tench (y=0, the target) vs English
+r"""The paper's 224-pixel protocol (docs/method.md section 7) on ImageNette: tench (y=0, the target) vs English
 springer (y=1), ResNet-18 with one logit, M = 200.
 
 Adam 1e-4, batch 32, 5 epochs; images resized (shorter side 224, bilinear) and center-cropped to 224x224. The

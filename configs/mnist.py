@@ -1,4 +1,4 @@
-r"""The paper's MNIST protocol (METHOD.md section 7): digit 1 (y=1) vs digit 0 (y=0, the target), M = 1000.
+r"""The paper's MNIST protocol (docs/method.md section 7): digit 1 (y=1) vs digit 0 (y=0, the target), M = 1000.
 
 CNN, Adam 1e-3, batch 128, 20 epochs; 12,665 train / 2,115 test images. Get the data once (the four IDX files,
 checksums verified, into the default folder `data_dir=""` reads: $CERTSSB_JAX_DATA/mnist or

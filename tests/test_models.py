@@ -1,4 +1,4 @@
-"""Models of METHOD.md section 7: architecture shapes, batch norm inside the vmapped ensemble, weights on disk,
+"""Models of docs/method.md section 7: architecture shapes, batch norm inside the vmapped ensemble, weights on disk,
 the reshape pool, and the CIFAR-10 / ImageNette configs end to end on tiny local files."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tests of the sample-specific sigma search (METHOD.md section 4) against independent truth.
+"""Tests of the sample-specific sigma search (docs/method.md section 4) against independent truth.
 
 The key test builds a 1-D slab scorer whose smoothed probability psi(sigma) is computed independently by
 quadrature (scipy, float64), finds the maximiser of r(sigma) on a grid, and checks that the stochastic ascent

@@ -1,4 +1,4 @@
-"""Tests of the storage-update certification store (METHOD.md section 5).
+"""Tests of the storage-update certification store (docs/method.md section 5).
 
 Truth is independent of the store: scipy's float64 pairwise distances for the invariant, and a naive pure-numpy
 float64 implementation of the four steps of section 5, one query at a time.
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from scipy.spatial import distance
 
+from certssb_jax import distances
 from certssb_jax import store as store_lib
 from certssb_jax.store import CertifiedStore, StoreAnswer
 
@@ -105,7 +106,7 @@ def check_invariant(store: CertifiedStore) -> None:
   # The documented safety margin: each ball was made at least SAFETY * (d + R) smaller than needed. A point
   # answered with radius 0 may lie exactly on the sphere of an (open) ball of another label: no margin there.
   balls = (radius[:, None] > 0) & (radius[None, :] > 0)
-  thin = conflict & balls & (d - (radius[:, None] + radius[None, :]) < 0.5 * store_lib.SAFETY * d)
+  thin = conflict & balls & (d - (radius[:, None] + radius[None, :]) < 0.5 * distances.SAFETY * d)
   assert not thin.any(), f"{thin.sum() // 2} pairs closer than the safety margin"
 
 
@@ -267,7 +268,7 @@ def test_invariant_at_large_scale():
     x, _, radius = store.stored_arrays()
     d = abs(x[2, 0] - x[1, 0])
     assert d >= radius[2] + radius[1]
-    assert d - (radius[2] + radius[1]) >= 0.5 * store_lib.SAFETY * d
+    assert d - (radius[2] + radius[1]) >= 0.5 * distances.SAFETY * d
 
 
 def test_chunk_size_smaller_than_store():
@@ -304,10 +305,10 @@ def test_float32_distance_error_within_bound(dim):
                       rng.uniform(0, 1, (8, dim)).astype(np.float32)])
   a64, b64 = a.astype(np.float64), b.astype(np.float64)
   sa, sb = np.sum(a64 * a64, 1), np.sum(b64 * b64, 1)
-  d2 = np.asarray(store_lib.pair_sq_dist_kernel(a, sa.astype(np.float32), b, sb.astype(np.float32)))
+  d2 = np.asarray(distances.pair_sq_dist_kernel(a, sa.astype(np.float32), b, sb.astype(np.float32)))
   exact = distance.cdist(a64, b64, "sqeuclidean")
   err = np.abs(d2.astype(np.float64) - exact)
-  bound = store_lib.default_tol_rel(dim) * (sa[:, None] + sb[None, :])
+  bound = distances.default_tol_rel(dim) * (sa[:, None] + sb[None, :])
   assert (err <= bound).all()
   assert err.max() > 0  # the float32 path really is inexact, so the rule matters
 
@@ -329,10 +330,10 @@ def test_kernel_compiles_once_per_shape():
   store = CertifiedStore((6,), chunk_size=8)
   store.certify(x[:34], pred[:34], radius[:34], sigma[:34])
   store.certify(x[34:40], pred[34:40], radius[34:40], sigma[34:40])  # compiles the bucket-8 shape
-  before = store_lib.chunk_candidates_kernel._cache_size()
+  before = distances.chunk_candidates_kernel._cache_size()
   for i in range(40, 64, 6):  # blocks of 6 -> bucket 8, store growing over several chunks
     store.certify(x[i:i + 6], pred[i:i + 6], radius[i:i + 6], sigma[i:i + 6])
-  assert store_lib.chunk_candidates_kernel._cache_size() == before
+  assert distances.chunk_candidates_kernel._cache_size() == before
 
 
 def test_validation():

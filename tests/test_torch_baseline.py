@@ -1,6 +1,6 @@
 """The PyTorch baseline (benchmarks/torch_baseline.py) and the comparison statistics (benchmarks/compare_torch.py).
 
-Checks the properties the certificate needs (METHOD.md section 2): each model trains on ONE fixed noised copy
+Checks the properties the certificate needs (docs/method.md section 2): each model trains on ONE fixed noised copy
 for every epoch, copies differ between models, the noise is N(0, sigma^2); votes have shape (N, K) and sum to
 M; each vote equals an independent functional re-implementation of the CNN run on the saved checkpoint.
 """
@@ -95,7 +95,7 @@ def test_votes_shape_and_sum(tiny):
 
 
 def _functional_logit(sd: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-  """The CNN of METHOD.md section 7 written with torch.nn.functional on a state_dict (independent of MnistCNN)."""
+  """The CNN of docs/method.md section 7 written with torch.nn.functional on a state_dict (independent of MnistCNN)."""
   f = torch.nn.functional
   w = list(sd.values())  # conv1 w, b, conv2 w, b, dense w, b, out w, b
   h = f.max_pool2d(f.relu(f.conv2d(x, w[0], w[1])), 2)  # VALID 5x5 conv: 28 -> 24 -> 12

@@ -1,4 +1,4 @@
-"""Triggers put the documented values at the documented pixels (METHOD.md section 7); poisoning is deterministic."""
+"""Triggers put the documented values at the documented pixels (docs/method.md section 7); poisoning is deterministic."""
 
 import math
 
