@@ -26,6 +26,7 @@ the data and poisoning of the JAX pipeline (``certssb_jax.pipeline.load_data`` /
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -200,25 +201,28 @@ def train_member(x_noised: torch.Tensor, y: torch.Tensor, m: int, num_classes: i
                  on_batch: BatchHook | None = None) -> MnistCNN:
   """Trains model m on its fixed noised copy for ``config.epochs`` epochs of shuffled mini-batches.
 
+  The model trains on the device of ``x_noised`` (the CPU, or a GPU for ``benchmarks/bench_gpu.py``); its init
+  and batch order come from CPU generators, so they are the same on every device.
+
   Args:
     x_noised: (n, C, H, W) the model's noised training copy (kept for every epoch).
-    y: (n,) int64 labels.
+    y: (n,) int64 labels, on the device of ``x_noised``.
     m: model index (seeds its init and batch order).
     num_classes: K.
     config: the baseline settings.
     on_batch: optional hook called with (m, epoch, indices, inputs) before every step (for tests).
 
   Returns:
-    The trained model.
+    The trained model (on the device of ``x_noised``).
   """
   n, c, h, w = x_noised.shape
   b = config.batch_size
-  model = init_model((h, w, c), num_classes, config.seed, m)
+  model = init_model((h, w, c), num_classes, config.seed, m).to(x_noised.device)
   model.train()
   opt = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
   shuffle = generator(config.seed, SHUFFLE, m)
   for epoch in range(config.epochs):
-    perm = torch.randperm(n, generator=shuffle)  # (n,)
+    perm = torch.randperm(n, generator=shuffle).to(x_noised.device)  # (n,)
     for s in range(n // b):
       idx = perm[s * b:(s + 1) * b]  # (B,)
       xb = x_noised[idx]  # (B, C, H, W)
@@ -228,6 +232,50 @@ def train_member(x_noised: torch.Tensor, y: torch.Tensor, m: int, num_classes: i
       loss_fn(model(xb), y[idx]).backward()
       opt.step()
   return model
+
+
+class FuncEnsemble:
+  """C models of ``MnistCNN`` trained in lockstep as one program: PyTorch's own way to train an ensemble at once.
+
+  The models' parameters are stacked along a leading model axis (``torch.func.stack_module_state``), one step
+  computes every model's gradient on its own batch with ``torch.func.vmap(torch.func.grad(loss))``, and one
+  foreach Adam updates the stacked tensors (Adam is elementwise, so this is each model's own Adam). It is the
+  PyTorch counterpart of certssb-jax's vmapped chunk (``benchmarks/bench_gpu.py`` times both on one GPU); the
+  sequential ``train_member`` is the paper code's way.
+
+  Args:
+    input_shape: (H, W, C) of one input.
+    num_classes: K.
+    model_ids: the models (each initialised as ``init_model`` does for its id).
+    seed: run seed.
+    learning_rate: Adam step size.
+    device: where the stacked parameters live.
+  """
+
+  def __init__(self, input_shape: tuple[int, int, int], num_classes: int, model_ids: list[int], seed: int,
+               learning_rate: float, device: str | torch.device = "cpu"):
+    from torch import func  # pylint: disable=g-import-not-at-top
+
+    nets = [init_model(input_shape, num_classes, seed, m).to(device) for m in model_ids]
+    self.params, self.buffers = func.stack_module_state(nets)  # name -> (C, ...) leaves
+    self._base = copy.deepcopy(nets[0]).to("meta")  # the architecture, without storage
+
+    def loss(params, buffers, x, y):
+      return loss_fn(func.functional_call(self._base, (params, buffers), (x,)), y)
+
+    self._grads = func.vmap(func.grad(loss))
+    self.opt = torch.optim.Adam(list(self.params.values()), lr=learning_rate, foreach=True)
+
+  def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One Adam step of every model on its own batch: x (C, B, C_in, H, W), y (C, B) int64."""
+    grads = self._grads(self.params, self.buffers, x, y)
+    for name, p in self.params.items():
+      p.grad = grads[name]
+    self.opt.step()
+
+  def state_dict(self, i: int) -> dict[str, torch.Tensor]:
+    """Model i's parameters, keyed as its ``MnistCNN.state_dict()``."""
+    return {name: p[i].detach() for name, p in self.params.items()}
 
 
 def checkpoint_path(ckpt_dir: str, m: int) -> str:

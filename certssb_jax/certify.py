@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import flax.linen as nn

@@ -21,6 +21,7 @@ from ml_collections import config_dict
 
 from certssb_jax import bounds
 from certssb_jax import data
+from certssb_jax import layers
 from certssb_jax import models
 from certssb_jax import sigma_search
 from certssb_jax import triggers
@@ -64,7 +65,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "mnist_cnn"  # a key of certssb_jax.models.MODELS
-  c.model.pretrained = ""  # .npz of saved Flax variables (models.save_params): every model starts from it, own head
+  c.model.pretrained = ""  # .npz of saved Flax variables (weights.save_params): every model starts from it, own head
+  c.model.conv = "xla"  # xla | patches: how convolutions are computed (the same parameters and models to rounding)
 
   c.train = ml_collections.ConfigDict()
   c.train.num_models = 1000  # M, the models trained (search models included, see sigma.search_models)
@@ -284,6 +286,7 @@ def _check_data_attack_training(c: ml_collections.ConfigDict) -> None:
   _check(0 <= a.target_class < len(d.classes),
          f"attack.target_class {a.target_class} is not a label in [0, {len(d.classes)})")
   _one_of(c.model.name, models.MODELS, "model.name")
+  _one_of(c.model.conv, layers.CONV_FORMULATIONS, "model.conv")
   _check(not c.model.pretrained or os.path.isfile(c.model.pretrained),
          f"model.pretrained {c.model.pretrained!r} is not a file")
   _check(t.num_models >= 1, f"train.num_models must be >= 1, got {t.num_models}")

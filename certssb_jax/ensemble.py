@@ -26,8 +26,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from certssb_jax import backend
-from certssb_jax import models as models_lib
-from certssb_jax import multihost
+from certssb_jax import weights
 from certssb_jax import rng
 from certssb_jax.member import MemberState, Streams, init_member, member_logits, member_step, train_noise
 from certssb_jax.sharding import ENS, ChunkLayout, check_member_map, default_mesh, fold_keys, per_device
@@ -288,11 +287,11 @@ def trainer_for(model: nn.Module, input_shape: Sequence[int], cfg: Any, *, model
   key = (model, tuple(input_shape), t.batch_size, t.learning_rate, models_per_chunk, cfg.model.pretrained,
          tuple(devices) if devices is not None else None)
   if key not in _TRAINERS:
-    weights = models_lib.read_params(cfg.model.pretrained) if cfg.model.pretrained else None
+    pretrained = weights.read_params(cfg.model.pretrained) if cfg.model.pretrained else None
     train_config = TrainConfig(epochs=t.epochs, batch_size=t.batch_size, learning_rate=t.learning_rate,
                                models_per_chunk=models_per_chunk)
     _TRAINERS[key] = EnsembleTrainer(model, input_shape, train_config, mesh=default_mesh(devices),
-                                     pretrained=weights)
+                                     pretrained=pretrained)
   return _TRAINERS[key]
 
 

@@ -14,8 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-# Imported as a module: data.py imports this one for its registry, so its names are looked up at call time.
-from certssb_jax import data as data_lib
+from certssb_jax import dataset as data_lib
 from certssb_jax import readers
 
 logger = logging.getLogger(__name__)
@@ -61,21 +60,15 @@ def _resize_center_crop_array(img: np.ndarray, image_size: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _tfds_not_ready(name: str, data_dir: str | None, err: BaseException) -> data_lib.DataError:
-  """The error of a tfds data set that is not prepared: what to run instead, with no TensorFlow needed."""
+class TfdsNotPrepared(data_lib.DataError):
+  """A tfds data set that is not prepared in the given data_dir (``data.load_dataset`` adds what to run)."""
+
+
+def _tfds_not_ready(name: str, data_dir: str | None, err: BaseException) -> TfdsNotPrepared:
   where = data_dir or "the default tfds data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
-  base = name.split("/")[0]  # "imagenette/320px-v2" -> "imagenette"
-  file_source = data_lib.fetch_source(base)
-  if file_source is not None:
-    instead = f"`python -m certssb_jax.data fetch {base}` and source={file_source} work without TensorFlow"
-  else:
-    names = "|".join(data_lib.fetchable_names())
-    instead = (f"source=idx|cifar_pickle|image_folder read local files without TensorFlow "
-               f"(`python -m certssb_jax.data fetch {names}` downloads the paper's data sets)")
-  return data_lib.DataError(
+  return TfdsNotPrepared(
       f"tfds data set {name!r} is not prepared in {where} in array_record format ({type(err).__name__}: "
-      f"{str(err).splitlines()[0] if str(err) else ''}); source=tfds never downloads. {instead}."
-  )
+      f"{str(err).splitlines()[0] if str(err) else ''}); source=tfds never downloads.")
 
 
 def _read_tfds_split(src: Sequence[dict], classes: tuple[int, ...], image_size: int | None, where: str,

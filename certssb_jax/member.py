@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from certssb_jax import models as models_lib
+from certssb_jax import weights
 from certssb_jax import rng
 
 
@@ -49,10 +50,10 @@ def variables_of(params: Any, batch_stats: Any) -> dict[str, Any]:
 def init_member(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
                 input_shape: Sequence[int], pretrained: Mapping[str, Any] | None = None) -> MemberState:
   """Initialises one model from its INIT key; ``pretrained`` ({"params/a/b": array, ...}, a saved Flax
-  variables dict, see ``models.save_params``) replaces every matching array except the head."""
+  variables dict, see ``weights.save_params``) replaces every matching array except the head."""
   variables = model.init(key, jnp.zeros((1, *input_shape), jnp.float32), train=False)
   if pretrained:
-    variables = models_lib.merge_params(variables, pretrained)
+    variables = weights.merge_params(variables, pretrained)
   params = variables["params"]
   return MemberState(params, variables.get("batch_stats", {}), tx.init(params))
 

@@ -18,8 +18,9 @@ logger = logging.getLogger(__name__)
 
 SPLITS = ("clean", "triggered")
 # Radii of the CRA curves, in units of ceiling * sigma_0: RAB's largest certifiable test-input radius is 1 on
-# this scale, a sample-specific run's can reach sigma_hi / sigma_0.
-GRID_UNITS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
+# this scale, a sample-specific run's sigma_hi / sigma_0 (1.5 by default). CRA counts radius > r, so the grid
+# stops just below those ends (an input certified at the ceiling counts at 0.95 and 1.45).
+GRID_UNITS = (0.0, 0.25, 0.5, 0.75, 0.95, 1.25, 1.45, 1.75, 1.95)
 # The side-channel probe warns when sigma_j ranks the suspicious training samples this well (AUC) ...
 CHANNEL_AUC = 0.7
 # ... or when triggered inputs get less noise than their clean copies and the attack is this much stronger at

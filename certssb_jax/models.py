@@ -30,128 +30,17 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
-import numpy as np
 import optax
-from flax import traverse_util
-from flax.linen import dtypes as flax_dtypes
+
+from certssb_jax.layers import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, batch_norm, check_conv
+from certssb_jax.layers import check_head, conv2d, conv_init, max_pool_2x2, normalize
 
 logger = logging.getLogger(__name__)
-
-
-def max_pool_2x2(x: jax.Array) -> jax.Array:
-  """2x2 max pooling with stride 2 by reshape-and-max.
-
-  Same result as ``nn.max_pool(x, (2, 2), (2, 2))`` on even sizes (odd trailing rows/columns are dropped,
-  as VALID pooling does), but its backward pass is ~1.7x faster on XLA:CPU and as fast on accelerators.
-  """
-  b, h, w, c = x.shape
-  x = x[:, : h - h % 2, : w - w % 2, :]
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
-
-
-# ---------------------------------------------------------------------------------------------- convolutions
-
-CONV_FORMULATIONS = ("xla", "patches")
-Padding = str | int | Sequence[int] | Sequence[tuple[int, int]]
-
-
-def check_conv(conv: str, model: str) -> None:
-  """Raises ValueError when ``conv`` is not one of ``CONV_FORMULATIONS``."""
-  if conv not in CONV_FORMULATIONS:
-    raise ValueError(f"{model}: conv must be one of {CONV_FORMULATIONS}, got {conv!r}")
-
-
-def _pair(v: int | Sequence[int]) -> tuple[int, int]:
-  return (int(v), int(v)) if isinstance(v, int) else tuple(int(a) for a in v)
-
-
-def _explicit_padding(padding: Padding, in_hw: Sequence[int], kernel: tuple[int, int],
-                      strides: tuple[int, int]) -> list[tuple[int, int]]:
-  """``nn.Conv``'s padding argument ("SAME", "VALID", an int, ints or (low, high) pairs) as (low, high) pairs."""
-  if isinstance(padding, str):
-    if padding.upper() not in ("SAME", "VALID"):
-      raise ValueError(f"PatchesConv supports SAME, VALID or explicit paddings, got {padding!r}")
-    return [tuple(p) for p in lax.padtype_to_pads(tuple(in_hw), kernel, strides, padding.upper())]
-  if isinstance(padding, int):
-    return [(padding, padding)] * 2
-  return [(p, p) if isinstance(p, int) else (int(p[0]), int(p[1])) for p in padding]
-
-
-class PatchesConv(nn.Module):
-  """A 2-D convolution computed as patches times kernel, with the parameters of ``nn.Conv``.
-
-  The input's patches are extracted by ``lax.conv_general_dilated_patches``, a convolution with a fixed one-hot
-  filter, then contracted with the kernel in one ``dot_general``. Vmapped over the models of an ensemble, the
-  extraction maps its model axis into the batch (its filter is shared) and the contraction becomes a batched
-  matrix product: no grouped convolution, which accelerators run far below the speed of a matrix product.
-
-  The kernel is HWIO ``(kh, kw, C, F)`` and the bias ``(F,)``, named, shaped and initialised as by ``nn.Conv``
-  (the same RNG path gives the same values). The patches' features are ordered (C, kh, kw), so the kernel is
-  moved to (C, kh, kw, F) before it is flattened. The extraction runs at ``Precision.HIGHEST`` so its values are
-  exact copies of the input on backends whose default float32 convolution rounds its inputs (TF32); the
-  product uses ``precision`` like ``nn.Conv``. 1x1 kernels without padding skip the extraction (a strided slice).
-
-  Attributes:
-    features: output channels F.
-    kernel_size: (kh, kw).
-    strides: an int or (sh, sw).
-    padding: "SAME", "VALID", an int, or one (low, high) pair per spatial dimension (as ``nn.Conv``).
-    use_bias: add a bias of shape (F,).
-    dtype: compute dtype (None: that of the inputs and parameters).
-    param_dtype: dtype of the parameters.
-    precision: precision of the kernel product.
-    kernel_init: kernel initialiser (``nn.Conv``'s default).
-    bias_init: bias initialiser (``nn.Conv``'s default).
-  """
-
-  features: int
-  kernel_size: Sequence[int]
-  strides: int | Sequence[int] = 1
-  padding: Padding = "SAME"
-  use_bias: bool = True
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-  precision: Any = None
-  kernel_init: Callable[..., jax.Array] = nn.initializers.lecun_normal()
-  bias_init: Callable[..., jax.Array] = nn.initializers.zeros_init()
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    if x.ndim != 4:
-      raise ValueError(f"PatchesConv expects inputs (B, H, W, C), got shape {x.shape}")
-    kh, kw = _pair(self.kernel_size)
-    strides = _pair(self.strides)
-    c = x.shape[-1]
-    kernel = self.param("kernel", self.kernel_init, (kh, kw, c, self.features), self.param_dtype)
-    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-    x, kernel, bias = flax_dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    pads = _explicit_padding(self.padding, x.shape[1:3], (kh, kw), strides)
-    if (kh, kw) == (1, 1) and all(p == (0, 0) for p in pads):
-      patches = x[:, ::strides[0], ::strides[1], :]  # (B, H', W', C): a 1x1 patch is the pixel
-    else:
-      patches = lax.conv_general_dilated_patches(x, (kh, kw), strides, pads,
-                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                                 precision=lax.Precision.HIGHEST)  # (B, H', W', C * kh * kw)
-    w = jnp.transpose(kernel, (2, 0, 1, 3)).reshape(c * kh * kw, self.features)  # (C * kh * kw, F)
-    y = lax.dot_general(patches, w, (((3,), (0,)), ((), ())), precision=self.precision)  # (B, H', W', F)
-    return y if bias is None else y + bias
-
-
-def conv2d(formulation: str, features: int, kernel_size: Sequence[int], *, dtype: Any, name: str | None = None,
-           **kwargs: Any) -> nn.Module:
-  """A convolution layer of the given formulation: ``nn.Conv`` (``"xla"``) or ``PatchesConv`` (``"patches"``).
-
-  ``kwargs`` (strides, padding, use_bias, kernel_init) mean the same for both, and so do the parameters.
-  """
-  cls = nn.Conv if formulation == "xla" else PatchesConv
-  return cls(features, tuple(kernel_size), dtype=dtype, name=name, **kwargs)
 
 
 class MnistCNN(nn.Module):
@@ -186,50 +75,6 @@ class MnistCNN(nn.Module):
     return nn.Dense(self.num_outputs, dtype=self.dtype, name="head")(x).astype(jnp.float32)
 
 
-# ---------------------------------------------------------------------------------------------- shared parts
-
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # per-channel mean of the CIFAR-10 training images on [0, 1]
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)  # per-channel std of the CIFAR-10 training images on [0, 1]
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's ImageNet constants (what pretrained ResNets expect)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# He (Kaiming) normal init with fan_out, as torchvision initialises ResNet convolutions.
-_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-
-
-def batch_norm(train: bool, name: str | None = None, dtype: Any = None) -> nn.BatchNorm:
-  """The batch norm of every model here: PyTorch's defaults in Flax's convention.
-
-  ``momentum=0.9`` keeps 0.9 of the running statistics per step (PyTorch's ``momentum=0.1``); in training the
-  batch statistics normalise and the running averages are updated (the ``batch_stats`` collection, mutable),
-  at inference the running averages normalise, so a sample's logit does not depend on the rest of its batch.
-  Inside the vmapped ensemble (``certssb_jax/ensemble.py``) the statistics are reduced over each model's own
-  batch only (no ``axis_name``), so every model's running statistics are its own. Flax updates the running
-  variance with the biased batch variance (PyTorch with the unbiased one): a factor B / (B - 1). With a
-  ``dtype`` of bfloat16 the statistics are still reduced and kept in float32; only the output is bfloat16.
-  """
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name)
-
-
-def normalize(x: jax.Array, mean: Sequence[float], std: Sequence[float], model_name: str) -> jax.Array:
-  """(x - mean) / std per channel, for pixel inputs x (B, H, W, C) in [0, 1] (docs/method.md section 1).
-
-  Raises:
-    ValueError: x is not 4-D or its channel count differs from ``len(mean)`` / ``len(std)``.
-  """
-  if x.ndim != 4:
-    raise ValueError(f"{model_name} expects images (B, H, W, C), got shape {x.shape}")
-  if not len(mean) == len(std) == x.shape[-1]:
-    raise ValueError(f"{model_name}: inputs have {x.shape[-1]} channels but mean/std have {len(mean)}/{len(std)} "
-                     "entries; pass mean and std of the data set's channels")
-  return (x - jnp.asarray(mean, x.dtype)) / jnp.asarray(std, x.dtype)
-
-
-def _check_head(num_outputs: int, model: str) -> None:
-  if num_outputs < 1:
-    raise ValueError(f"{model}: num_outputs must be >= 1 (1 for a binary task, K for K classes), got {num_outputs}")
-
-
 # ---------------------------------------------------------------------------------------------- CIFAR-10
 
 
@@ -253,7 +98,7 @@ class PreActBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    conv = functools.partial(conv2d, self.conv, self.features, use_bias=False, kernel_init=_conv_init,
+    conv = functools.partial(conv2d, self.conv, self.features, use_bias=False, kernel_init=conv_init,
                              dtype=self.dtype)
     out = nn.relu(batch_norm(train, "bn1", self.dtype)(x))
     shortcut = x
@@ -266,7 +111,7 @@ class PreActBlock(nn.Module):
 
 
 class PreActResNet(nn.Module):
-  """The paper's CIFAR-10 model (docs/method.md section 7): pre-activation ResNet, widths 16/32/64, 3 stages of 5 blocks.
+  """The paper's CIFAR-10 model (docs/method.md section 7): pre-activation ResNet, widths 16/32/64, 3 x 5 blocks.
 
   conv3x3 16 (stem) -> 3 stages of ``blocks_per_stage`` PreActBlocks (stride 2 at the start of stages 2 and 3)
   -> BN-ReLU -> global average pool -> dense head. With 5 blocks per stage this is the 32-layer network of
@@ -292,10 +137,10 @@ class PreActResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    _check_head(self.num_outputs, "preact_resnet")
+    check_head(self.num_outputs, "preact_resnet")
     check_conv(self.conv, "preact_resnet")
     x = normalize(x, self.mean, self.std, "preact_resnet")  # (B, H, W, 3)
-    x = conv2d(self.conv, self.widths[0], (3, 3), padding=((1, 1), (1, 1)), use_bias=False, kernel_init=_conv_init,
+    x = conv2d(self.conv, self.widths[0], (3, 3), padding=((1, 1), (1, 1)), use_bias=False, kernel_init=conv_init,
                dtype=self.dtype, name="stem_conv")(x)
     for s, width in enumerate(self.widths):
       for b in range(self.blocks_per_stage):
@@ -328,7 +173,7 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    conv = functools.partial(conv2d, self.conv, self.features, use_bias=False, kernel_init=_conv_init,
+    conv = functools.partial(conv2d, self.conv, self.features, use_bias=False, kernel_init=conv_init,
                              dtype=self.dtype)
     y = conv((3, 3), strides=self.strides, padding=((1, 1), (1, 1)), name="conv1")(x)
     y = nn.relu(batch_norm(train, "bn1", self.dtype)(y))
@@ -369,11 +214,11 @@ class ResNet18(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    _check_head(self.num_outputs, "resnet18")
+    check_head(self.num_outputs, "resnet18")
     check_conv(self.conv, "resnet18")
     x = normalize(x, self.mean, self.std, "resnet18")  # (B, H, W, 3)
     x = conv2d(self.conv, self.widths[0], (7, 7), strides=2, padding=((3, 3), (3, 3)), use_bias=False,
-               kernel_init=_conv_init, dtype=self.dtype, name="stem_conv")(x)  # (B, H/2, W/2, 64)
+               kernel_init=conv_init, dtype=self.dtype, name="stem_conv")(x)  # (B, H/2, W/2, 64)
     x = nn.relu(batch_norm(train, "stem_bn", self.dtype)(x))
     # nn.max_pool, not a reshape-based pool: an exact reshape version of this padded 3x3/2 pool measured no
     # faster in a whole ResNet-18 step on XLA:CPU (0.60 s vs 0.56 s per step of 8 images at 224, jax 0.10.2).
@@ -426,121 +271,3 @@ def loss_fn(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 
-# ---------------------------------------------------------------------------------------------- weights on disk
-#
-# Format: one ``.npz`` file (numpy's zip of ``.npy`` arrays, read with ``allow_pickle=False``), one entry per
-# array of the variable tree, keyed by the "/"-joined path of nested dict keys: for ResNet18 params
-# "stem_conv/kernel" (7, 7, 3, 64), "stem_bn/scale" (64,), "stage2_block1/proj_conv/kernel" (1, 1, 64, 128),
-# "head/kernel" (512, L), ... Convolution kernels are Flax's HWIO (a PyTorch OIHW kernel converts with
-# ``w.transpose(2, 3, 1, 0)``; a PyTorch linear weight with ``w.T``). The same functions work on the
-# ``batch_stats`` tree ("stem_bn/mean", "stem_bn/var") or on the whole variables dict ("params/stem_conv/kernel").
-
-
-def save_params(params: Mapping[str, Any], path: str) -> None:
-  """Writes a (nested dict) variable tree of ONE model to ``path`` as an ``.npz`` with "a/b/c" keys.
-
-  Args:
-    params: nested mapping of arrays (e.g. ``variables["params"]``), without a leading model axis.
-    path: output file; written exactly there (no ``.npz`` suffix appended), through a temporary file.
-
-  Raises:
-    ValueError: a key contains "/" (it could not be read back unambiguously) or the tree is empty.
-  """
-  flat = _flatten(params)
-  if not flat:
-    raise ValueError("save_params: the parameter tree has no arrays")
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    np.savez(f, **{k: np.asarray(v) for k, v in flat.items()})
-  os.replace(tmp, path)
-
-
-def read_params(path: str) -> dict[str, np.ndarray]:
-  """The arrays of an ``.npz`` written by ``save_params``, as a flat {"a/b/c": array} dict.
-
-  Raises:
-    ValueError: the file is missing or not a readable ``.npz`` of arrays.
-  """
-  if not os.path.isfile(path):
-    raise ValueError(f"pretrained weights file not found: {path}")
-  try:
-    with np.load(path, allow_pickle=False) as f:
-      return {k: f[k] for k in f.files}
-  except (OSError, ValueError) as e:
-    raise ValueError(f"cannot read pretrained weights {path} as an .npz of arrays: {e}") from e
-
-
-def merge_params(params: Mapping[str, Any], flat: Mapping[str, Any], *, exclude: Sequence[str] = ("head",),
-                 source: str = "pretrained weights") -> dict[str, Any]:
-  """Replaces every array of ``params`` whose "/"-joined path is a key of ``flat``, except excluded modules.
-
-  Pure (no I/O), so it can run inside a jitted, vmapped init: every model of an ensemble then starts from the
-  same pretrained body and its own randomly initialised head (which keeps model m a function of its keys and
-  its noised data, docs/method.md section 2).
-
-  Args:
-    params: nested mapping of arrays of one model (the freshly initialised tree).
-    flat: {"a/b/c": array} of the weights to load.
-    exclude: path components whose arrays are never replaced (default the ``head`` module, whose shape
-      depends on the task).
-    source: what ``flat`` is, for messages.
-
-  Returns:
-    A new nested dict, with replaced arrays cast to the dtype of the ones they replace.
-
-  Raises:
-    ValueError: a matching key has a different shape (names the key and both shapes), or no key matches.
-  """
-  own = _flatten(params)
-  out, loaded = {}, 0
-  for key, value in own.items():
-    if key in flat and not set(key.split("/")) & set(exclude):
-      new = flat[key]
-      if tuple(np.shape(new)) != tuple(np.shape(value)):
-        raise ValueError(f"{source}: {key!r} has shape {tuple(np.shape(new))} but the model expects "
-                         f"{tuple(np.shape(value))}")
-      out[key] = jnp.asarray(new, dtype=jnp.result_type(value))
-      loaded += 1
-    else:
-      out[key] = value
-  if loaded == 0:
-    raise ValueError(f"{source}: none of its {len(flat)} arrays matches a parameter of the model (model keys "
-                     f"look like {sorted(own)[:3]}, file keys like {sorted(flat)[:3]})")
-  missing = [k for k in own if k not in flat and not set(k.split("/")) & set(exclude)]
-  unused = [k for k in flat if k not in own]
-  if missing or unused:
-    logger.warning("%s: loaded %d arrays; %d model arrays not in the file (kept as initialised, e.g. %s); "
-                   "%d file arrays unused (e.g. %s)", source, loaded, len(missing), missing[:3], len(unused),
-                   unused[:3])
-  return traverse_util.unflatten_dict(out, sep="/")
-
-
-def load_pretrained(params: Mapping[str, Any], path: str, *, exclude: Sequence[str] = ("head",)) -> dict[str, Any]:
-  """Loads local weights (an ``.npz`` of ``save_params``) into ``params``, keeping the head as initialised.
-
-  Nothing is downloaded: convert published weights to this format once (see the format note above) and point
-  here. Arrays are matched by their "/"-joined path; the ``head`` module (one logit or K) is never replaced,
-  so an ImageNet classifier's 1000-way head is simply ignored.
-
-  Args:
-    params: the model's initialised variable tree (one model, e.g. ``variables["params"]``).
-    path: the ``.npz`` file.
-    exclude: module names never loaded (default ``("head",)``).
-
-  Returns:
-    The tree with every matching array replaced.
-
-  Raises:
-    ValueError: missing or unreadable file, a shape mismatch (naming the key), or no matching key.
-  """
-  return merge_params(params, read_params(path), exclude=exclude, source=f"pretrained weights {path}")
-
-
-def _flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
-  """{"a/b/c": leaf} of a nested mapping; raises ValueError on keys that contain "/"."""
-  flat = traverse_util.flatten_dict(tree)
-  for path in flat:
-    bad = [k for k in path if "/" in str(k)]
-    if bad:
-      raise ValueError(f"parameter key {bad[0]!r} contains '/', which the flat format uses as separator")
-  return {"/".join(map(str, path)): leaf for path, leaf in flat.items()}

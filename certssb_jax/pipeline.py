@@ -175,7 +175,7 @@ def poison(cfg: Config, ds: data_lib.Dataset, rd: RunDir, progress: Progress) ->
   data without noise, is least sure of.
   """
   a = cfg.attack
-  model = models_lib.get_model(cfg.model.name, ds.num_classes)
+  model = models_lib.get_model(cfg.model.name, ds.num_classes, conv=cfg.model.conv)
   scores = None
   if a.selection == "least_confident":
     clean = Attacked(ds, ds.x_train, ds.y_train, np.zeros(0, np.int64), np.zeros(0), {}, model)

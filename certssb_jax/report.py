@@ -192,7 +192,7 @@ def plot_certified_accuracy(path: str, cfg: Any, attacked: Any, certs: dict, ans
               label=f"{split}, before the store")
       ax.step(*cra_curve(after, ans.pred == y), where="post", color=color, lw=1.4, label=f"{split} (certificates)")
     marks = [(ceiling * cfg.sigma.sigma_0, "ceiling x sigma_0")]
-    if sigma_max > cfg.sigma.sigma_0 * 1.001:
+    if kind == "test" and sigma_max > cfg.sigma.sigma_0 * 1.001:  # the joint radius uses min(sigma_x, sigma_j)
       marks.append((ceiling * sigma_max, "ceiling x largest sigma_x"))
     for x, label in marks:
       ax.axvline(x, color="0.4", ls=":", lw=1)
@@ -232,9 +232,13 @@ def plot_sigma_histogram(path: str, cfg: Any, attacked: Any, sigma_train: np.nda
     for name, values, color in parts:
       ax.hist(values, bins=bins, color=color, alpha=0.55, label=f"{name} (n={len(values)}, mean {values.mean():.3f})"
               if len(values) else f"{name} (n=0)")
+    marks: dict[float, list[str]] = {}
     for x, label in ((lo, "sigma_lo"), (cfg.sigma.sigma_0, "sigma_0"), (hi, "sigma_hi")):
+      marks.setdefault(x, []).append(label)
+    for x, labels in marks.items():
       ax.axvline(x, color="k", ls=":", lw=1)
-      ax.text(x, 0.98, f" {label}", transform=ax.get_xaxis_transform(), rotation=90, va="top", fontsize=7)
+      ax.text(x, 0.98, f" {' = '.join(labels)}", transform=ax.get_xaxis_transform(), rotation=90, va="top",
+              fontsize=7)
     ax.set_yscale("log")
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("sigma")

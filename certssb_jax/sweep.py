@@ -28,13 +28,15 @@ from typing import Any
 
 from absl import app
 from absl import flags
+import numpy as np
 
 from certssb_jax import config as config_lib
 from certssb_jax import rundir
 
-# Points of the CRA columns, in units of ceiling * sigma_0 (metrics.GRID_UNITS): half and all of RAB's largest
-# certifiable radius, and 1.5 times it (only sample-specific sigma_x can certify there).
-TABLE_UNITS = (0.5, 1.0, 1.5)
+# Radii of the CRA columns, in units u = ceiling * sigma_0: half of RAB's largest certifiable radius, just below
+# it (an input certified at the ceiling counts: CRA counts radius > r) and just below Cert-SSB's largest (at
+# sigma_hi = 1.5 sigma_0). The joint radius of either method stops at u (every training sigma is sigma_0).
+TABLE_UNITS = (0.5, 0.95, 1.45)
 
 
 def split_specs(text: str) -> list[str]:
@@ -92,36 +94,54 @@ def _fmt(v: Any) -> str:
   return "-" if v is None else f"{v:.3f}"
 
 
+def _clean_rows(workdir: str) -> list[dict[str, str]]:
+  with open(os.path.join(workdir, "per_sample.csv")) as f:
+    return [r for r in csv.DictReader(f) if r["split"] == "clean"]
+
+
+def _cra_from_rows(workdir: str, radii: list[float]) -> dict[str, list[float]]:
+  """CRA of a row's clean answers at the given radii, from its per_sample.csv (test-input and joint radius)."""
+  rows = _clean_rows(workdir)
+  correct = np.array([int(r["pred_stored"]) == int(r["label"]) for r in rows])
+  test = np.array([float(r["radius_stored"]) for r in rows])
+  joint = np.array([float(r["radius_joint_stored"]) for r in rows])
+  return {"test": [float(np.mean(correct & (test > x))) for x in radii],
+          "joint": [float(np.mean(correct & (joint > x))) for x in radii]}
+
+
 def table(records: list[dict[str, Any]]) -> tuple[str, str]:
   """(markdown, csv): one line per row of the grid, RAB and Cert-SSB next to each other."""
-  from certssb_jax import metrics, report  # pylint: disable=g-import-not-at-top
+  from certssb_jax import report  # pylint: disable=g-import-not-at-top
 
-  units = [metrics.GRID_UNITS.index(u) for u in TABLE_UNITS]
-  header = ["data set", "trigger", "sigma_0", "method", "M", "clean acc", "ERA", "ASR", "abstain (clean / trig.)"]
-  header.insert(4, "sigma search: training / class A / rule / [lo, hi]")
-  header += [f"CRA test r={u:g}u" for u in TABLE_UNITS] + [f"CRA joint r={u:g}u" for u in TABLE_UNITS]
+  joint_units = [u for u in TABLE_UNITS if u <= 1.0]
+  header = ["data set", "trigger", "sigma_0", "method", "sigma search: training / class A / rule / [lo, hi]", "M",
+            "clean acc", "ERA", "ASR", "abstain (clean / trig.)", "majority vote: clean / ERA / ASR"]
+  header += [f"CRA test r={u:g}u" for u in TABLE_UNITS] + [f"CRA joint r={u:g}u" for u in joint_units]
   header += ["u = ceiling x sigma_0", "mean sigma_x clean / trig.", "aligned", "AUC(sigma_j) poisoned", "channel"]
   lines = []
   for r in records:
     s = r["summary"]
-    m, grid = s["metrics"], [str(float(v)) for v in s["radius_grid"]]
-    probe = s.get("probe", {})
+    m, probe = s["metrics"], s.get("probe", {})
+    unit = s["margin_ceiling"] * s["sigma_0"]
+    cra = _cra_from_rows(r["workdir"], [u * unit for u in TABLE_UNITS])
     search = s.get("sigma_search")
     design = (f"{search['train']} / {search['objective']} / {search['rule']} / [{search['sigma_lo']:g}, "
               f"{search['sigma_hi']:.3g}]" if search else "-")
     lines.append([r["dataset"], r["trigger"], f"{r['sigma_0']:g}", report.MODE_NAMES[r["mode"]], design,
                   str(s["models"]["voting"]), _fmt(m["clean_accuracy"]), _fmt(m["era"]), _fmt(m["asr"]),
-                  f"{_fmt(m['abstain_rate'])} / {_fmt(m['abstain_rate_triggered'])}"]
-                 + [_fmt(m["cra_test"][grid[i]]) for i in units] + [_fmt(m["cra"][grid[i]]) for i in units]
-                 + [f"{s['radius_grid'][4]:.4f}",
+                  f"{_fmt(m['abstain_rate'])} / {_fmt(m['abstain_rate_triggered'])}",
+                  " / ".join(_fmt(s["majority"][k]) for k in ("clean_accuracy", "era", "asr"))]
+                 + [_fmt(v) for v in cra["test"]] + [_fmt(v) for v in cra["joint"][:len(joint_units)]]
+                 + [f"{unit:.4f}",
                     f"{s['sigma']['clean']['mean']:.3f} / {s['sigma']['triggered']['mean']:.3f}",
                     str(m["aligned_clean"] + m["aligned_triggered"]), _fmt(probe.get("auc_poisoned")),
                     str(probe.get("channel", "-"))])
   md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(l) + " |" for l in lines]
-  note = ("\nCRA columns: certified robust accuracy of the storage-update answers (the certificates) at radius "
-          "r, in units u = margin ceiling x sigma_0 (the largest radius RAB can certify with these M and alpha); "
-          "'test' is the radius in the test input alone, 'joint' the radius over training and test triggers "
-          "together. M counts the voting models.\n")
+  note = ("\nclean acc, ERA, ASR, abstain and CRA: the storage-update answers (the certificates); an abstention "
+          "counts as an error. Majority vote: the smoothed classifier's plain majority, uncertified. CRA at radius "
+          "r in units u = margin ceiling x sigma_0 (the largest radius RAB can certify with these M and alpha); "
+          "'test' is the radius in the test input alone, 'joint' over training and test triggers together. M "
+          "counts the voting models.\n")
   buf = io.StringIO()
   w = csv.writer(buf)
   w.writerow(header)
@@ -130,8 +150,9 @@ def table(records: list[dict[str, Any]]) -> tuple[str, str]:
 
 
 def plot(records: list[dict[str, Any]], workdir: str) -> list[str]:
-  """One figure per data set: CRA against the test-input radius (left) and the joint radius (right), as step
-  curves on the run's radius grid; one colour per method, one line style per (trigger, sigma_0)."""
+  """One figure per data set: CRA of the certificates against the test-input radius (left) and the joint radius
+  (right), exact step curves from each row's per_sample.csv; one colour per method, one line style per (trigger,
+  sigma_0)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
 
   matplotlib.use("Agg")
@@ -145,13 +166,17 @@ def plot(records: list[dict[str, Any]], workdir: str) -> list[str]:
     rows = [r for r in records if r["dataset"] == ds]
     keys = list(dict.fromkeys((r["trigger"], r["sigma_0"]) for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, kind, label in ((axes[0], "cra_test", "test-input radius"), (axes[1], "cra", "joint radius")):
-      for r in rows:
-        cra = r["summary"]["metrics"][kind]
-        ls = styles[keys.index((r["trigger"], r["sigma_0"])) % len(styles)]
-        ax.step([float(k) for k in cra], list(cra.values()), where="post", color=colors[r["mode"]], ls=ls,
-                label=f"{report.MODE_NAMES[r['mode']]} {r['trigger']} sigma_0={r['sigma_0']:g}")
-      ax.set_xlabel(f"{label} r")
+    for r in rows:
+      clean = _clean_rows(r["workdir"])
+      correct = np.array([int(c["pred_stored"]) == int(c["label"]) for c in clean])
+      ls = styles[keys.index((r["trigger"], r["sigma_0"])) % len(styles)]
+      label = f"{report.MODE_NAMES[r['mode']]} {r['trigger']} sigma_0={r['sigma_0']:g}"
+      for ax, column in ((axes[0], "radius_stored"), (axes[1], "radius_joint_stored")):
+        radius = np.array([float(c[column]) for c in clean])
+        ax.step(*report.cra_curve(radius, correct), where="post", color=colors[r["mode"]], ls=ls, label=label)
+    for ax, name in zip(axes, ("test-input radius r", "joint radius r")):
+      ax.set_xlabel(name)
+      ax.set_xlim(left=0)
       ax.grid(alpha=0.3)
     axes[0].set_ylabel("certified robust accuracy")
     axes[0].set_ylim(0, 1.02)

@@ -9,7 +9,6 @@ import optax
 import pytest
 
 from certssb_jax import backend
-from certssb_jax import ensemble
 from certssb_jax import member
 from certssb_jax import models
 

@@ -7,6 +7,7 @@ import pytest
 from certssb_jax import ensemble
 from certssb_jax import member
 from certssb_jax import models
+from certssb_jax import weights
 from certssb_jax import rng
 
 
@@ -151,8 +152,8 @@ def test_pretrained_weights_initialise_every_model_but_the_head(tmp_path):
   model = models.get_model("mnist_cnn", 2)
   cfg = ensemble.TrainConfig(1, 8, 1e-3, models_per_chunk=2)
   source = model.init(jax.random.key(42), np.zeros((1, 28, 28, 1), np.float32))
-  models.save_params(source, str(tmp_path / "w.npz"))
-  tr = ensemble.EnsembleTrainer(model, (28, 28, 1), cfg, pretrained=models.read_params(str(tmp_path / "w.npz")))
+  weights.save_params(source, str(tmp_path / "w.npz"))
+  tr = ensemble.EnsembleTrainer(model, (28, 28, 1), cfg, pretrained=weights.read_params(str(tmp_path / "w.npz")))
   plain = ensemble.EnsembleTrainer(model, (28, 28, 1), cfg)
   dummy = np.zeros((8, 28, 28, 1), np.float32), np.zeros(8, np.int32)
   state = tr.train_chunk(np.arange(2), member.Streams.ensemble(0), *dummy, None, epochs=0)  # the initial state

@@ -19,8 +19,10 @@ from certssb_jax import config as config_lib
 from certssb_jax import ensemble
 from certssb_jax import sharding
 from certssb_jax import member
+from certssb_jax import layers
 from certssb_jax import models
 from certssb_jax import pipeline
+from certssb_jax import weights
 
 # Small inputs each model allows (the ResNets are fully convolutional up to the global pool).
 SHAPES = {"mnist_cnn": (28, 28, 1), "preact_resnet": (32, 32, 3), "resnet18": (32, 32, 3)}
@@ -259,7 +261,7 @@ def test_save_and_load_pretrained_round_trip_keeps_the_head(tmp_path):
   source = _random_variables(models.get_model("resnet18", 10), shape, 0)  # e.g. a 10-way classifier
   target = _random_variables(models.get_model("resnet18", 2), shape, 1)  # our one-logit model
   path = str(tmp_path / "resnet18.weights")
-  models.save_params(source["params"], path)
+  weights.save_params(source["params"], path)
   assert os.path.isfile(path)  # written exactly there
   flat_src = traverse_util.flatten_dict(source["params"], sep="/")
   flat_tgt = traverse_util.flatten_dict(target["params"], sep="/")
@@ -268,7 +270,7 @@ def test_save_and_load_pretrained_round_trip_keeps_the_head(tmp_path):
     assert f["stem_conv/kernel"].shape == (7, 7, 3, 64)
     assert f["head/kernel"].shape == (512, 10)
     np.testing.assert_array_equal(f["stage2_block1/proj_conv/kernel"], flat_src["stage2_block1/proj_conv/kernel"])
-  loaded = models.load_pretrained(target["params"], path)
+  loaded = weights.load_pretrained(target["params"], path)
   flat_new = traverse_util.flatten_dict(loaded, sep="/")
   assert set(flat_new) == set(flat_tgt)
   for k, v in flat_new.items():
@@ -276,13 +278,13 @@ def test_save_and_load_pretrained_round_trip_keeps_the_head(tmp_path):
     np.testing.assert_array_equal(np.asarray(v), expect, err_msg=k)
   # a same-shaped head is still excluded
   same = _random_variables(models.get_model("resnet18", 2), shape, 2)
-  models.save_params(same["params"], path)
-  kept = models.load_pretrained(target["params"], path)
+  weights.save_params(same["params"], path)
+  kept = weights.load_pretrained(target["params"], path)
   np.testing.assert_array_equal(kept["head"]["kernel"], target["params"]["head"]["kernel"])
   np.testing.assert_array_equal(kept["stem_conv"]["kernel"], same["params"]["stem_conv"]["kernel"])
   # batch statistics save and load the same way, and the loaded trees are a valid model state
-  models.save_params(source["batch_stats"], path)
-  stats = models.load_pretrained(target["batch_stats"], path)
+  weights.save_params(source["batch_stats"], path)
+  stats = weights.load_pretrained(target["batch_stats"], path)
   np.testing.assert_array_equal(stats["stem_bn"]["mean"], source["batch_stats"]["stem_bn"]["mean"])
   out = jax.eval_shape(lambda v: models.get_model("resnet18", 2).apply(v, jnp.zeros((1, *shape))),
                        {"params": loaded, "batch_stats": stats})
@@ -296,17 +298,17 @@ def test_load_pretrained_errors(tmp_path):
   bad["stage2_block1/conv1/kernel"] = np.zeros((3, 3, 16, 33), np.float32)
   np.savez(path, **bad)
   with pytest.raises(ValueError, match="stage2_block1/conv1/kernel.*shape"):
-    models.load_pretrained(target, path)
+    weights.load_pretrained(target, path)
   with pytest.raises(ValueError, match="not found"):
-    models.load_pretrained(target, str(tmp_path / "missing.npz"))
-  models.save_params(_random_variables(models.get_model("mnist_cnn", 2), (28, 28, 1), 0)["params"], path)
+    weights.load_pretrained(target, str(tmp_path / "missing.npz"))
+  weights.save_params(_random_variables(models.get_model("mnist_cnn", 2), (28, 28, 1), 0)["params"], path)
   with pytest.raises(ValueError, match="none of its"):  # MnistCNN's Conv_0 ... match nothing of the ResNet
-    models.load_pretrained(target, path)
+    weights.load_pretrained(target, path)
   with pytest.raises(ValueError, match="contains '/'"):
-    models.save_params({"a/b": np.zeros(2)}, path)
+    weights.save_params({"a/b": np.zeros(2)}, path)
   (tmp_path / "junk.npz").write_bytes(b"not a zip")
   with pytest.raises(ValueError, match="cannot read"):
-    models.load_pretrained(target, str(tmp_path / "junk.npz"))
+    weights.load_pretrained(target, str(tmp_path / "junk.npz"))
 
 
 # ---------------------------------------------------------------------------------------------- pooling
@@ -317,8 +319,8 @@ def test_max_pool_2x2_equals_nn_max_pool_values_and_gradients(shape):
   x = jax.random.normal(jax.random.key(0), shape)  # continuous: no ties, so the subgradient is unique
   w = jax.random.normal(jax.random.key(1), (shape[0], shape[1] // 2, shape[2] // 2, shape[3]))
   ref = lambda v: nn.max_pool(v, (2, 2), strides=(2, 2))  # noqa: E731
-  np.testing.assert_array_equal(models.max_pool_2x2(x), ref(x))
-  g = jax.jit(jax.grad(lambda v: jnp.sum(models.max_pool_2x2(v) * w)))(x)
+  np.testing.assert_array_equal(layers.max_pool_2x2(x), ref(x))
+  g = jax.jit(jax.grad(lambda v: jnp.sum(layers.max_pool_2x2(v) * w)))(x)
   g_ref = jax.jit(jax.grad(lambda v: jnp.sum(ref(v) * w)))(x)
   np.testing.assert_array_equal(g, g_ref)
   assert np.count_nonzero(g) == w.size  # one winner per window
@@ -326,7 +328,7 @@ def test_max_pool_2x2_equals_nn_max_pool_values_and_gradients(shape):
 
 def test_max_pool_2x2_drops_odd_trailing_rows_like_valid_pooling():
   x = jax.random.normal(jax.random.key(3), (2, 7, 9, 2))
-  np.testing.assert_array_equal(models.max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
+  np.testing.assert_array_equal(layers.max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
 
 
 # ---------------------------------------------------------------------------------------------- configs end to end

@@ -2,14 +2,12 @@
 numbers, the sweep table, RAB and Cert-SSB sharing their models."""
 
 import csv
-import json
 import os
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from certssb_jax import bounds
 from certssb_jax import config as config_lib
 from certssb_jax import ensemble
 from certssb_jax import pipeline
@@ -107,7 +105,8 @@ def test_sweep_table_shares_models_and_resumes(tmp_path):
   md = open(paths["table_md"]).read()
   lines = [l for l in md.splitlines() if l.startswith("| mnist")]
   assert len(lines) == 2 and "| RAB |" in lines[0] and "| Cert-SSB |" in lines[1]
-  assert "CRA test r=1u" in md and "CRA joint r=1u" in md and "u = margin ceiling x sigma_0" in md
+  assert "CRA test r=1.5u" in md and "CRA joint r=1u" in md and "u = margin ceiling x sigma_0" in md
+  assert "majority vote: clean / ERA / ASR" in md
   with open(paths["table_csv"]) as f:
     rows = list(csv.reader(f))
   assert len(rows) == 3 and all(len(r) == len(rows[0]) for r in rows)
@@ -145,3 +144,16 @@ def test_the_reference_rule_and_searched_training_sigmas_run_end_to_end(tmp_path
   for k in ("train", "test_clean", "test_triggered"):  # the reference rule only ever grows sigma
     assert np.all(sig[k] >= 0.25 - 1e-7) and np.all(sig[k] <= top + 1e-6), k
     assert np.any(sig[k] > 0.25), k
+
+
+@pytest.mark.slow
+def test_the_patches_convolution_trains_the_same_models_end_to_end(tmp_path):
+  """model.conv = patches computes the same models (to float32 rounding) through the whole pipeline: every
+  model's class agrees with the xla formulation's on nearly every input."""
+  overrides = dict(num_models=4, epochs=1, max_train=128, max_test=32, sigma_mode="fixed",
+                   **{"undefended.enabled": False})
+  pipeline.run(tiny_config(**overrides), str(tmp_path / "xla"))
+  pipeline.run(tiny_config(**overrides, **{"model.conv": "patches"}), str(tmp_path / "patches"))
+  a, b = np.load(tmp_path / "xla" / "votes.npz"), np.load(tmp_path / "patches" / "votes.npz")
+  assert np.mean(a["clean_preds"] == b["clean_preds"]) >= 0.97
+  np.testing.assert_allclose(a["clean_probs_sum"], b["clean_probs_sum"], atol=0.05)

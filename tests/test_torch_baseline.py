@@ -173,3 +173,51 @@ def test_steady_state_replaces_the_first_chunk_by_the_mean_of_the_others():
   assert s["chunks"] == 3 and s["first"] == 10.0 and s["per_chunk"] == pytest.approx(1.25)
   assert s["without_compile"] == pytest.approx(12.5 - 10.0 + 1.25)
   assert ct.steady_state(rec[:3], 2) is None
+
+
+def test_func_ensemble_step_equals_each_model_trained_alone():
+  """The torch.func ensemble of bench_gpu.py: one stacked foreach-Adam step == each model's own Adam step."""
+  shape, ids, b = (28, 28, 1), [3, 5], 6
+  rng = np.random.default_rng(2)
+  x = torch.from_numpy(rng.uniform(size=(len(ids), b, 1, 28, 28)).astype(np.float32))  # (C, B, C_in, H, W)
+  y = torch.from_numpy(rng.integers(0, 2, (len(ids), b)).astype(np.int64))
+  ens = tb.FuncEnsemble(shape, 2, ids, SEED, 1e-3)
+  for _ in range(2):
+    ens.step(x, y)
+  for i, m in enumerate(ids):
+    model = tb.init_model(shape, 2, SEED, m)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(2):
+      opt.zero_grad(set_to_none=True)
+      tb.loss_fn(model(x[i]), y[i]).backward()
+      opt.step()
+    ref = model.state_dict()
+    got = ens.state_dict(i)
+    assert list(got) == list(ref)
+    for k in ref:
+      torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6)
+
+
+def test_compare_torch_config_setup_and_outcomes(tmp_path):
+  """compare_torch.py on the current pipeline API: RAB config, the pipeline's data and poisoning, our bounds."""
+  import benchmarks.compare_torch as ct  # pylint: disable=g-import-not-at-top
+
+  m = 12
+  config = ct.benchmark_config("configs/quickstart.py", m, 1)
+  assert (config.sigma.mode, config.undefended.enabled, config.train.num_models, config.train.epochs) == (
+      "fixed", False, m, 1)
+  setup = ct.make_setup(config, str(tmp_path / "jax"))
+  a = setup.attacked
+  assert len(a.y_train) == len(setup.sigma_train) and np.all(setup.sigma_train == config.sigma.sigma_0)
+  assert os.path.exists(tmp_path / "jax" / "poison.npz")
+  target = config.attack.target_class
+
+  def unanimous(labels):  # every model votes for the given class of each input
+    labels = np.asarray(labels, np.int64)
+    return {"preds": np.tile(labels, (m, 1)), "probs_sum": m * np.eye(2)[labels]}
+
+  out = ct.outcomes(setup, {"clean": unanimous(a.splits["clean"].y),
+                            "triggered": unanimous(np.full(len(a.splits["triggered"].y), target))})
+  assert out["clean accuracy"].all() and not out["abstain (clean)"].any() and out["CRA(r=0.0)"].all()
+  assert out["ASR (triggered -> target)"].all() and not out["ERA (triggered, true label)"].any()
+  assert np.all(out[ct.AREA] > 0)
