@@ -26,6 +26,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from certssb_jax import backend
+from certssb_jax import models as models_lib
 from certssb_jax import weights
 from certssb_jax import rng
 from certssb_jax.member import MemberState, Streams, init_member, member_logits, member_step, train_noise
@@ -374,3 +375,8 @@ def predict_logits(model: nn.Module, state: MemberState, x: np.ndarray, batch_si
     xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)]) if pad else xb
     outs.append(np.asarray(_predict_chunk(model, state.params, state.batch_stats, jnp.asarray(xb)))[:, :len(xb) - pad])
   return np.concatenate(outs, axis=1)
+
+
+def predict_probs(model: nn.Module, state: MemberState, x: np.ndarray) -> np.ndarray:
+  """Class probabilities (N, K) of the FIRST model of a stacked state on clean inputs x (an auxiliary model)."""
+  return np.asarray(models_lib.logits_to_probs(jnp.asarray(predict_logits(model, state, x)[0])))

@@ -17,7 +17,6 @@ import time
 from typing import Any, Callable, ContextManager, Iterator
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -36,6 +35,7 @@ from certssb_jax import scorer as scorer_lib
 from certssb_jax import sigma_search
 from certssb_jax import store as store_lib
 from certssb_jax import triggers
+from certssb_jax.member import MemberState, Streams, member_logits
 from certssb_jax.rundir import RunDir
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: Progress |
 
   attacked = poison(cfg, ds, rd, progress)
   undefended = train_undefended(cfg, attacked, rd, progress) if cfg.undefended.enabled else None
-  pilot = train_pilot(cfg, attacked, rd, progress) if cfg.sigma.mode == "sample_specific" else None
+  pilot = train_pilot(cfg, attacked, rd, progress) if config_lib.searches(cfg) else None
   sigma_train, disagree = training_sigmas(cfg, attacked, pilot, rd, progress)
   members = train_ensemble(cfg, attacked, sigma_train, rd, progress)
   sigma_test = test_sigmas(cfg, attacked, pilot, members, rd, progress)
@@ -180,7 +180,7 @@ def poison(cfg: Config, ds: data_lib.Dataset, rd: RunDir, progress: Progress) ->
   if a.selection == "least_confident":
     clean = Attacked(ds, ds.x_train, ds.y_train, np.zeros(0, np.int64), np.zeros(0), {}, model)
     state = single_model(cfg, clean, rd, "surrogate", epochs=cfg.train.epochs, sigma=None, progress=progress)
-    probs = np.asarray(models_lib.logits_to_probs(jnp.asarray(ensemble.predict_logits(model, state, ds.x_train)[0])))
+    probs = ensemble.predict_probs(model, state, ds.x_train)
     scores = probs[np.arange(len(ds.y_train)), ds.y_train]  # the surrogate's probability of the true label
   idx = triggers.choose_poison_indices(ds.y_train, a.poison_rate, a.target_class, cfg.seed, base=a.poison_base,
                                        scores=scores)
@@ -200,7 +200,7 @@ def poison(cfg: Config, ds: data_lib.Dataset, rd: RunDir, progress: Progress) ->
 
 
 def single_model(cfg: Config, attacked: Attacked, rd: RunDir, name: str, *, epochs: int, sigma: float | None,
-                 progress: Progress) -> ensemble.MemberState:
+                 progress: Progress) -> MemberState:
   """The auxiliary model ``name`` (``undefended``, ``pilot`` or ``surrogate``), restored or trained and saved.
 
   It trains on ``attacked``'s training set, with Gaussian augmentation at ``sigma`` re-drawn every epoch
@@ -209,12 +209,12 @@ def single_model(cfg: Config, attacked: Attacked, rd: RunDir, name: str, *, epoc
   trainer = ensemble.trainer_for(attacked.model, attacked.data.input_shape, cfg, models_per_chunk=1,
                                  devices=jax.local_devices()[:1])
   if rd.has_model(name):
-    return ensemble.MemberState(*rd.restore_model(name, trainer.abstract_state()))
+    return MemberState(*rd.restore_model(name, trainer.abstract_state()))
   n = len(attacked.y_train)
   tag = {"pilot": rng.PILOT, "undefended": rng.UNDEFENDED, "surrogate": rng.SURROGATE}[name]
   t0 = time.perf_counter()
   with progress(f"train {name} model", epochs * (n // cfg.train.batch_size), "step") as update:
-    state = trainer.train_chunk(np.zeros(1, np.int64), ensemble.Streams.auxiliary(cfg.seed, tag), attacked.x_train,
+    state = trainer.train_chunk(np.zeros(1, np.int64), Streams.auxiliary(cfg.seed, tag), attacked.x_train,
                                 attacked.y_train, None if sigma is None else np.full(n, sigma, np.float32),
                                 fresh_noise=True, epochs=epochs, on_step=update)
   rd.record_time(name, time.perf_counter() - t0)
@@ -226,8 +226,7 @@ def train_undefended(cfg: Config, attacked: Attacked, rd: RunDir, progress: Prog
   """Clean accuracy, ERA and ASR of one model trained on the poisoned data without noise: what the attack does."""
   state = single_model(cfg, attacked, rd, "undefended", epochs=cfg.undefended.epochs, sigma=None,
                        progress=progress)
-  pred = {s: np.asarray(models_lib.logits_to_pred(jnp.asarray(
-      ensemble.predict_logits(attacked.model, state, attacked.splits[s].x)[0]))) for s in SPLITS}
+  pred = {s: ensemble.predict_probs(attacked.model, state, attacked.splits[s].x).argmax(-1) for s in SPLITS}
   trig = attacked.splits["triggered"]
   return {"clean_accuracy": float(np.mean(pred["clean"] == attacked.splits["clean"].y)),
           "era": float(np.mean(pred["triggered"] == trig.y)),
@@ -235,8 +234,8 @@ def train_undefended(cfg: Config, attacked: Attacked, rd: RunDir, progress: Prog
 
 
 def train_pilot(cfg: Config, attacked: Attacked, rd: RunDir, progress: Progress) -> tuple[Any, Any]:
-  """The pilot model (Gaussian augmentation at sigma_0 on the poisoned data): the default sigma-search scorer.
-  Returns its (params, batch_stats)."""
+  """The pilot model, the default sigma-search scorer: trained on the poisoned data with Gaussian augmentation at
+  ``sigma.pilot_sigma`` (2 sigma_0 by default) redrawn every epoch. Returns its (params, batch_stats)."""
   state = single_model(cfg, attacked, rd, "pilot", epochs=cfg.sigma.pilot_epochs, sigma=cfg.sigma.pilot_sigma,
                        progress=progress)
   return jax.tree.map(lambda a: a[0], (state.params, state.batch_stats))
@@ -273,15 +272,14 @@ def training_sigmas(cfg: Config, attacked: Attacked, pilot: Any, rd: RunDir,
   sample with the pilot, as the paper does.
   """
   n = len(attacked.y_train)
-  if cfg.sigma.mode == "fixed" or cfg.sigma.train == "base":
+  if not config_lib.searches(cfg) or cfg.sigma.train == "base":
     return np.full(n, cfg.sigma.sigma_0, np.float32), None
 
   def search():
     sigma, _ = find_sigmas(cfg, (pilot_score_fn(attacked.model), pilot), "train", attacked.x_train,
                            attacked.y_train, progress)
-    stacked = ensemble.MemberState(*jax.tree.map(lambda a: np.asarray(a)[None], pilot), None)
-    pred = np.asarray(models_lib.logits_to_pred(jnp.asarray(
-        ensemble.predict_logits(attacked.model, stacked, attacked.x_train)[0])))
+    stacked = MemberState(*jax.tree.map(lambda a: np.asarray(a)[None], pilot), None)
+    pred = ensemble.predict_probs(attacked.model, stacked, attacked.x_train).argmax(-1)
     return {"sigma": sigma, "pilot_disagrees": pred != attacked.y_train}
 
   out = rd.stage("sigma_train", search)
@@ -290,13 +288,14 @@ def training_sigmas(cfg: Config, attacked: Attacked, pilot: Any, rd: RunDir,
 
 def test_sigmas(cfg: Config, attacked: Attacked, pilot: Any, members: ensemble.TrainedEnsemble, rd: RunDir,
                 progress: Progress) -> dict[str, np.ndarray]:
-  """sigma_x of every test input: sigma_0 (RAB) or the search with the pilot or the held-out search models.
+  """sigma_x of every test input: sigma_0 (RAB, and Cert-SSB's default) or the search with the pilot or the
+  held-out search models.
 
   The scorer never votes: the pilot is a separate model, and the search models (ids below
   ``sigma.search_models``) are left out of the votes, so sigma_x is chosen independently of the noise that
   then bounds the prediction.
   """
-  if cfg.sigma.mode == "fixed":
+  if not config_lib.searches(cfg):  # RAB, or Cert-SSB with its default range [sigma_0, sigma_0]
     return {s: np.full(len(attacked.splits[s].y), cfg.sigma.sigma_0, np.float32) for s in SPLITS}
   if cfg.sigma.scorer == "pilot":
     scorer = (pilot_score_fn(attacked.model), pilot)
@@ -316,7 +315,7 @@ def pilot_score_fn(model) -> Callable[[Any, jax.Array], jax.Array]:
   search's compiled programs are reused."""
   if model not in _PILOT_SCORERS:
     _PILOT_SCORERS[model] = lambda state, xb: models_lib.logits_to_probs(
-        ensemble.member_logits(model, state[0], state[1], xb))
+        member_logits(model, state[0], state[1], xb))
   return _PILOT_SCORERS[model]
 
 
@@ -340,8 +339,8 @@ def train_ensemble(cfg: Config, attacked: Attacked, sigma_train: np.ndarray, rd:
   if done:
     logger.info("ensemble: reusing %d of %d trained chunks", len(done), len(chunks))
   steps_per_model = t.epochs * (len(attacked.y_train) // t.batch_size)
-  streams = ensemble.Streams.ensemble(cfg.seed)
-  pending: list[tuple[int, ensemble.MemberState]] = []
+  streams = Streams.ensemble(cfg.seed)
+  pending: list[tuple[int, MemberState]] = []
   last_save, t0 = time.monotonic(), time.perf_counter()
   with progress(f"train ensemble ({t.num_models} models)", len(chunks) * steps_per_model, "step") as update:
     update(len(done) * steps_per_model)
@@ -365,12 +364,12 @@ def train_ensemble(cfg: Config, attacked: Attacked, sigma_train: np.ndarray, rd:
 
 
 def kernel_requests(cfg: Config, attacked: Attacked, sigma_test: dict[str, np.ndarray]) -> dict[str, tuple]:
-  """Every (inputs, sigma_x) the ensemble votes on, by name: the two splits at their sigma_x; in Cert-SSB runs
-  both splits again at the smallest and at the largest sigma_x used (the side-channel probe); with
+  """Every (inputs, sigma_x) the ensemble votes on, by name: the two splits at their sigma_x; in runs that search
+  sigma_x, both splits again at the smallest and at the largest sigma_x used (the side-channel probe); with
   ``compat=reference`` the clean and the triggered test set (target class included) at sigma_0, as the
   reference release samples."""
   req = {s: (attacked.splits[s].x, sigma_test[s]) for s in SPLITS}
-  if cfg.sigma.mode == "sample_specific":
+  if config_lib.searches(cfg):
     used = np.concatenate([sigma_test[s] for s in SPLITS])
     for name, level in (("at_min", used.min()), ("at_max", used.max())):
       req.update({f"{name}_{s}": (attacked.splits[s].x, np.full(len(sigma_test[s]), level, np.float32))

@@ -17,6 +17,7 @@ one plot of step-shaped CRA curves per data set.
 from __future__ import annotations
 
 import csv
+import glob
 import hashlib
 import io
 import json
@@ -46,13 +47,18 @@ def split_specs(text: str) -> list[str]:
 
 
 def row_dir(workdir: str, c: Any) -> str:
-  """The folder of one row: data set and classes, then trigger, sigma_0, mode and a hash of the whole config."""
+  """The folder of one row: data set and classes, then trigger, sigma_0, mode and a hash of the whole config; a
+  folder of the same prefix whose run has the same config (``config.differences``) is that row too."""
   j = config_lib.to_json(c)
   j["train"].pop("checkpoint_every_s")
   digest = hashlib.sha1(json.dumps(j, sort_keys=True).encode()).hexdigest()[:8]
   pair = "-".join(str(k) for k in c.data.classes)
-  return os.path.join(workdir, f"{c.data.name}_{pair}",
-                      f"{c.attack.trigger}_sigma{c.sigma.sigma_0:g}_{c.sigma.mode}_{digest}")
+  prefix = os.path.join(workdir, f"{c.data.name}_{pair}", f"{c.attack.trigger}_sigma{c.sigma.sigma_0:g}_{c.sigma.mode}")
+  for d in sorted(glob.glob(f"{prefix}_*")):
+    path = os.path.join(d, "config.json")
+    if os.path.exists(path) and not config_lib.differences(rundir.load_json(path), config_lib.to_json(c)):
+      return d
+  return f"{prefix}_{digest}"
 
 
 def run_grid(specs: list[str], workdir: str, triggers: list[str] | None, sigmas: list[float] | None,

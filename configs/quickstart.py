@@ -21,6 +21,7 @@ def get_config(arg: str | None = None):
   c.train.batch_size = 64
   c.sigma.mode = "sample_specific"  # Cert-SSB; sigma_mode=fixed gives RAB
   c.sigma.sigma_0 = 0.25
+  c.sigma.sigma_hi = 0.375  # search sigma_x in [sigma_0, 1.5 sigma_0] (the default, sigma_0, does not search)
   c.sigma.num_steps = 8
   c.sigma.num_draws = 8
   c.undefended.epochs = 20  # the paper's epochs: one undefended model is cheap

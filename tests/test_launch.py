@@ -11,10 +11,12 @@ from conftest import write_tiny_config  # pylint: disable=g-bad-import-order
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config,own_cache", [("configs/quickstart.py:quick", False), ("configs/mnist.py:quick", True)])
+@pytest.mark.parametrize("config,own_cache", [("configs/quickstart.py:quick", False), ("configs/mnist.py:quick", True),
+                                              ("configs/fashion_mnist.py:quick", False)])
 def test_quick_configs_run_through_the_launcher(config, own_cache, tmp_path):
   """The second run fills the compilation cache the launcher turns on (the suite's shared cache, set through
-  JAX_COMPILATION_CACHE_DIR, is taken away from it)."""
+  JAX_COMPILATION_CACHE_DIR, is taken away from it). The Fashion-MNIST run reads the real files from their
+  default folder (Debian's dataset-fashion-mnist, which .ci/run installs)."""
   environ = helpers.env()
   if own_cache:
     environ.pop("JAX_COMPILATION_CACHE_DIR", None)

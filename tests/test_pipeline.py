@@ -231,7 +231,7 @@ def test_config_variants_parse_and_resolve():
   c = config_lib.load_config("configs/mnist.py:trigger=fourpixel,sigma_0=0.5,num_models=200,bound=hoeffding")
   assert (c.attack.trigger, c.sigma.sigma_0, c.train.num_models, c.certify.bound) == ("fourpixel", 0.5, 200, "hoeffding")
   r = config_lib.resolve(c)
-  assert (r.sigma.sigma_lo, r.sigma.sigma_hi, r.sigma.num_steps, r.sigma.num_draws) == (0.5, 0.75, 10, 8)
+  assert (r.sigma.sigma_lo, r.sigma.sigma_hi, r.sigma.num_steps, r.sigma.num_draws) == (0.5, 0.5, 10, 8)
   assert r.undefended.epochs == 20 and r.sigma.pilot_epochs == 20
   ref = config_lib.resolve(config_lib.load_config("configs/mnist.py:rule=reference"))
   assert (ref.sigma.num_steps, ref.sigma.num_draws, ref.sigma.lr) == (850, 1, 1e-4)
@@ -245,6 +245,20 @@ def test_config_variants_parse_and_resolve():
     config_lib.load_config("configs/mnist.py:num_models=many")
   with pytest.raises(ValueError, match="does not exist"):
     config_lib.load_config("configs/nosuch.py")
+
+
+def test_the_default_cert_ssb_range_answers_at_sigma_0_without_a_pilot(tmp_path):
+  """sigma.sigma_hi defaults to sigma_0: no pilot, no search, every sigma_x = sigma_0 (RAB's noise), and the store,
+  the audit and the probe as in every Cert-SSB run."""
+  c = tiny_config(num_models=4, epochs=1, max_train=64, max_test=16, **{"sigma.sigma_hi": None})
+  assert config_lib.resolve(c).sigma.sigma_hi == 0.25 and not config_lib.searches(config_lib.resolve(c))
+  summary = pipeline.run(c, str(tmp_path / "d"))
+  assert not os.path.exists(tmp_path / "d" / "pilot")
+  sig = np.load(tmp_path / "d" / "sigmas.npz")
+  for k in ("train", "test_clean", "test_triggered"):
+    np.testing.assert_array_equal(sig[k], np.float32(0.25))
+  assert summary["probe"]["auc_poisoned"] == 0.5 and not summary["probe"]["channel"]
+  assert summary["consistency"]["contradictions"] == 0
 
 
 def test_random_seed_is_drawn_and_recorded(tmp_path):
@@ -267,3 +281,11 @@ def test_margin_ceiling_and_radius_grid():
   ceiling = bounds.margin_ceiling(60, 0.001, num_classes=2)
   assert metrics.margin_ceiling(cfg) == ceiling
   assert metrics.radius_grid(cfg)[4] == pytest.approx(0.95 * ceiling * 0.25, abs=1e-4)
+
+
+def test_a_field_an_older_config_lacks_counts_as_its_default():
+  old = {"model": {"name": "mnist_cnn"}, "seed": 0}
+  assert config_lib.differences(old, {"model": {"name": "mnist_cnn", "conv": "xla"}, "seed": 0}) == []
+  assert config_lib.differences(old, {"model": {"name": "mnist_cnn", "conv": "patches"}, "seed": 0}) == [
+      "model.conv: 'xla' -> 'patches'"]
+  assert config_lib.differences({"train": {"checkpoint_every_s": 1}}, {"train": {"checkpoint_every_s": 9}}) == []

@@ -132,7 +132,7 @@ def test_training_key_says_which_runs_train_the_same_models():
   key = lambda **kw: config_lib.training_key(config_lib.to_json(config_lib.resolve(tiny_config(**kw))))
   assert key(sigma_mode="fixed") == key() == key(objective="prediction", scorer="pilot")
   assert key(sigma_mode="fixed") != key(train_sigma="search")
-  assert key() != key(seed=3) and key() != key(sigma_0=0.5)
+  assert key() != key(seed=3) and key() != key(sigma_0=0.5, **{"sigma.sigma_hi": 0.75})
   assert key() == key(**{"train.checkpoint_every_s": 5})
 
 
