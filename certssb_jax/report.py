@@ -93,8 +93,9 @@ def summarize(cfg: Any, attacked: Any, answers: dict, sigma_train: np.ndarray, s
       "sigma": {"train": _stats(sigma_train), **{s: _stats(sigma_test[s]) for s in SPLITS}},
       "trigger_norm_test": _stats(trig_norm) if trig_norm is not None else {"count": 0},
       "trigger_norm_train": _stats(attacked.poison_norms),
-      "precision": {"training": "float32", "certification": f"float32 (default matmul precision of "
-                                                            f"{jax.default_backend()})", "bounds": "float64"},
+      # The certificate is about the classifier the kernel computes, in the precision it computes in.
+      "precision": {"parameters": "float32", "matmul_precision": jax.config.jax_default_matmul_precision or "backend default",
+                    "backend": jax.default_backend(), "bounds": "float64"},
       "timings_s": timings,
       "versions": versions(),
       "devices": [str(d) for d in jax.devices()],

@@ -28,6 +28,7 @@ def test_flops_of_a_matmul():
   assert flops is None or flops == pytest.approx(2 * 64 * 32 * 16, rel=0.1)
 
 
+@pytest.mark.slow
 def test_tiny_sections_write_every_figure(tmp_path):
   out = tmp_path / "bench.json"
   result = bench_gpu.main(["--tiny", "--sections", "train_step,certify,store", "--dtypes", "float32,bfloat16",

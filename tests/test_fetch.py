@@ -307,6 +307,7 @@ def test_fetch_into_the_default_folders_then_load_without_data_dir(releases, ser
     ("configs/cifar10.py:quick", "cifar10", ""),
     ("configs/imagenette.py:quick", "imagenette", ""),
 ])
+@pytest.mark.slow
 def test_paper_quick_configs_run_on_fetched_files(spec, name, overrides, releases, serve, tmp_path):
   """Each paper config's quick variant, end to end on the fetched files (2 models, no undefended model: the
   quick runs of tests/test_models.py and tests/test_launch.py cover those parts; 10% poisoning, as 2% of the

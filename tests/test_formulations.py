@@ -60,6 +60,7 @@ def test_every_registered_model_is_covered():
   assert set(models.MODELS) == set(SHAPES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SHAPES))
 def test_same_parameters_whatever_the_formulation_and_dtype(name):
   shape = SHAPES[name]
@@ -96,6 +97,7 @@ def test_same_logits_in_both_formulations(name, num_classes):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SHAPES))
 def test_vmapped_three_model_step_is_the_same_in_both_formulations(name):
   """The ensemble's own vmapped program (``member_map="vmap"``): one Adam step of 3 models on their noised
@@ -148,6 +150,7 @@ def _dtypes_of_products(fn, *args) -> set[str]:
   return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SHAPES))
 @pytest.mark.parametrize("conv", layers.CONV_FORMULATIONS)
 def test_bfloat16_compute_keeps_float32_params_and_logits(name, conv):

@@ -104,6 +104,7 @@ def test_kernel_memory_is_the_same_for_any_M_and_test_set_size(paper):
     assert other.output_size_in_bytes == paper.output_size_in_bytes
 
 
+@pytest.mark.slow
 def test_kernel_memory_scales_with_models_per_chunk_and_batch_size(paper):
   half_chunk, half_batch = _memory(50, 512), _memory(100, 256)
   assert half_chunk.temp_size_in_bytes == pytest.approx(paper.temp_size_in_bytes / 2, rel=0.05)

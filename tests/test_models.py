@@ -370,6 +370,7 @@ def _check_run(workdir, summary, n_train, n_test, num_models, input_shape):
   return on_disk, sig
 
 
+@pytest.mark.slow
 def test_cifar_quick_config_runs(tmp_path):
   folder = str(tmp_path / "cifar-10-batches-py")
   _write_cifar_pickles(folder, np.random.RandomState(0))
@@ -386,6 +387,7 @@ def test_cifar_quick_config_runs(tmp_path):
   assert np.all((sig["train"] >= lo - 1e-6) & (sig["train"] <= hi + 1e-6))
 
 
+@pytest.mark.slow
 def test_imagenette_quick_config_runs(tmp_path):
   rs = np.random.RandomState(0)
   root = tmp_path / "imagenette"

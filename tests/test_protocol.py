@@ -20,6 +20,7 @@ from certssb_jax import sweep
 from conftest import tiny_config, write_tiny_config  # pylint: disable=g-bad-import-order
 
 
+@pytest.mark.slow
 def test_three_classes_end_to_end(tmp_path):
   c = tiny_config(classes="0 1 2", sigma_mode="fixed")
   summary = pipeline.run(c, str(tmp_path / "k3"))
@@ -36,6 +37,7 @@ def test_three_classes_end_to_end(tmp_path):
     assert float(r["p_lower"]) == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
 
+@pytest.mark.slow
 def test_search_models_score_and_never_vote(tmp_path):
   """With scorer=ensemble the first search_models models choose sigma_x and the others vote: the votes count
   only models 2..7, and sigma_x is what a search with models 0 and 1 alone gives."""
@@ -65,6 +67,7 @@ def jax_fold(key, i):
   return jax.random.fold_in(key, i)
 
 
+@pytest.mark.slow
 def test_reference_compat_shows_the_reference_inflation(tmp_path):
   """compat=reference re-runs the ensemble at sigma_0 (as the reference samples) and multiplies the margin by the
   searched sigma_x: its radii are inflated by exactly sigma_x / sigma_0."""
@@ -136,6 +139,7 @@ def test_training_key_says_which_runs_train_the_same_models():
   assert key() == key(**{"train.checkpoint_every_s": 5})
 
 
+@pytest.mark.slow
 def test_the_reference_rule_and_searched_training_sigmas_run_end_to_end(tmp_path):
   c = tiny_config(rule="reference", train_sigma="search", objective="label", **{"sigma.num_steps": 12})
   pipeline.run(c, str(tmp_path / "ref_rule"))
