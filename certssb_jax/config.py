@@ -40,7 +40,10 @@ _int, _float = config_dict.placeholder(int), config_dict.placeholder(float)
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Every field of a run, with the paper's MNIST protocol as defaults (docs/method.md section 7)."""
+  """Every field of a run, with the paper's MNIST protocol as defaults (docs/method.md section 7).
+
+  One line per field, so the listing is long on purpose: it is the documentation of every field.
+  """
   c = ml_collections.ConfigDict()
   c.seed = 0  # the one seed every random stream derives from; `seed=random` draws one (keep it secret)
 
@@ -375,6 +378,11 @@ def search_config_of(s: ml_collections.ConfigDict) -> sigma_search.SearchConfig:
 def searches(c: ml_collections.FrozenConfigDict) -> bool:
   """Whether the run searches noise levels: Cert-SSB with a search range wider than one point."""
   return c.sigma.mode == "sample_specific" and c.sigma.sigma_hi > c.sigma.sigma_lo
+
+
+def uses_pilot(c: ml_collections.FrozenConfigDict) -> bool:
+  """Whether the run needs the pilot model: a search that scores test inputs or training samples with it."""
+  return searches(c) and (c.sigma.scorer == "pilot" or c.sigma.train == "search")
 
 
 def num_voters(c: ml_collections.FrozenConfigDict) -> int:

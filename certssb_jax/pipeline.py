@@ -71,7 +71,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: Progress |
 
   attacked = poison(cfg, ds, rd, progress)
   undefended = train_undefended(cfg, attacked, rd, progress) if cfg.undefended.enabled else None
-  pilot = train_pilot(cfg, attacked, rd, progress) if config_lib.searches(cfg) else None
+  pilot = train_pilot(cfg, attacked, rd, progress) if config_lib.uses_pilot(cfg) else None
   sigma_train, disagree = training_sigmas(cfg, attacked, pilot, rd, progress)
   members = train_ensemble(cfg, attacked, sigma_train, rd, progress)
   sigma_test = test_sigmas(cfg, attacked, pilot, members, rd, progress)
@@ -347,8 +347,9 @@ def train_ensemble(cfg: Config, attacked: Attacked, sigma_train: np.ndarray, rd:
     for c, ids in enumerate(chunks):
       if c in done:
         continue
+      # the epochs are passed: the shared trainer may have been built by a run with other epochs
       state, losses = trainer.train_chunk(ids, streams, attacked.x_train, attacked.y_train, sigma_train,
-                                          on_step=update, return_losses=True)
+                                          epochs=t.epochs, on_step=update, return_losses=True)
       ensemble.check_losses(losses, ids)
       pending.append((c, members.keep(c, state)))
       due = time.monotonic() - last_save >= t.checkpoint_every_s or c == 0

@@ -162,7 +162,7 @@ class RunDir:
     """One line on what the folder already holds (what a resumed run reuses), or None when it holds nothing."""
     stages = sorted(f[:-4] for f in os.listdir(self.file("stages")) if f.endswith(".npz")) \
         if os.path.isdir(self.file("stages")) else []
-    chunks = [c for first, last in self.saved_chunks() for c in range(first, last + 1)]
+    chunks = [c for first, last in self._listed_chunks() for c in range(first, last + 1)]
     models = [n for n in ("surrogate", "undefended", "pilot") if os.path.isdir(self.file(n))]
     if not (stages or chunks or models):
       return None
@@ -246,12 +246,15 @@ class RunDir:
 
   def saved_chunks(self) -> list[tuple[int, int]]:
     """(first, last) chunk of every complete ensemble checkpoint (Orbax writes under a temporary name and renames
-    when complete, so a listed one is whole). Process 0's list, on every process."""
+    when complete, so a listed one is whole). Process 0's list, on every process (a collective)."""
+    found = np.asarray(self._listed_chunks(), np.int64).reshape(-1, 2)
+    return [tuple(int(v) for v in g) for g in multihost.broadcast_exact(found)]
+
+  def _listed_chunks(self) -> list[tuple[int, int]]:
+    """This process's listing of the complete ensemble checkpoints."""
     folder = self.file("ensemble")
     names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-    found = np.asarray([(int(m.group(1)), int(m.group(2))) for m in map(_ENSEMBLE_CHECKPOINT.match, names) if m],
-                       np.int64).reshape(-1, 2)
-    return [tuple(int(v) for v in g) for g in multihost.broadcast_exact(found)]
+    return [(int(m.group(1)), int(m.group(2))) for m in map(_ENSEMBLE_CHECKPOINT.match, names) if m]
 
   def save_chunks(self, first: int, last: int, tree: Any) -> None:
     """Starts saving chunks ``first..last`` in the background (after the previous save finished)."""

@@ -58,8 +58,8 @@ class EnsembleScorer:
   ``sigma.scorer = "ensemble"`` (the held-out search models, docs/method.md section 4). The models are sharded
   over the mesh; each device evaluates its own (a ``lax.map`` over them), and both the forward sum and the
   backward sum of the per-model input gradients are ``ordered_sum``s (a ``custom_vjp``), so the searched
-  sigmas are the same bits on any number of devices. Memory per device: its M / D models plus, in the backward pass, their per-model input
-  gradients (M / D, batch, ...).
+  sigmas are the same bits on any number of devices. Memory per device: its max(M / D, 2) models plus, in the
+  backward pass, their per-model input gradients (max(M / D, 2), batch, ...).
 
   Args:
     model: the Flax model.
@@ -72,7 +72,9 @@ class EnsembleScorer:
       raise ValueError(f"num_models must be >= 1, got {num_models}")
     self.model, self.mesh, self.num_models = model, mesh, num_models
     self.num_devices = mesh.devices.size
-    self.padded = round_up(num_models, self.num_devices)
+    # at least two models per device: XLA removes a loop of one iteration and fuses its body differently, so a
+    # device holding one model would round differently from a device holding several
+    self.padded = round_up(max(num_models, 2 * self.num_devices), self.num_devices)
     d_count, m_real = self.num_devices, num_models
 
     def probs_one(p, bs, xb):

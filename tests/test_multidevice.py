@@ -18,7 +18,8 @@ from certssb_jax import sharding
 # M = 12 in chunks of 8: two chunks, the second padded (ids 12..15); on 8 devices one model per device and slot,
 # on 1 device eight. The test sigmas come from the sharded scorer of the 2 held-out search models.
 OVERRIDES = {"num_models": 12, "train.models_per_chunk": 8, "scorer": "ensemble", "sigma.search_models": 2,
-             "max_train": 96, "max_test": 24, "epochs": 1, "sigma.num_steps": 1, "undefended.enabled": False}
+             "max_train": 96, "max_test": 24, "epochs": 1, "sigma.num_steps": 1, "undefended.enabled": False,
+             "sigma.start": "sigma_0"}  # the low end, so the one step moves them (from sigma_hi they stay clipped)
 
 
 @pytest.fixture(scope="module")

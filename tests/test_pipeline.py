@@ -146,6 +146,20 @@ def test_same_seed_gives_identical_outputs(tiny_run, tmp_path):
       np.testing.assert_array_equal(a[k], b[k], err_msg=f"{name}:{k}")
 
 
+def test_a_run_trains_its_own_epochs_after_a_run_with_other_epochs(tmp_path):
+  """The trainer (and its compiled step) is shared by runs that differ only in epochs; each run still trains
+  for its own number: a run after a 2-epoch run equals the same run in a fresh trainer cache."""
+  overrides = dict(num_models=2, max_train=64, max_test=16, sigma_mode="fixed", **{"undefended.enabled": False})
+  ensemble._TRAINERS.clear()  # pylint: disable=protected-access
+  pipeline.run(tiny_config(**overrides, epochs=1), str(tmp_path / "fresh"))
+  ensemble._TRAINERS.clear()  # pylint: disable=protected-access
+  pipeline.run(tiny_config(**overrides, epochs=2), str(tmp_path / "two_epochs"))
+  pipeline.run(tiny_config(**overrides, epochs=1), str(tmp_path / "after"))
+  a, b = np.load(tmp_path / "fresh" / "votes.npz"), np.load(tmp_path / "after" / "votes.npz")
+  np.testing.assert_array_equal(a["clean_probs_sum"], b["clean_probs_sum"])
+  assert not np.array_equal(a["clean_probs_sum"], np.load(tmp_path / "two_epochs" / "votes.npz")["clean_probs_sum"])
+
+
 def test_checkpoint_grouping_and_reading_back_do_not_change_results(tiny_run, tmp_path, monkeypatch):
   """The tiny run kept its ensemble in memory and saved its first chunk alone and the other three together; a run
   that saves every chunk on its own and certifies from the checkpoints (nothing kept in memory) gives the same
