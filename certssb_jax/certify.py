@@ -210,17 +210,8 @@ def certify_inputs(model: nn.Module, chunks: Iterable[tuple[np.ndarray, MemberSt
   layout = kernel_layout(models_per_chunk or len(first[0]), mesh, member_map)
   for ids, state in rechunk(itertools.chain([first], chunks), layout.chunk, num_models):
     keep = ids < num_models
-    ens = NamedSharding(mesh, P(ENS))
-    slots = [jax.device_put(s, ens) for s in layout.split((state.params, state.batch_stats))]
-    params, batch_stats = tuple(s[0] for s in slots), tuple(s[1] for s in slots)
-    keys = tuple(_keys_fn(mesh)(stream, slot_ids) for slot_ids in layout.split(ids))
-    chunk_preds, chunk_probs = [], []
-    for xb, sb in batches:
-      p, s = certify_kernel(params, batch_stats, keys, xb, sb, model=model, mesh=mesh, per_slot=layout.per_slot)
-      chunk_preds.append(layout.merge(to_host(p)))  # (C, B)
-      chunk_probs.append(layout.merge(to_host(s)))  # (C, B, K)
-    chunk_preds = np.concatenate(chunk_preds, axis=1)[:, :n]
-    chunk_probs = np.concatenate(chunk_probs, axis=1)[:, :n].astype(np.float64)
+    chunk_preds, chunk_probs = _run_chunk(model, ids, state, batches, stream, layout, mesh)
+    chunk_preds, chunk_probs = chunk_preds[:, :n], chunk_probs[:, :n].astype(np.float64)
     preds[ids[keep]] = chunk_preds[keep]
     if probs_sum is None:
       probs_sum = np.zeros(chunk_probs.shape[1:], np.float64)
@@ -231,6 +222,21 @@ def certify_inputs(model: nn.Module, chunks: Iterable[tuple[np.ndarray, MemberSt
   if (preds < 0).any():
     raise ValueError("some models were not run: the chunks do not cover all num_models models")
   return preds, probs_sum
+
+
+def _run_chunk(model: nn.Module, ids: np.ndarray, state: MemberState, batches: list[tuple[jax.Array, jax.Array]],
+               stream: jax.Array, layout: ChunkLayout, mesh: Mesh) -> tuple[np.ndarray, np.ndarray]:
+  """The kernel over every input batch for one chunk of models: (preds (C, N_padded), probs (C, N_padded, K))."""
+  ens = NamedSharding(mesh, P(ENS))
+  slots = [jax.device_put(s, ens) for s in layout.split((state.params, state.batch_stats))]
+  params, batch_stats = tuple(s[0] for s in slots), tuple(s[1] for s in slots)
+  keys = tuple(_keys_fn(mesh)(stream, slot_ids) for slot_ids in layout.split(ids))
+  preds, probs = [], []
+  for xb, sb in batches:
+    p, s = certify_kernel(params, batch_stats, keys, xb, sb, model=model, mesh=mesh, per_slot=layout.per_slot)
+    preds.append(layout.merge(to_host(p)))  # (C, B)
+    probs.append(layout.merge(to_host(s)))  # (C, B, K)
+  return np.concatenate(preds, axis=1), np.concatenate(probs, axis=1)
 
 
 def votes_from_preds(preds: np.ndarray, num_classes: int) -> np.ndarray:

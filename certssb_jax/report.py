@@ -102,9 +102,8 @@ def summarize(cfg: Any, attacked: Any, answers: dict, sigma_train: np.ndarray, s
       "process_count": jax.process_count(),
   }
   if c.sigma.mode == "sample_specific":
-    summary["sigma_search"] = {"train": c.sigma.train, "objective": c.sigma.objective, "rule": c.sigma.rule,
-                               "scorer": c.sigma.scorer, "sigma_lo": c.sigma.sigma_lo, "sigma_hi": c.sigma.sigma_hi,
-                               "num_steps": c.sigma.num_steps}
+    summary["sigma_search"] = {k: c.sigma[k] for k in ("train", "objective", "rule", "scorer", "sigma_lo", "sigma_hi",
+                                                       "start", "pilot_sigma", "num_steps")}
   return summary
 
 

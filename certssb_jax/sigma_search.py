@@ -32,6 +32,9 @@ XLA:CPU runs convolutions inside a while loop (a rolled ``lax.scan``) much slowe
 time grows faster than linearly with the unrolled length, so on CPU the host calls a program of at most
 ``CPU_STEPS_PER_CALL`` unrolled steps repeatedly (BENCHMARKS.md); other backends run all T steps in one
 rolled scan.
+
+The search, its two registries and its batch drivers stay in one module (about 490 lines): they are one concept
+and change together.
 """
 
 from __future__ import annotations

@@ -96,6 +96,17 @@ def run_grid(specs: list[str], workdir: str, triggers: list[str] | None, sigmas:
   return records
 
 
+def _design(c: dict[str, Any]) -> str:
+  """How a row chose its sigmas, from its config.json: "-" for RAB, "no search" for a single-point range."""
+  s = c["sigma"]
+  if s["mode"] == "fixed":
+    return "-"
+  if s["sigma_hi"] <= s["sigma_lo"]:
+    return "no search (sigma_0)"
+  return (f"{s['train']} / {s['objective']} / {s['rule']} / [{s['sigma_lo']:g}, {s['sigma_hi']:.3g}] / "
+          f"{s['pilot_sigma']:g}")
+
+
 def _fmt(v: Any) -> str:
   return "-" if v is None else f"{v:.3f}"
 
@@ -120,7 +131,8 @@ def table(records: list[dict[str, Any]]) -> tuple[str, str]:
   from certssb_jax import report  # pylint: disable=g-import-not-at-top
 
   joint_units = [u for u in TABLE_UNITS if u <= 1.0]
-  header = ["data set", "trigger", "sigma_0", "method", "sigma search: training / class A / rule / [lo, hi]", "M",
+  header = ["data set", "trigger", "sigma_0", "method", "search: training sigmas / class A / rule / [lo, hi] / pilot",
+            "M",
             "clean acc", "ERA", "ASR", "abstain (clean / trig.)", "majority vote: clean / ERA / ASR"]
   header += [f"CRA test r={u:g}u" for u in TABLE_UNITS] + [f"CRA joint r={u:g}u" for u in joint_units]
   header += ["u = ceiling x sigma_0", "mean sigma_x clean / trig.", "aligned", "AUC(sigma_j) poisoned", "channel"]
@@ -130,9 +142,7 @@ def table(records: list[dict[str, Any]]) -> tuple[str, str]:
     m, probe = s["metrics"], s.get("probe", {})
     unit = s["margin_ceiling"] * s["sigma_0"]
     cra = _cra_from_rows(r["workdir"], [u * unit for u in TABLE_UNITS])
-    search = s.get("sigma_search")
-    design = (f"{search['train']} / {search['objective']} / {search['rule']} / [{search['sigma_lo']:g}, "
-              f"{search['sigma_hi']:.3g}]" if search else "-")
+    design = _design(rundir.load_json(os.path.join(r["workdir"], "config.json")))
     lines.append([r["dataset"], r["trigger"], f"{r['sigma_0']:g}", report.MODE_NAMES[r["mode"]], design,
                   str(s["models"]["voting"]), _fmt(m["clean_accuracy"]), _fmt(m["era"]), _fmt(m["asr"]),
                   f"{_fmt(m['abstain_rate'])} / {_fmt(m['abstain_rate_triggered'])}",

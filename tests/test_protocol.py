@@ -108,7 +108,7 @@ def test_sweep_table_shares_models_and_resumes(tmp_path):
   md = open(paths["table_md"]).read()
   lines = [l for l in md.splitlines() if l.startswith("| mnist")]
   assert len(lines) == 2 and "| RAB |" in lines[0] and "| Cert-SSB |" in lines[1]
-  assert "CRA test r=1.5u" in md and "CRA joint r=1u" in md and "u = margin ceiling x sigma_0" in md
+  assert "CRA test r=1.45u" in md and "CRA joint r=0.95u" in md and "u = margin ceiling x sigma_0" in md
   assert "majority vote: clean / ERA / ASR" in md
   with open(paths["table_csv"]) as f:
     rows = list(csv.reader(f))
