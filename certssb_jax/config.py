@@ -399,27 +399,36 @@ def to_json(c: Any) -> dict[str, Any]:
 RESULT_NEUTRAL = ("train.checkpoint_every_s",)
 
 
-def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
   """``field: old -> new`` for every field where two JSON configs differ in what they compute.
 
   A field one side lacks (a config written before the field existed) counts as having its default value.
   """
+  return _differences(with_defaults(old), with_defaults(new), "")
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str) -> list[str]:
   out = []
   for k in sorted(set(old) | set(new)):
     path = f"{prefix}{k}"
-    a, b = old.get(k, _default(path)), new.get(k, _default(path))
+    a, b = old.get(k), new.get(k)
     if isinstance(a, dict) and isinstance(b, dict):
-      out += differences(a, b, f"{path}.")
+      out += _differences(a, b, f"{path}.")
     elif a != b and path not in RESULT_NEUTRAL:
       out.append(f"{path}: {a!r} -> {b!r}")
   return out
 
 
-def _default(path: str) -> Any:
-  node: Any = to_json(base_config())
-  for part in path.split("."):
-    node = node.get(part) if isinstance(node, dict) else None
-  return node
+def with_defaults(j: dict[str, Any], defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+  """A JSON config with every field it lacks (one written before the field existed) set to its default."""
+  defaults = to_json(base_config()) if defaults is None else defaults
+  out = dict(j)
+  for k, v in defaults.items():
+    if k not in out:
+      out[k] = v
+    elif isinstance(v, dict) and isinstance(out[k], dict):
+      out[k] = with_defaults(out[k], v)
+  return out
 
 
 # Sections that decide the trained ensemble and the undefended model (with the seed and the training sigmas).
@@ -430,6 +439,7 @@ def training_key(j: dict[str, Any]) -> str:
   """A string equal for two resolved configs (as JSON, ``to_json``) exactly when they train the same models: same
   data, attack, model, training and seed, and every training sigma equal to sigma_0 (RAB, or Cert-SSB with
   ``sigma.train = base``). Runs with searched training sigmas get a key of their own."""
+  j = with_defaults(j)
   shared = j["sigma"]["mode"] == "fixed" or j["sigma"]["train"] == "base"  # every training sigma is sigma_0
   key = {k: dict(j[k]) for k in _TRAINING_SECTIONS}
   key["train"].pop("checkpoint_every_s", None)

@@ -303,3 +303,10 @@ def test_a_field_an_older_config_lacks_counts_as_its_default():
   assert config_lib.differences(old, {"model": {"name": "mnist_cnn", "conv": "patches"}, "seed": 0}) == [
       "model.conv: 'xla' -> 'patches'"]
   assert config_lib.differences({"train": {"checkpoint_every_s": 1}}, {"train": {"checkpoint_every_s": 9}}) == []
+  # and the models such a config trained are found again (a sweep links them instead of retraining)
+  full = config_lib.to_json(config_lib.resolve(tiny_config(sigma_mode="fixed")))
+  older = json.loads(json.dumps(full))
+  del older["model"]["conv"], older["attack"]["selection"]
+  assert config_lib.training_key(older) == config_lib.training_key(full)
+  older["model"]["name"] = "preact_resnet"
+  assert config_lib.training_key(older) != config_lib.training_key(full)
