@@ -77,7 +77,7 @@ def run_grid(specs: list[str], workdir: str, triggers: list[str] | None, sigmas:
           c.attack.trigger, c.sigma.sigma_0, c.sigma.mode = trigger, float(sigma_0), mode
           resolved = config_lib.resolve(c)
           rows.append((spec, c, resolved, row_dir(workdir, resolved)))
-  records, trained = [], {}
+  records, trained = [], _finished_rows_by_training(workdir)
   for spec, c, resolved, d in rows:
     path, key = os.path.join(d, "summary.json"), config_lib.training_key(config_lib.to_json(resolved))
     if os.path.exists(path) and not config_lib.differences(rundir.load_json(os.path.join(d, "config.json")),
@@ -94,6 +94,16 @@ def run_grid(specs: list[str], workdir: str, triggers: list[str] | None, sigmas:
                     "trigger": resolved.attack.trigger, "sigma_0": resolved.sigma.sigma_0,
                     "mode": resolved.sigma.mode, "workdir": d, "summary": summary})
   return records
+
+
+def _finished_rows_by_training(workdir: str) -> dict[str, str]:
+  """The finished rows already in ``workdir`` (from earlier sweeps too), by ``config.training_key``: a new row
+  that trains the same models links them."""
+  out = {}
+  for path in sorted(glob.glob(os.path.join(workdir, "*", "*", "summary.json"))):
+    d = os.path.dirname(path)
+    out.setdefault(config_lib.training_key(rundir.load_json(os.path.join(d, "config.json"))), d)
+  return out
 
 
 def _design(c: dict[str, Any]) -> str:

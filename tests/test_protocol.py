@@ -124,6 +124,13 @@ def test_sweep_table_shares_models_and_resumes(tmp_path):
   mtime = os.path.getmtime(os.path.join(rab, "summary.json"))
   sweep.sweep([cfg], out, ["onepixel"], [0.25], ["fixed", "sample_specific"])  # finished rows are reused
   assert os.path.getmtime(os.path.join(rab, "summary.json")) == mtime
+  # a later sweep of Cert-SSB alone, with another search range, links the models RAB trained in the first one
+  other = write_tiny_config(tmp_path / "other.py", **{"sigma.sigma_hi": 0.3125})
+  sweep.sweep([other], out, ["onepixel"], [0.25], ["sample_specific"])
+  new = [d for d in os.listdir(os.path.join(out, "mnist_0-1")) if d not in dirs]
+  assert len(new) == 1 and os.path.islink(os.path.join(out, "mnist_0-1", new[0], "undefended"))
+  ensemble_dir = os.path.join(out, "mnist_0-1", new[0], "ensemble")
+  assert all(os.path.islink(os.path.join(ensemble_dir, n)) for n in os.listdir(ensemble_dir))
 
 
 def test_sweep_splits_config_lists_at_config_files():
