@@ -2,8 +2,9 @@ r"""The comparison table: a grid of runs (config x trigger x sigma_0 x method) i
 
 Every row is an ordinary run in ``WORKDIR/<data set>_<classes>/<trigger>_sigma<sigma_0>_<mode>_<config hash>``
 (the hash tells apart rows whose configs differ elsewhere, e.g. two Cert-SSB designs); a row whose
-folder holds a finished run with the same config is reused, a partly finished one resumes, and a Cert-SSB row
-that trains RAB's models (``sigma.train = base``) links them instead of training them again. The table puts
+folder holds a finished run with the same config is reused, a partly finished one resumes, and a row that trains
+the same models as a finished row in the folder (Cert-SSB with ``sigma.train = base`` and RAB, also across sweeps)
+links them instead of training them again. The table puts
 RAB and Cert-SSB side by side (clean accuracy, ERA, ASR, abstentions, CRA on the test-input and on the joint
 radius, the side-channel probe, the aligned answers); it is written as ``table.md`` and ``table.csv``, with
 one plot of step-shaped CRA curves per data set.
