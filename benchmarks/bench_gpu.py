@@ -41,7 +41,6 @@ about a minute on a CPU.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -50,7 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root: benchmarks.*
 
@@ -64,9 +63,11 @@ from certssb_jax import config as config_lib  # noqa: E402
 from certssb_jax import ensemble  # noqa: E402
 from certssb_jax import member  # noqa: E402
 from certssb_jax import models as models_lib  # noqa: E402
-from certssb_jax import layers
+from certssb_jax import layers  # noqa: E402
 from certssb_jax import pipeline  # noqa: E402
 from certssb_jax import report  # noqa: E402
+
+from benchmarks.clock import StepClock  # noqa: E402  pylint: disable=g-bad-import-order
 
 # Dense (no sparsity) peak TFLOP/s of NVIDIA's data sheets, by a substring of ``jax.devices()[0].device_kind``,
 # most specific first: {"bfloat16": tensor-core bf16, "float32": TF32 tensor cores}. NVL parts differ from the
@@ -298,21 +299,6 @@ def bench_torch(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- the pipeline
 
 
-class BarClock:
-  """A ``pipeline.run`` progress factory that records, per bar, its opening, every update and its closing."""
-
-  def __init__(self):
-    self.bars: dict[str, list[tuple[float, int]]] = {}
-
-  @contextlib.contextmanager
-  def __call__(self, desc: str, total: int, unit: str) -> Iterator[Callable[[int], None]]:
-    del total, unit
-    rec = [(time.perf_counter(), 0)]
-    self.bars[desc] = rec
-    yield lambda k: rec.append((time.perf_counter(), rec[-1][1] + k)) if k else None
-    rec.append((time.perf_counter(), rec[-1][1]))
-
-
 def pipeline_config(args: argparse.Namespace):
   """The config of the pipeline section: ``--config`` (``:quick`` in ``--tiny``) with the size flags."""
   spec = args.config + (":quick" if args.tiny and ":" not in args.config else "")
@@ -336,7 +322,7 @@ def bench_pipeline(args: argparse.Namespace) -> dict[str, Any]:
                                                         **kw)
   workdir = args.workdir or tempfile.mkdtemp(prefix="bench_gpu_run_")
   shutil.rmtree(workdir, ignore_errors=True)  # fresh timings: nothing is reused
-  clock = BarClock()
+  clock = StepClock()
   t0 = time.perf_counter()
   summary = pipeline.run(c, workdir, progress=clock)
   wall = time.perf_counter() - t0

@@ -28,7 +28,6 @@ it there (it must have the same config), else only the baseline is reported.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
@@ -38,7 +37,7 @@ import platform
 import shutil
 import sys
 import time
-from typing import Any, Callable, Iterator
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root: benchmarks.*
 
@@ -57,6 +56,7 @@ from certssb_jax import report  # noqa: E402
 from certssb_jax import rundir  # noqa: E402
 
 from benchmarks import torch_baseline  # noqa: E402  pylint: disable=g-bad-import-order
+from benchmarks.clock import StepClock  # noqa: E402  pylint: disable=g-bad-import-order
 
 logger = logging.getLogger("compare_torch")
 SPLITS = ("clean", "triggered")
@@ -82,35 +82,6 @@ def benchmark_config(spec: str, num_models: int | None, epochs: int | None) -> m
 
 
 # ---------------------------------------------------------------------------------------------- JAX side
-
-
-class StepClock:
-  """A progress factory for ``pipeline.run`` that records when each progress update happened.
-
-  ``bars[desc]`` is a list of (perf_counter time, cumulative count), starting with the bar's opening.
-  """
-
-  def __init__(self):
-    self.bars: dict[str, list[tuple[float, int]]] = {}
-
-  @contextlib.contextmanager
-  def __call__(self, desc: str, total: int, unit: str) -> Iterator[Callable[[int], None]]:
-    del total, unit
-    rec = [(time.perf_counter(), 0)]
-    self.bars[desc] = rec
-
-    def update(n: int) -> None:
-      if n:
-        rec.append((time.perf_counter(), rec[-1][1] + n))
-
-    yield update
-    rec.append((time.perf_counter(), rec[-1][1]))  # the bar's closing (e.g. after the last checkpoint save)
-
-  def bar(self, prefix: str) -> list[tuple[float, int]]:
-    found = [v for k, v in self.bars.items() if k.startswith(prefix)]
-    if len(found) != 1:
-      raise KeyError(f"expected one progress bar starting with {prefix!r}, got {list(self.bars)}")
-    return found[0]
 
 
 def steady_state(rec: list[tuple[float, int]], unit_count: int) -> dict[str, float] | None:
