@@ -144,9 +144,9 @@ def side_channel_probe(cfg: Any, attacked: Any, votes: dict[str, np.ndarray], si
   used = np.concatenate([sigma_test[s] for s in SPLITS])
   voters = cfg.train.num_models - config_lib.num_voters(cfg)
   for name, level in (("at_min", used.min()), ("at_max", used.max())):  # majority votes, as in majority_metrics
-    at = name if f"{name}_clean_preds" in votes else None  # no search: every input was at sigma_0 already
-    pred = {s: _majority(votes[f"{at}_{s}_preds" if at else f"{s}_preds"][voters:], len(cfg.data.classes))
-            for s in SPLITS}
+    # without a search every input was voted on at sigma_0 already, so the kernel ran no probe requests
+    key = f"{name}_{{}}_preds" if config_lib.searches(cfg) else "{}_preds"
+    pred = {s: _majority(votes[key.format(s)][voters:], len(cfg.data.classes)) for s in SPLITS}
     out[name] = {"sigma_x": float(level), "clean_accuracy": float(np.mean(pred["clean"] == attacked.splits["clean"].y)),
                  "era": float(np.mean(pred["triggered"] == trig.y)),
                  "asr": float(np.mean(pred["triggered"] == target))}
