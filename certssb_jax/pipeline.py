@@ -84,6 +84,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: Progress |
   sigma_min = {s: bounds.sigma_min_of(sigma_test[s], sigma_train) for s in SPLITS}
   certs = {s: bound_split(cfg, votes[f"{s}_preds"], votes[f"{s}_probs_sum"], sigma_test[s], sigma_min[s])
            for s in SPLITS}
+  if config_lib.searches(cfg):
+    # A searched sigma_x is a function of the poisoned training set (a pilot or members trained on it) while the
+    # joint certificate holds sigma_x fixed: a searched answer certifies its test-input radius only.
+    certs = {s: dataclasses.replace(c, radius=np.zeros_like(c.radius)) for s, c in certs.items()}
+    sigma_min = {s: np.zeros_like(v) for s, v in sigma_min.items()}
   answers = storage_update(cfg, attacked, certs, sigma_test, sigma_min, cfg.certify.query_order, rd)
   other = "triggered_first" if cfg.certify.query_order == "clean_first" else "clean_first"
   other_answers = storage_update(cfg, attacked, certs, sigma_test, sigma_min, other)
@@ -186,14 +191,21 @@ def poison(cfg: Config, ds: data_lib.Dataset, rd: RunDir, progress: Progress) ->
                                        scores=scores)
   x_train, y_train, norms = triggers.poison_training_set(ds.x_train, ds.y_train, idx, a.trigger, a.delta,
                                                          a.target_class, a.blend_alpha)
-  keep = np.flatnonzero(ds.y_test != a.target_class)
-  x_trig, trig_norms = triggers.apply_trigger(ds.x_test[keep], a.trigger, a.delta, a.blend_alpha)
-  splits = {"clean": Split(ds.x_test, ds.y_test, np.arange(len(ds.y_test))),
-            "triggered": Split(x_trig, ds.y_test[keep], keep, trig_norms)}
+  splits = test_splits(cfg, ds)
   rd.save_npz("poison.npz", indices=idx, trigger_norms=norms)
   logger.info("data %s: %d train (%d poisoned), %d clean test, %d triggered test inputs", ds.name, len(y_train),
-              len(idx), len(ds.y_test), len(keep))
+              len(idx), len(ds.y_test), len(splits["triggered"].y))
   return Attacked(ds, x_train, y_train, idx, norms, splits, model)
+
+
+def test_splits(cfg: Config, ds: data_lib.Dataset) -> dict[str, Split]:
+  """The clean test split and the triggered one: the test inputs of every non-target class with the trigger added
+  and their TRUE labels."""
+  a = cfg.attack
+  keep = np.flatnonzero(ds.y_test != a.target_class)
+  x_trig, trig_norms = triggers.apply_trigger(ds.x_test[keep], a.trigger, a.delta, a.blend_alpha)
+  return {"clean": Split(ds.x_test, ds.y_test, np.arange(len(ds.y_test))),
+          "triggered": Split(x_trig, ds.y_test[keep], keep, trig_norms)}
 
 
 # ---------------------------------------------------------------------------------------------- single models

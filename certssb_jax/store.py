@@ -201,8 +201,8 @@ class CertifiedStore:
       pred: (N,) integer certified labels c of section 3, -1 for an abstention.
       radius_test: (N,) certified radii R = sigma_x * margin in the test input (ignored for abstentions).
       sigma_x: scalar or (N,) noise level of each query, > 0; the stored margin is radius / sigma_x.
-      sigma_min: scalar or (N,) min(sigma_x, min_j sigma_j) of each certificate, for the joint radius; None:
-        sigma_x (the joint radius is then the test-input radius).
+      sigma_min: scalar or (N,) min(sigma_x, min_j sigma_j) of each certificate, for the joint radius (0: the
+        certificate has no joint radius); None: sigma_x (the joint radius is then the test-input radius).
 
     Returns:
       A ``StoreAnswer`` of arrays (N,). The store is updated in place.
@@ -210,8 +210,8 @@ class CertifiedStore:
     x, pred, radius_test, sigma_x = self._validate(x, pred, radius_test, sigma_x)
     n = pred.shape[0]
     scale = np.ones(n) if sigma_min is None else np.broadcast_to(np.asarray(sigma_min, np.float64), (n,)) / sigma_x
-    if not (np.all(scale > 0) and np.all(scale <= 1)):
-      raise ValueError("sigma_min must lie in (0, sigma_x]")
+    if not (np.all(scale >= 0) and np.all(scale <= 1)):  # 0: the answer certifies no joint radius
+      raise ValueError("sigma_min must lie in [0, sigma_x]")
     out_pred = np.full(n, -1, np.int64)
     out_radius = np.zeros(n, np.float64)
     out_joint = np.zeros(n, np.float64)

@@ -106,7 +106,7 @@ def _finished_rows_by_training(workdir: str) -> dict[str, str]:
   return out
 
 
-def _design(c: dict[str, Any]) -> str:
+def design(c: dict[str, Any]) -> str:
   """How a row chose its sigmas, from its config.json: "-" for RAB, "no search" for a single-point range."""
   s = c["sigma"]
   if s["mode"] == "fixed":
@@ -121,9 +121,14 @@ def _fmt(v: Any) -> str:
   return "-" if v is None else f"{v:.3f}"
 
 
-def _clean_rows(workdir: str) -> list[dict[str, str]]:
+def read_rows(workdir: str) -> list[dict[str, str]]:
+  """The rows of a finished run's per_sample.csv."""
   with open(os.path.join(workdir, "per_sample.csv")) as f:
-    return [r for r in csv.DictReader(f) if r["split"] == "clean"]
+    return list(csv.DictReader(f))
+
+
+def _clean_rows(workdir: str) -> list[dict[str, str]]:
+  return [r for r in read_rows(workdir) if r["split"] == "clean"]
 
 
 def _cra_from_rows(workdir: str, radii: list[float]) -> dict[str, list[float]]:
@@ -152,8 +157,8 @@ def table(records: list[dict[str, Any]]) -> tuple[str, str]:
     m, probe = s["metrics"], s.get("probe", {})
     unit = s["margin_ceiling"] * s["sigma_0"]
     cra = _cra_from_rows(r["workdir"], [u * unit for u in TABLE_UNITS])
-    design = _design(rundir.load_json(os.path.join(r["workdir"], "config.json")))
-    lines.append([r["dataset"], r["trigger"], f"{r['sigma_0']:g}", report.MODE_NAMES[r["mode"]], design,
+    design_ = design(rundir.load_json(os.path.join(r["workdir"], "config.json")))
+    lines.append([r["dataset"], r["trigger"], f"{r['sigma_0']:g}", report.MODE_NAMES[r["mode"]], design_,
                   str(s["models"]["voting"]), _fmt(m["clean_accuracy"]), _fmt(m["era"]), _fmt(m["asr"]),
                   f"{_fmt(m['abstain_rate'])} / {_fmt(m['abstain_rate_triggered'])}",
                   " / ".join(_fmt(s["majority"][k]) for k in ("clean_accuracy", "era", "asr"))]

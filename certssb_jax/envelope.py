@@ -1,0 +1,496 @@
+r"""RAB's envelope over sigma, and the sample-specific designs judged against it (docs/results.md).
+
+RAB certifies at one noise level; which level is best depends on the radius asked for. The field's comparison
+(Cohen et al.'s "vary noise" analysis) trains RAB at a grid of sigma and takes, at every radius, the best
+certified accuracy over the grid: the envelope. A sample-specific design helps only where its curve rises above
+the envelope. This program trains (or reuses) RAB at every sigma of the grid and the Cert-SSB runs asked for, on
+the same data and seed, evaluates the grid selector (below) on RAB's trained models, and writes per class pair:
+
+* ``envelope_<pair>.png``: certified accuracy against the joint radius and against the test-input radius; RAB's
+  curves thin, their envelope bold, the designs on top;
+* ``attack_<pair>.png``: clean accuracy, ERA and ASR against sigma, certified and by majority vote;
+* ``envelope_<pair>.md`` / ``.json``: every row's numbers, the radii where each design rises above or falls below
+  the envelope (and by how much), and the spread of the designs' sigma_x.
+
+The grid selector is the sample-specific design whose voting models are trained for the noise they are queried
+at. For every test input it picks sigma_x from the trained grid: the first ``selector_models`` models of each
+RAB ensemble (ids 0 .. M_s - 1) never vote; their votes at each sigma predict the certificate the voting models
+(ids M_s .. M - 1) would give there, and the sigma with the largest expected certified test-input radius wins.
+The voters of the ensemble trained at that sigma then vote, the run's bound certifies, and one store answers
+every query (clean split first). The selector's models are trained on the poisoned training set, so a selected
+sigma_x is a function of it: the answers certify their test-input radius only (joint radius 0,
+docs/soundness.md).
+
+  python -m certssb_jax.envelope --config configs/fashion_mnist.py:num_models=32 \
+      --sigmas 0.12,0.25,0.375,0.5,1.0 --workdir runs/envelope --results_md docs/results.md
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import sys
+from typing import Any
+
+from absl import app
+from absl import flags
+import numpy as np
+import scipy.special
+import scipy.stats
+
+from certssb_jax import bounds
+from certssb_jax import config as config_lib
+from certssb_jax import report
+from certssb_jax import rundir
+from certssb_jax import store as store_lib
+from certssb_jax import sweep
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("clean", "triggered")
+PAPER_SIGMAS = (0.12, 0.25, 0.5, 1.0)
+RADII = ("joint", "test")
+GRID_DESIGN = "Cert-SSB grid selector"
+
+
+@dataclasses.dataclass(frozen=True)
+class Answers:
+  """One design's certified answers on the clean and triggered test splits (arrays (N,) per split).
+
+  Attributes:
+    name: how the row is labelled in plots and tables.
+    sigma: the sigma RAB trained and tested at; None for a sample-specific design.
+    voting: the number of voting models.
+    pred, radius_test, radius_joint, sigma_x: per split, the answer (-1: abstain), its test-input and joint
+      radius, and the sigma_x it was voted at.
+    label: per split, the true labels.
+    majority: per split, the plain majority vote of the voting models at sigma_x (uncertified).
+  """
+
+  name: str
+  sigma: float | None
+  voting: int
+  pred: dict[str, np.ndarray]
+  radius_test: dict[str, np.ndarray]
+  radius_joint: dict[str, np.ndarray]
+  sigma_x: dict[str, np.ndarray]
+  label: dict[str, np.ndarray]
+  majority: dict[str, np.ndarray]
+
+  def cra(self, kind: str, r: np.ndarray) -> np.ndarray:
+    """CRA(r) = share of clean inputs answered correctly with a radius above r, on the radii ``r``."""
+    correct = self.pred["clean"] == self.label["clean"]
+    radius = (self.radius_joint if kind == "joint" else self.radius_test)["clean"][correct]
+    return (radius[None, :] > np.asarray(r)[:, None]).sum(axis=1) / len(correct)
+
+
+# ---------------------------------------------------------------------------------------------- reading runs
+
+
+def _majority(preds: np.ndarray, num_classes: int) -> np.ndarray:
+  """Plain majority (ties to the lowest class) of (M, N) per-model classes."""
+  counts = np.stack([(preds == c).sum(axis=0) for c in range(num_classes)], axis=1)  # (N, K)
+  return counts.argmax(axis=1)
+
+
+def answers_of_run(workdir: str, name: str | None = None) -> Answers:
+  """A finished run's storage-update answers (its certificates), read from its folder."""
+  cfg = rundir.load_json(os.path.join(workdir, "config.json"))
+  summary = rundir.load_json(os.path.join(workdir, "summary.json"))
+  votes = rundir.load_npz(os.path.join(workdir, "votes.npz"))
+  rows = sweep.read_rows(workdir)
+  voting = summary["models"]["voting"]
+  k = len(cfg["data"]["classes"])
+  col = lambda s, c, t: np.array([t(r[c]) for r in rows if r["split"] == s])
+  fixed = cfg["sigma"]["mode"] == "fixed"
+  return Answers(
+      name=name or (f"RAB sigma={cfg['sigma']['sigma_0']:g}" if fixed else f"Cert-SSB {sweep.design(cfg)}"),
+      sigma=cfg["sigma"]["sigma_0"] if fixed else None, voting=voting,
+      pred={s: col(s, "pred_stored", int) for s in SPLITS},
+      radius_test={s: col(s, "radius_stored", float) for s in SPLITS},
+      radius_joint={s: col(s, "radius_joint_stored", float) for s in SPLITS},
+      sigma_x={s: col(s, "sigma", float) for s in SPLITS},
+      label={s: col(s, "label", int) for s in SPLITS},
+      majority={s: _majority(votes[f"{s}_preds"][-voting:], k) for s in SPLITS})
+
+
+# ---------------------------------------------------------------------------------------------- the grid selector
+
+
+def expected_radius(top_votes: np.ndarray, num_selector: int, num_voting: int, sigma: float, alpha: float,
+                    num_classes: int) -> np.ndarray:
+  """The selector's objective: the expected certified test-input radius at ``sigma``, host-side float64.
+
+  The certificate the voters give is sigma * Phi^-1(pA_low(K)) for K of ``num_voting`` votes on the top class
+  (Clopper-Pearson at alpha / num_classes, 0 when pA_low <= 1/2). The selector's ``top_votes`` of
+  ``num_selector`` votes give a Jeffreys posterior Beta(k + 1/2, M_s - k + 1/2) on the class's probability, so K
+  is beta-binomial; the objective is E[radius].
+
+  Args:
+    top_votes: (N,) the selector models' votes for their top class at ``sigma``.
+    num_selector: M_s.
+    num_voting: the voters' M.
+    sigma: the noise level.
+    alpha, num_classes: the run's alpha and K (Bonferroni).
+
+  Returns:
+    (N,) float64 expected radii.
+  """
+  k = np.arange(num_voting + 1)
+  p_low = bounds.clopper_pearson_lower(k, num_voting, alpha / num_classes)
+  radius = np.where(p_low > 0.5, sigma * scipy.special.ndtri(np.clip(p_low, 0.5, 1 - 1e-16)), 0.0)  # (M + 1,)
+  a = np.asarray(top_votes, np.float64)[:, None] + 0.5
+  pmf = scipy.stats.betabinom.pmf(k[None, :], num_voting, a, num_selector - a + 1.0)  # (N, M + 1)
+  return pmf @ radius
+
+
+def select_sigmas(selector_preds: dict[float, np.ndarray], num_voting: int, alpha: float,
+                  num_classes: int) -> np.ndarray:
+  """sigma_x of every input: the grid sigma of the largest expected radius (ties: the smaller sigma).
+
+  Args:
+    selector_preds: {sigma: (M_s, N) the selector models' classes at that sigma}.
+    num_voting, alpha, num_classes: as in ``expected_radius``.
+
+  Returns:
+    (N,) float64 selected sigmas.
+  """
+  grid = sorted(selector_preds)
+  objective = []
+  for s in grid:
+    preds = selector_preds[s]
+    top = np.stack([(preds == c).sum(axis=0) for c in range(num_classes)], axis=1).max(axis=1)  # (N,)
+    objective.append(expected_radius(top, len(preds), num_voting, s, alpha, num_classes))
+  return np.asarray(grid)[np.argmax(np.stack(objective), axis=0)]  # argmax takes the first, the smallest sigma
+
+
+def grid_selector(rab_runs: dict[float, str], x: dict[str, np.ndarray], selector_models: int) -> Answers:
+  """The grid selector's answers (module docstring) from RAB's run folders at every sigma of the grid.
+
+  Args:
+    rab_runs: {sigma: folder of a finished RAB run}; every run has the same data, seed and M.
+    x: {split: (N, *input_shape) the test inputs}, in the runs' order.
+    selector_models: M_s, the models of each ensemble that select sigma_x and never vote.
+
+  Returns:
+    The store's answers; joint radius 0 (a selected sigma_x depends on the training set).
+  """
+  cfgs = {s: rundir.load_json(os.path.join(d, "config.json")) for s, d in rab_runs.items()}
+  first = next(iter(cfgs.values()))
+  m, k, alpha = first["train"]["num_models"], len(first["data"]["classes"]), first["certify"]["alpha"]
+  if not 1 <= selector_models < m:
+    raise ValueError(f"selector_models must be in [1, {m}) (the ensembles have {m} models), got {selector_models}")
+  keys = {config_lib.training_key(dict(c, sigma=dict(c["sigma"], sigma_0=0.0))) for c in cfgs.values()}
+  if len(keys) != 1 or any(c["sigma"]["mode"] != "fixed" for c in cfgs.values()):
+    raise ValueError("the grid selector needs RAB runs that differ in sigma only")
+  votes = {s: rundir.load_npz(os.path.join(d, "votes.npz")) for s, d in rab_runs.items()}
+  num_voting = m - selector_models
+  st = store_lib.CertifiedStore(x["clean"].shape[1:])
+  out: dict[str, dict[str, np.ndarray]] = {f: {} for f in ("pred", "test", "joint", "sigma", "label", "majority")}
+  for split in SPLITS:  # clean first: the order of every run's store
+    chosen = select_sigmas({s: v[f"{split}_preds"][:selector_models] for s, v in votes.items()}, num_voting,
+                           alpha, k)
+    n = len(chosen)
+    voters = np.empty((num_voting, n), np.int64)
+    for s, v in votes.items():
+      at = chosen == s
+      voters[:, at] = v[f"{split}_preds"][selector_models:, at]
+    counts = np.stack([(voters == c).sum(axis=0) for c in range(k)], axis=1)  # (N, K)
+    cert = bounds.certify_counts(counts, alpha=alpha, sigma_x=chosen, sigma_min=chosen)
+    ans = st.certify(x[split], cert.pred, cert.radius_test, chosen, sigma_min=0.0)
+    out["pred"][split], out["test"][split], out["joint"][split] = ans.pred, ans.radius_stored, ans.radius_joint
+    out["sigma"][split], out["majority"][split] = chosen, counts.argmax(axis=1)
+    out["label"][split] = next(iter(votes.values()))[f"{split}_label"]
+  return Answers(GRID_DESIGN, None, num_voting, out["pred"], out["test"], out["joint"], out["sigma"], out["label"],
+                 out["majority"])
+
+
+# ---------------------------------------------------------------------------------------------- the comparison
+
+
+def envelope(rab: list[Answers], kind: str, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(best CRA over RAB's sigmas at each radius, the sigma that attains it)."""
+  curves = np.stack([a.cra(kind, r) for a in rab])  # (G, R)
+  best = curves.argmax(axis=0)
+  return curves.max(axis=0), np.array([rab[i].sigma for i in best])
+
+
+def crossings(diff: np.ndarray, r: np.ndarray) -> list[dict[str, float]]:
+  """The radius intervals where ``diff`` (design minus envelope) is positive or negative: [start, end), sign,
+  the largest |diff| and where."""
+  out, sign = [], np.sign(np.round(diff, 12))
+  start = 0
+  for i in range(1, len(r) + 1):
+    if i == len(r) or sign[i] != sign[start]:
+      if sign[start] != 0:
+        j = start + int(np.argmax(np.abs(diff[start:i])))
+        out.append({"from": float(r[start]), "to": float(r[i - 1]), "sign": int(sign[start]),
+                    "largest": float(diff[j]), "at": float(r[j])})
+      start = i
+  return out
+
+
+def metrics_of(a: Answers, target_class: int) -> dict[str, Any]:
+  """Clean accuracy, ERA, ASR and abstentions of the answers, certified and by majority vote."""
+  clean, trig = SPLITS
+  answered = a.pred[trig] != -1
+  return {
+      "clean_accuracy": float(np.mean(a.pred[clean] == a.label[clean])),
+      "era": float(np.mean(a.pred[trig] == a.label[trig])),
+      "asr": float(np.mean(a.pred[trig] == target_class)) if answered.any() else None,
+      "abstain_clean": float(np.mean(a.pred[clean] == -1)), "abstain_triggered": float(np.mean(~answered)),
+      "majority": {"clean_accuracy": float(np.mean(a.majority[clean] == a.label[clean])),
+                   "era": float(np.mean(a.majority[trig] == a.label[trig])),
+                   "asr": float(np.mean(a.majority[trig] == target_class))},
+  }
+
+
+def spread(a: Answers, grid: list[float]) -> dict[str, Any]:
+  """Quantiles of a design's clean sigma_x and the share at each end of its range."""
+  s = a.sigma_x["clean"]
+  lo, hi = min(grid + [float(s.min())]), max(grid + [float(s.max())])
+  return {"quantiles": {str(q): float(np.quantile(s, q)) for q in (0.05, 0.25, 0.5, 0.75, 0.95)},
+          "iqr": float(np.quantile(s, 0.75) - np.quantile(s, 0.25)),
+          "share_at_lowest": float(np.mean(np.isclose(s, lo))), "share_at_highest": float(np.mean(np.isclose(s, hi))),
+          "share_per_sigma": {f"{g:g}": float(np.mean(np.isclose(s, g))) for g in grid}}
+
+
+def compare(rab: list[Answers], designs: list[Answers], target_class: int, steps: int = 400) -> dict[str, Any]:
+  """Every row's metrics, and each design against RAB's envelope on both radii."""
+  rab = sorted(rab, key=lambda a: a.sigma)
+  top = max(float(max(a.radius_test["clean"].max(), a.radius_joint["clean"].max())) for a in rab + designs)
+  r = np.linspace(0.0, top * 1.02 + 1e-9, steps + 1)
+  grid = [a.sigma for a in rab]
+  out: dict[str, Any] = {"radii": r.tolist(), "rows": [], "designs": []}
+  for a in rab + designs:
+    out["rows"].append({"name": a.name, "sigma": a.sigma, "voting": a.voting, **metrics_of(a, target_class),
+                        "cra": {kind: a.cra(kind, r).tolist() for kind in RADII}})
+  out["envelope"] = {}
+  for kind in RADII:
+    best, arg = envelope(rab, kind, r)
+    out["envelope"][kind] = {"cra": best.tolist(), "sigma": arg.tolist()}
+  for a in designs:
+    entry = {"name": a.name, "spread": spread(a, grid)}
+    for kind in RADII:
+      diff = a.cra(kind, r) - np.asarray(out["envelope"][kind]["cra"])
+      entry[kind] = crossings(diff, r)
+    out["designs"].append(entry)
+  return out
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+
+def _fmt(v: Any) -> str:
+  return "-" if v is None else f"{v:.3f}"
+
+
+def markdown(title: str, result: dict[str, Any], context: str) -> str:
+  """The comparison as markdown: rows, the design against the envelope, the designs' sigma_x."""
+  lines = [f"### {title}", "", context, "",
+           "| method | sigma | voting M | clean acc | ERA | ASR | abstain clean / trig. | majority: clean / ERA / "
+           "ASR | largest test radius | largest joint radius |", "|" + "---|" * 10]
+  for row in result["rows"]:
+    cra = {k: np.asarray(row["cra"][k]) for k in RADII}
+    reach = {k: result["radii"][int(np.flatnonzero(cra[k] > 0).max())] if (cra[k] > 0).any() else 0.0
+             for k in RADII}
+    m = row["majority"]
+    sigma = "per input" if row["sigma"] is None else f"{row['sigma']:g}"
+    lines.append(f"| {row['name']} | {sigma} | "
+                 f"{row['voting']} | {_fmt(row['clean_accuracy'])} | {_fmt(row['era'])} | {_fmt(row['asr'])} | "
+                 f"{_fmt(row['abstain_clean'])} / {_fmt(row['abstain_triggered'])} | {_fmt(m['clean_accuracy'])} / "
+                 f"{_fmt(m['era'])} / {_fmt(m['asr'])} | {reach['test']:.3f} | {reach['joint']:.3f} |")
+  lines += ["", "Against RAB's envelope (the best RAB certified accuracy over sigma at each radius; + above it, "
+                "- below it; the largest difference and the radius where it occurs):", "",
+            "| design | radius | intervals of r where the design differs from the envelope |", "|---|---|---|"]
+  for d in result["designs"]:
+    for kind in RADII:
+      parts = [f"{'+' if c['sign'] > 0 else '-'} [{c['from']:.3f}, {c['to']:.3f}]: {c['largest']:+.3f} at "
+               f"{c['at']:.3f}" for c in d[kind]]
+      lines.append(f"| {d['name']} | {kind} | {'; '.join(parts) or 'equal everywhere'} |")
+  lines += ["", "sigma_x of the designs' clean test inputs:", "",
+            "| design | 5% | 25% | median | 75% | 95% | IQR | at lowest | at highest | share per grid sigma |",
+            "|" + "---|" * 10]
+  for d in result["designs"]:
+    s = d["spread"]
+    q = s["quantiles"]
+    per = ", ".join(f"{k}: {v:.2f}" for k, v in s["share_per_sigma"].items())
+    lines.append(f"| {d['name']} | " + " | ".join(f"{q[k]:.3g}" for k in ("0.05", "0.25", "0.5", "0.75", "0.95"))
+                 + f" | {s['iqr']:.3g} | {s['share_at_lowest']:.2f} | {s['share_at_highest']:.2f} | {per} |")
+  return "\n".join(lines) + "\n"
+
+
+def plot_envelope(path: str, title: str, result: dict[str, Any]) -> None:
+  """Certified accuracy against the joint and the test-input radius: RAB thin, the envelope bold, designs on top."""
+  plt = report._figure()  # pylint: disable=protected-access
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+  r = np.asarray(result["radii"])
+  rab = [row for row in result["rows"] if row["sigma"] is not None]
+  designs = [row for row in result["rows"] if row["sigma"] is None]
+  cmap = plt.get_cmap("viridis")
+  for ax, kind in zip(axes, RADII):
+    for i, row in enumerate(rab):
+      ax.step(r, row["cra"][kind], where="post", lw=0.9, color=cmap(i / max(len(rab) - 1, 1)),
+              label=row["name"])
+    ax.step(r, result["envelope"][kind]["cra"], where="post", lw=3, color="k", alpha=0.6, label="RAB envelope")
+    for i, row in enumerate(designs):
+      ax.step(r, row["cra"][kind], where="post", lw=1.8, color=f"C{3 + i}", label=row["name"])
+    reach = max((r[np.flatnonzero(np.asarray(row["cra"][kind]) > 0).max()] for row in result["rows"]
+                 if (np.asarray(row["cra"][kind]) > 0).any()), default=r[-1])
+    ax.set_xlim(0, reach * 1.05 + 1e-9)
+    ax.set_xlabel("joint l2 radius (training and test triggers)" if kind == "joint"
+                  else "test-input l2 radius (training set fixed)")
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel("certified accuracy (clean test inputs)")
+  axes[0].set_ylim(0, 1.02)
+  axes[1].legend(fontsize=7, loc="lower left")
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_attack(path: str, title: str, result: dict[str, Any]) -> None:
+  """Clean accuracy, ERA and ASR against sigma (RAB; a design at its median sigma_x): certified solid, majority
+  vote dashed."""
+  plt = report._figure()  # pylint: disable=protected-access
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  rab = sorted((row for row in result["rows"] if row["sigma"] is not None), key=lambda row: row["sigma"])
+  sig = [row["sigma"] for row in rab]
+  for key, color in (("clean_accuracy", "C0"), ("era", "C2"), ("asr", "C3")):
+    ax.plot(sig, [np.nan if row[key] is None else row[key] for row in rab], "-o", color=color, label=f"{key} (certified)")
+    ax.plot(sig, [row["majority"][key] for row in rab], "--", color=color, alpha=0.7, label=f"{key} (majority)")
+    for d, spread_ in zip((row for row in result["rows"] if row["sigma"] is None), result["designs"]):
+      at = spread_["spread"]["quantiles"]["0.5"]
+      ax.plot([at], [np.nan if d[key] is None else d[key]], "*", ms=11, color=color)
+      ax.plot([at], [d["majority"][key]], "x", ms=8, color=color)
+  ax.set_xscale("log")
+  ax.set_xticks(sig)
+  ax.set_xticklabels([f"{s:g}" for s in sig])
+  ax.set_xlabel("sigma (RAB); stars and crosses: the designs at their median sigma_x")
+  ax.set_ylim(-0.02, 1.02)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, ncol=2)
+  ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def run_envelope(spec: str, workdir: str, sigmas: list[float], designs: list[str], selector_models: int | None,
+                 progress=None) -> dict[str, Any]:
+  """Trains or reuses every row, compares, and writes ``envelope.md``, ``envelope.json`` and the plots.
+
+  Args:
+    spec: the config (``path.py[:variant]``); RAB runs at every sigma of ``sigmas`` on it.
+    workdir: the folder of every row (a sweep folder: rows of earlier sweeps are reused).
+    sigmas: RAB's grid.
+    designs: variants of ``spec`` run as Cert-SSB rows (``sigma.sigma_hi=0.375``), each its own row.
+    selector_models: M_s of the grid selector; None: M // 8 (at least 1); 0 leaves the grid selector out.
+
+  Returns:
+    {"markdown": text, "json": path, "plots": [paths]}.
+  """
+  from certssb_jax import pipeline  # pylint: disable=g-import-not-at-top
+
+  os.makedirs(workdir, exist_ok=True)
+  records = sweep.run_grid([spec], workdir, None, sigmas, ["fixed"], progress)
+  for variant in designs:
+    base, _, arg = spec.partition(":")
+    records += sweep.run_grid([f"{base}:{arg},{variant}" if arg else f"{base}:{variant}"], workdir, None, None,
+                              ["sample_specific"], progress)
+  rab_runs = {r["sigma_0"]: r["workdir"] for r in records if r["mode"] == "fixed"}
+  rab = [answers_of_run(d) for d in rab_runs.values()]
+  rows = [answers_of_run(r["workdir"]) for r in records if r["mode"] != "fixed"]
+  cfg = config_lib.resolve(config_lib.load_config(spec))
+  m = cfg.train.num_models
+  selector_models = max(1, m // 8) if selector_models is None else selector_models
+  if selector_models:
+    splits = pipeline.test_splits(cfg, pipeline.load_data(cfg))
+    rows.append(grid_selector(rab_runs, {s: splits[s].x for s in SPLITS}, selector_models))
+  result = compare(rab, rows, cfg.attack.target_class)
+  pair = "-".join(str(c) for c in cfg.data.classes)
+  title = (f"{cfg.data.name} {tuple(cfg.data.classes)}, {cfg.attack.trigger} trigger, M = {m}, "
+           f"alpha = {cfg.certify.alpha:g}")
+  context = (f"{cfg.data.name} classes {tuple(cfg.data.classes)} (target {cfg.attack.target_class}), "
+             f"{cfg.attack.trigger} trigger of norm {cfg.attack.delta:g}, poison rate {cfg.attack.poison_rate:g}, "
+             f"seed {cfg.seed}; RAB trained and tested at each sigma with M = {m} voting models; the grid selector "
+             f"holds out {selector_models} models of each ensemble to choose sigma_x and votes with the other "
+             f"{m - selector_models}; alpha = {cfg.certify.alpha:g}, {cfg.certify.bound}; "
+             f"{len(rab[0].label['clean'])} clean and {len(rab[0].label['triggered'])} triggered test inputs.")
+  result.update(title=title, context=context, pair=pair, rab_runs={f"{s:g}": d for s, d in rab_runs.items()})
+  md = markdown(title, result, context)
+  name = f"{cfg.data.name}_{pair}_{cfg.attack.trigger}"
+  paths = [os.path.join(workdir, f"envelope_{name}.png"), os.path.join(workdir, f"attack_{name}.png")]
+  plot_envelope(paths[0], title, result)
+  plot_attack(paths[1], title, result)
+  rundir.atomic_write_bytes(os.path.join(workdir, f"envelope_{name}.md"), md.encode())
+  rundir.save_json(os.path.join(workdir, f"envelope_{name}.json"), result)
+  return {"markdown": md, "json": os.path.join(workdir, f"envelope_{name}.json"), "plots": paths}
+
+
+def write_results_page(path: str, sections: list[dict[str, Any]], command: str) -> None:
+  """docs/results.md from the outputs of ``run_envelope`` (plots copied next to it, under ``figures/``)."""
+  folder = os.path.join(os.path.dirname(os.path.abspath(path)), "figures")
+  os.makedirs(folder, exist_ok=True)
+  parts = ["# Results on full-size real data", "",
+           "Written by the command below from the run folders; do not edit by hand.", "", "```", command, "```", ""]
+  for sec in sections:
+    parts.append(sec["markdown"])
+    for plot in sec["plots"]:
+      shutil.copyfile(plot, os.path.join(folder, os.path.basename(plot)))
+      parts += [f"![{os.path.basename(plot)}](figures/{os.path.basename(plot)})", ""]
+  rundir.atomic_write_bytes(path, "\n".join(parts).encode())
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def _define_flags() -> None:
+  flags.DEFINE_multi_string("config", None, "Config file with optional :variant; repeat for more class pairs.")
+  flags.DEFINE_string("workdir", None, "Folder of every row (a sweep folder).")
+  flags.DEFINE_list("sigmas", [f"{s:g}" for s in PAPER_SIGMAS], "RAB's sigma grid; add every sigma a design "
+                                                                 "tests at.")
+  flags.DEFINE_multi_string("design", [], "A Cert-SSB design as a config variant (e.g. sigma.sigma_hi=0.375).")
+  flags.DEFINE_integer("selector_models", None, "Models of each RAB ensemble that choose the grid selector's "
+                                                "sigma_x (never voting); default M // 8; 0: no grid selector.")
+  flags.DEFINE_string("results_md", None, "Also write this results page (e.g. docs/results.md).")
+  flags.DEFINE_bool("progress", True, "Show progress bars.")
+
+
+def main(argv: list[str]) -> None:
+  f = flags.FLAGS
+  try:
+    if len(argv) > 1:
+      raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not f.config or not f.workdir:
+      raise ValueError("--config and --workdir are required")
+    sigmas = sorted({float(s) for s in f.sigmas})
+    if not sigmas or min(sigmas) <= 0:
+      raise ValueError(f"--sigmas must be positive numbers, got {','.join(f.sigmas)}")
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("certssb_jax").setLevel(logging.INFO)
+    from certssb_jax import pipeline  # pylint: disable=g-import-not-at-top
+
+    progress = pipeline.tqdm_progress if f.progress else pipeline.no_progress
+    sections = [run_envelope(spec, f.workdir, sigmas, f.design, f.selector_models, progress) for spec in f.config]
+    if f.results_md:
+      command = "python -m certssb_jax.envelope " + " ".join(
+          [f"--config {c}" for c in f.config] + [f"--workdir {f.workdir}", f"--sigmas {','.join(f.sigmas)}"]
+          + [f"--design {d}" for d in f.design]
+          + ([f"--selector_models {f.selector_models}"] if f.selector_models is not None else [])
+          + [f"--results_md {f.results_md}"])
+      write_results_page(f.results_md, sections, command)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  for sec in sections:
+    print(sec["markdown"])
+    print("\n".join(sec["plots"]))
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main, flags_parser=sweep._parse_flags)  # pylint: disable=protected-access

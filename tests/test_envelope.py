@@ -1,0 +1,104 @@
+"""RAB's envelope and the grid selector against independent truth: a naive loop over the beta-binomial, hand-made
+curves, and an end-to-end run on the built-in digits."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from certssb_jax import envelope
+from certssb_jax import store as store_lib
+
+from conftest import write_tiny_config  # pylint: disable=g-bad-import-order
+
+
+def test_expected_radius_equals_a_naive_sum_over_the_posterior():
+  """E[sigma * Phi^-1(CP_low(K))+] with K beta-binomial from the Jeffreys posterior, summed term by term."""
+  m_s, m_v, alpha, sigma = 6, 20, 0.01, 0.5
+  got = envelope.expected_radius(np.arange(m_s + 1), m_s, m_v, sigma, alpha, 2)
+  for k_s in range(m_s + 1):
+    total = 0.0
+    for k in range(m_v + 1):
+      p_low = stats.beta.ppf(alpha / 2, k, m_v - k + 1) if k else 0.0
+      weight = stats.betabinom.pmf(k, m_v, k_s + 0.5, m_s - k_s + 0.5)
+      total += weight * (sigma * stats.norm.ppf(p_low) if p_low > 0.5 else 0.0)
+    assert got[k_s] == pytest.approx(total, rel=1e-10, abs=1e-14)
+  assert np.all(np.diff(got) > 0)  # more selector votes, larger expected radius
+
+
+def test_the_selector_trades_noise_for_agreement():
+  """Equal votes at every sigma choose the largest sigma (the radius scales with it); a split vote at the large
+  sigma keeps the small one; inputs are decided one by one."""
+  ones = np.ones((8, 1), np.int64)
+  split = np.array([[1], [1], [1], [1], [0], [0], [0], [1]])
+  assert envelope.select_sigmas({0.25: ones, 0.5: ones}, 56, 0.001, 2)[0] == 0.5
+  assert envelope.select_sigmas({0.25: split, 0.5: split}, 56, 0.001, 2)[0] == 0.5
+  assert envelope.select_sigmas({0.25: ones, 0.5: split}, 56, 0.001, 2)[0] == 0.25
+  both = envelope.select_sigmas({0.25: np.hstack([ones, ones]), 0.5: np.hstack([ones, split])}, 56, 0.001, 2)
+  np.testing.assert_array_equal(both, [0.5, 0.25])
+
+
+def test_crossings_find_the_intervals_and_the_largest_difference():
+  r = np.linspace(0, 1, 11)
+  diff = np.array([0, 0.1, 0.3, 0.2, 0, -0.1, -0.4, 0, 0, 0.05, 0])
+  got = envelope.crossings(diff, r)
+  got_intervals = [(c["sign"], round(c["from"], 9), round(c["to"], 9)) for c in got]
+  assert got_intervals == [(1, 0.1, 0.3), (-1, 0.5, 0.6), (1, 0.9, 0.9)]
+  assert got[0]["largest"] == pytest.approx(0.3) and got[0]["at"] == pytest.approx(0.2)
+  assert got[1]["largest"] == pytest.approx(-0.4) and got[1]["at"] == pytest.approx(0.6)
+
+
+def _answers(name, sigma, pred, radius, label):
+  arrays = {"clean": np.asarray(pred), "triggered": np.asarray(pred)}
+  rad = {"clean": np.asarray(radius, float), "triggered": np.asarray(radius, float)}
+  lab = {"clean": np.asarray(label), "triggered": np.asarray(label)}
+  sig = {s: np.full(len(pred), sigma or 0.3) for s in envelope.SPLITS}
+  return envelope.Answers(name, sigma, 8, arrays, rad, rad, sig, lab, arrays)
+
+
+def test_the_envelope_is_the_best_rab_at_each_radius():
+  label = [1, 1, 1, 1]
+  small = _answers("RAB 0.25", 0.25, [1, 1, 1, 1], [0.1, 0.1, 0.1, 0.1], label)  # all correct, small radii
+  large = _answers("RAB 0.5", 0.5, [1, 1, -1, -1], [0.4, 0.4, 0, 0], label)  # half abstain, large radii
+  design = _answers("design", None, [1, 1, 1, -1], [0.4, 0.4, 0.3, 0], label)
+  out = envelope.compare([large, small], [design], target_class=0, steps=100)
+  r = np.asarray(out["radii"])
+  env = np.asarray(out["envelope"]["test"]["cra"])
+  np.testing.assert_allclose(env, np.maximum(small.cra("test", r), large.cra("test", r)))
+  assert env[0] == 1.0 and out["envelope"]["test"]["sigma"][0] == 0.25
+  above = [c for c in out["designs"][0]["test"] if c["sign"] > 0]
+  below = [c for c in out["designs"][0]["test"] if c["sign"] < 0]
+  assert below and below[0]["from"] == 0.0 and below[0]["largest"] == pytest.approx(-0.25)  # r < 0.1
+  assert above and above[0]["largest"] == pytest.approx(0.25)  # 0.1 <= r < 0.3: 3 of 4 against 2 of 4
+
+
+@pytest.mark.slow
+def test_the_envelope_command_on_real_digits(tmp_path):
+  """RAB at two sigmas and the grid selector on their models: the table, the plots, a selector whose sigma_x
+  take both values, answers consistent through one store, and a joint radius of 0 for selected answers."""
+  from certssb_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from certssb_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+
+  spec = write_tiny_config(tmp_path / "tiny.py", num_models=16, alpha=0.2)
+  result = envelope.run_envelope(spec, str(tmp_path / "env"), [0.25, 0.5], [], 4)
+  for path in result["plots"] + [result["json"]]:
+    assert os.path.exists(path)
+  out = json.load(open(result["json"]))
+  names = [row["name"] for row in out["rows"]]
+  assert names == ["RAB sigma=0.25", "RAB sigma=0.5", envelope.GRID_DESIGN]
+  grid = out["rows"][-1]
+  assert grid["voting"] == 12 and max(grid["cra"]["joint"]) == 0.0
+  assert "Against RAB's envelope" in result["markdown"]
+  rab_runs = {float(k): v for k, v in out["rab_runs"].items()}
+  cfg = config_lib.resolve(config_lib.load_config(spec))
+  splits = pipeline.test_splits(cfg, pipeline.load_data(cfg))
+  ans = envelope.grid_selector(rab_runs, {s: splits[s].x for s in envelope.SPLITS}, 4)
+  x = np.concatenate([splits[s].x for s in envelope.SPLITS])
+  pred = np.concatenate([ans.pred[s] for s in envelope.SPLITS])
+  radius = np.concatenate([ans.radius_test[s] for s in envelope.SPLITS])
+  assert store_lib.audit(x, pred, radius)[0] == 0
+  assert set(np.unique(ans.sigma_x["clean"])) <= {0.25, 0.5}
+  with pytest.raises(ValueError, match="selector_models"):
+    envelope.grid_selector(rab_runs, {s: splits[s].x for s in envelope.SPLITS}, 16)
