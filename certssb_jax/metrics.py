@@ -71,12 +71,72 @@ def headline(per: dict[str, dict[str, Any]]) -> dict[str, Any]:
           "cra_test": clean["cra_test"], "cra_triggered": trig["cra"], "cra_test_triggered": trig["cra_test"]}
 
 
-def answer_metrics(cfg: Any, attacked: Any, answers: dict[str, store_lib.StoreAnswer]) -> dict[str, Any]:
-  """Headline metrics of the storage-update answers (the certificates), with aligned / trimmed counts."""
+def answer_poison_budget(answer: store_lib.StoreAnswer, sigma_x: np.ndarray, sigma_train: np.ndarray,
+                         trigger_norm: float, *, joint: bool = True) -> np.ndarray:
+  """(N,) int64 certified poison budget of storage-update answers at trigger norm t (``bounds.poison_budget``).
+
+  An answer from its own (possibly trimmed) ball keeps a whitened certificate at its sigma_x and the training
+  sigmas: margin_stored, at s_train = min_j sigma_j. An aligned answer took its label from a ball certified at
+  another sigma_x, so its margin_stored is no whitened margin of its own (it can exceed the source ball's); it
+  keeps its test-input radius radius_stored (budget 0 when t < radius_stored) and its joint radius J, an
+  isotropic certificate whose budget is the largest k with t^2 (k + 1) < J^2. Abstentions get -1.
+
+  Args:
+    answer: the answers of one split.
+    sigma_x: (N,) the sigma_x each query was certified at.
+    sigma_train: (n,) the training samples' sigma_j.
+    trigger_norm: t > 0.
+    joint: whether the answers certify training perturbations at all; False (a run that searched its sigmas
+      from the poisoned training set) caps every budget at 0, the test trigger alone.
+  """
+  own = bounds.poison_budget(answer.margin_stored, float(np.min(sigma_train)), sigma_x, trigger_norm)  # (N,)
+  isotropic = bounds.poison_budget(answer.radius_joint, 1.0, 1.0, trigger_norm)  # (N,)
+  # k = 0 of the whitened form is t < radius_stored, the test-input certificate every answer keeps
+  budget = np.where(answer.aligned, np.maximum(isotropic, np.minimum(own, 0)), own)
+  return (budget if joint else np.minimum(budget, 0)).astype(np.int64)
+
+
+def certifies_training_perturbations(cfg: Any) -> bool:
+  """Whether the answers' joint certificates hold: not when the sigmas were searched, since a searched sigma
+  (chosen by models trained on the poisoned training set) moves with the training set the certificate holds
+  fixed; such a run certifies the test input alone."""
+  return not config_lib.searches(cfg)
+
+
+def poison_budgets(cfg: Any, answers: dict[str, store_lib.StoreAnswer], sigma_train: np.ndarray,
+                   sigma_test: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The poison budget of every answer of each split, at the run's trigger norm t = ``attack.delta``."""
+  joint = certifies_training_perturbations(cfg)
+  return {s: answer_poison_budget(answers[s], sigma_test[s], sigma_train, cfg.attack.delta, joint=joint)
+          for s in SPLITS}
+
+
+def poison_budget_grid(cfg: Any, sigma_train: np.ndarray, sigma_test: dict[str, np.ndarray]) -> tuple[int, ...]:
+  """The budgets k certified accuracy is reported at: 0, 1, 2, 4, ... up to the first power of 2 that no answer
+  of the run can reach (at the margin ceiling and the largest sigma_x), the same for both query orders."""
+  ceiling, t = margin_ceiling(cfg), cfg.attack.delta
+  s_train = float(np.min(sigma_train))
+  sigma_max = max(float(np.max(sigma_test[s])) for s in SPLITS)
+  # an aligned answer's joint radius is at most min(sigma_x, s_train) * ceiling
+  k_max = max(int(bounds.poison_budget(ceiling, s_train, sigma_max, t)),
+              int(bounds.poison_budget(min(s_train, sigma_max) * ceiling, 1.0, 1.0, t)))
+  return bounds.budget_grid(k_max if certifies_training_perturbations(cfg) else min(k_max, 0))
+
+
+def answer_metrics(cfg: Any, attacked: Any, answers: dict[str, store_lib.StoreAnswer],
+                   sigma_train: np.ndarray | None = None,
+                   sigma_test: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+  """Headline metrics of the storage-update answers (the certificates), with aligned / trimmed counts; given the
+  sigmas, also the certified accuracy against the number of poisoned training images (``cra_poison_budget``)."""
   grid = radius_grid(cfg)
   per = {s: split_metrics(answers[s].pred, answers[s].radius_joint, answers[s].radius_stored,
                           attacked.splits[s].y, cfg.attack.target_class, grid) for s in SPLITS}
   out = headline(per)
+  if sigma_train is not None and sigma_test is not None:
+    budgets = poison_budgets(cfg, answers, sigma_train, sigma_test)
+    k_grid = poison_budget_grid(cfg, sigma_train, sigma_test)
+    for s, key in (("clean", "cra_poison_budget"), ("triggered", "cra_poison_budget_triggered")):
+      out[key] = bounds.certified_accuracy_budget(budgets[s], answers[s].pred == attacked.splits[s].y, k_grid)
   for s in SPLITS:
     out[f"aligned_{s}"] = int(answers[s].aligned.sum())
     out[f"trimmed_{s}"] = int(answers[s].trimmed.sum())
@@ -220,7 +280,8 @@ def collect(cfg: Any, attacked: Any, certs: dict[str, bounds.Certificate],
       "majority": majority_metrics(cfg, attacked, votes),
       "pre_store": certificate_metrics(cfg, attacked, certs),
       "consistency": {"contradictions": post, "contradictions_pre_store": pre, "queries": int(len(x))},
-      "other_order": {"query_order": other_order, **answer_metrics(cfg, attacked, other_answers)},
+      "other_order": {"query_order": other_order, **answer_metrics(cfg, attacked, other_answers, sigma_train,
+                                                                   sigma_test)},
   }
   if cfg.sigma.mode == "sample_specific":
     out["probe"] = side_channel_probe(cfg, attacked, votes, sigma_train, disagree, sigma_test)

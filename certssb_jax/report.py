@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 MODE_NAMES = {"fixed": "RAB", "sample_specific": "Cert-SSB"}
 CSV_COLUMNS = ("split", "index", "label", "pred", "votes_top", "num_models", "p_lower", "sigma", "margin", "radius",
                "radius_test", "correct", "pred_stored", "radius_stored", "radius_joint_stored", "margin_stored",
-               "aligned", "trimmed")
+               "aligned", "trimmed", "poison_budget")
 PACKAGES = ("certssb-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "scipy")
 SPLITS = metrics.SPLITS
 
@@ -83,11 +83,12 @@ def summarize(cfg: Any, attacked: Any, answers: dict, sigma_train: np.ndarray, s
                  "class_selection": c.certify.holdout_models, "estimating": voters - c.certify.holdout_models},
       "alpha": c.certify.alpha, "bound": c.certify.bound, "correction": c.certify.correction,
       "margin_ceiling": metrics.margin_ceiling(c), "radius_grid": list(metrics.radius_grid(c)),
+      "poison_budget_grid": list(metrics.poison_budget_grid(c, sigma_train, sigma_test)),
       "query_order": c.certify.query_order,
       "certificates": "the storage-update answers: every query of the run went through one store in "
                       f"{c.certify.query_order.replace('_', ' ')} order; the answers depend on that order (whoever "
                       "queries first decides) and no two of them contradict each other",
-      "metrics": metrics.answer_metrics(c, attacked, answers),
+      "metrics": metrics.answer_metrics(c, attacked, answers, sigma_train, sigma_test),
       **diag,
       "undefended": undefended,
       "sigma": {"train": _stats(sigma_train), **{s: _stats(sigma_test[s]) for s in SPLITS}},
@@ -114,13 +115,15 @@ def write_outputs(cfg: Any, attacked: Any, certs: dict[str, bounds.Certificate],
   summary = summarize(cfg, attacked, answers, sigma_train, sigma_test, undefended, diag, rd.timings())
   k = len(cfg.data.classes)
   voters = config_lib.num_voters(cfg)
-  _write_csv(rd.file("per_sample.csv"), attacked, certs, answers, sigma_test, voters - cfg.certify.holdout_models)
+  budgets = metrics.poison_budgets(cfg, answers, sigma_train, sigma_test)
+  _write_csv(rd.file("per_sample.csv"), attacked, certs, answers, sigma_test, budgets,
+             voters - cfg.certify.holdout_models)
   rundir.save_npz(rd.file("votes.npz"),
                   **{s: certify_lib.votes_from_preds(votes[f"{s}_preds"][-voters:], k) for s in SPLITS},
                   **{f"{s}_preds": votes[f"{s}_preds"].astype(np.int16) for s in SPLITS},
                   **{f"{s}_probs_sum": votes[f"{s}_probs_sum"] for s in SPLITS},
                   **{f"{s}_label": attacked.splits[s].y for s in SPLITS})
-  plot_certified_accuracy(rd.file("certified_accuracy.png"), cfg, attacked, certs, answers, summary)
+  plot_certified_accuracy(rd.file("certified_accuracy.png"), cfg, attacked, certs, answers, summary, budgets)
   if cfg.sigma.mode == "sample_specific":
     plot_sigma_histogram(rd.file("sigma_histogram.png"), cfg, attacked, sigma_train, sigma_test)
   summary["files"] = sorted({f for f in os.listdir(rd.path) if not f.startswith(".")} | {"summary.json"})
@@ -128,18 +131,20 @@ def write_outputs(cfg: Any, attacked: Any, certs: dict[str, bounds.Certificate],
   return summary
 
 
-def _write_csv(path: str, attacked: Any, certs: dict, answers: dict, sigma_test: dict, m_est: int) -> None:
+def _write_csv(path: str, attacked: Any, certs: dict, answers: dict, sigma_test: dict, budgets: dict,
+               m_est: int) -> None:
   buf = io.StringIO()
   w = csv.writer(buf)
   w.writerow(CSV_COLUMNS)
   for split in SPLITS:
-    s, cert, ans, sig = attacked.splits[split], certs[split], answers[split], sigma_test[split]
+    s, cert, ans, sig, budget = (attacked.splits[split], certs[split], answers[split], sigma_test[split],
+                                 budgets[split])
     for i in range(len(s.y)):
       w.writerow([split, int(s.index[i]), int(s.y[i]), int(cert.pred[i]), int(cert.votes_top[i]), m_est,
                   repr(float(cert.p_lower[i])), repr(float(sig[i])), repr(float(cert.margin[i])),
                   repr(float(cert.radius[i])), repr(float(cert.radius_test[i])), int(cert.pred[i] == s.y[i]),
                   int(ans.pred[i]), repr(float(ans.radius_stored[i])), repr(float(ans.radius_joint[i])),
-                  repr(float(ans.margin_stored[i])), int(ans.aligned[i]), int(ans.trimmed[i])])
+                  repr(float(ans.margin_stored[i])), int(ans.aligned[i]), int(ans.trimmed[i]), int(budget[i])])
   rundir.atomic_write_bytes(path, buf.getvalue().encode())
 
 
@@ -170,15 +175,18 @@ def run_title(cfg: Any, attacked: Any) -> str:
 
 
 def plot_certified_accuracy(path: str, cfg: Any, attacked: Any, certs: dict, answers: dict,
-                            summary: dict[str, Any]) -> None:
-  """CRA(r) against r, exact step curves: left the joint radius, right the test-input radius.
+                            summary: dict[str, Any], budgets: dict[str, np.ndarray] | None = None) -> None:
+  """CRA(r) against r, exact step curves: left the joint radius, middle the test-input radius; with `budgets`
+  (``metrics.poison_budgets``) a third panel, certified accuracy against the number k of poisoned training
+  images at the run's trigger norm.
 
   Thin solid lines: the certificates (storage-update answers); wide pale lines: the certificates before the
   store (uncertified in Cert-SSB runs). Clean split blue, triggered split red. Dotted: the largest radius the
   margin ceiling allows at sigma_0 (and at the largest sigma_x); dash-dotted: the test trigger's l2 norm.
   """
   plt = _figure()
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+  fig, axes = plt.subplots(1, 2 if budgets is None else 3, figsize=(11 if budgets is None else 15.5, 4.2),
+                           sharey=True)
   ceiling = summary["margin_ceiling"]
   sigma_max = max(summary["sigma"][s]["max"] for s in SPLITS)
   trig_norm = summary["trigger_norm_test"].get("mean")
@@ -204,6 +212,8 @@ def plot_certified_accuracy(path: str, cfg: Any, attacked: Any, certs: dict, ans
                   else "test-input l2 radius (clean training set)")
     ax.set_xlim(left=0)
     ax.grid(alpha=0.3)
+  if budgets is not None:
+    _plot_budget_panel(axes[2], attacked, answers, budgets, cfg.attack.delta)
   axes[0].set_ylabel("certified robust accuracy")
   axes[0].set_ylim(0, 1.02)
   axes[1].legend(fontsize=7, loc="lower left")
@@ -211,6 +221,30 @@ def plot_certified_accuracy(path: str, cfg: Any, attacked: Any, certs: dict, ans
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def budget_curve(budget: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The exact step curve of mean(correct & budget >= k) over k >= 0: (k, value) at k = 0 and wherever it drops
+  (one past each budget of a correct answer), to draw with ``where="post"``."""
+  counted = np.sort(np.asarray(budget, np.int64)[np.asarray(correct, bool)])  # budgets of the correct answers
+  ks = np.unique(np.concatenate([[0], counted[counted >= 0] + 1]))
+  return ks, (counted.size - np.searchsorted(counted, ks, side="left")) / len(budget)
+
+
+def _plot_budget_panel(ax: Any, attacked: Any, answers: dict, budgets: dict[str, np.ndarray], delta: float) -> None:
+  """Certified accuracy of the answers against k poisoned training images (``bounds.poison_budget``)."""
+  curves = {s: budget_curve(budgets[s], answers[s].pred == attacked.splits[s].y) for s in SPLITS}
+  right = max(1, *(int(ks[-1]) for ks, _ in curves.values()))
+  for split, color in (("clean", "C0"), ("triggered", "C3")):
+    ks, acc = curves[split]
+    # carried on to the common right end, so that a curve that is 0 from k = 0 still shows
+    ax.step(np.append(ks, right), np.append(acc, acc[-1]), where="post", color=color, lw=1.4,
+            label=f"{split} (certificates)")
+  ax.set_xscale("symlog", linthresh=1.0)  # budgets span 0 to thousands
+  ax.set_xlim(0, right)
+  ax.set_xlabel(f"poisoned training images k (trigger norm {delta:g} on each and on the test input)", fontsize=8)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, loc="lower left")
 
 
 def plot_sigma_histogram(path: str, cfg: Any, attacked: Any, sigma_train: np.ndarray,
