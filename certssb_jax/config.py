@@ -435,13 +435,19 @@ def with_defaults(j: dict[str, Any], defaults: dict[str, Any] | None = None) -> 
 _TRAINING_SECTIONS = ("data", "attack", "model", "train", "undefended")
 
 
-def training_key(j: dict[str, Any]) -> str:
+def training_key(j: dict[str, Any], *, num_models: bool = True) -> str:
   """A string equal for two resolved configs (as JSON, ``to_json``) exactly when they train the same models: same
   data, attack, model, training and seed, and every training sigma equal to sigma_0 (RAB, or Cert-SSB with
-  ``sigma.train = base``). Runs with searched training sigmas get a key of their own."""
+  ``sigma.train = base``). Runs with searched training sigmas get a key of their own.
+
+  With ``num_models=False`` the ensemble size is left out: model m depends on the seed and m only, so two runs of
+  equal key that train in chunks of the same size share their first models (a larger run's first M models are
+  the M-model run's)."""
   j = with_defaults(j)
   shared = j["sigma"]["mode"] == "fixed" or j["sigma"]["train"] == "base"  # every training sigma is sigma_0
   key = {k: dict(j[k]) for k in _TRAINING_SECTIONS}
   key["train"].pop("checkpoint_every_s", None)
+  if not num_models:
+    key["train"].pop("num_models")
   key.update(seed=j["seed"], sigma_0=j["sigma"]["sigma_0"], sigma=None if shared else j["sigma"])
   return json.dumps(key, sort_keys=True)

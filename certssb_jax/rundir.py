@@ -268,17 +268,21 @@ class RunDir:
     return self._checkpointer.restore(self.chunks_dir(first, last), template)
 
 
-def link_trained(src: str, dst: str, config: Any) -> bool:
+def link_trained(src: str, dst: str, config: Any, *, any_size: bool = False) -> bool:
   """Lets the run folder ``dst`` reuse the models trained in ``src`` when ``config`` trains the same ones.
 
   A Cert-SSB run with ``sigma.train = base`` trains exactly RAB's models (same data, seeds and training noise),
   so a sweep or ``--compare_modes`` trains them once: ``dst`` gets links to ``src``'s undefended model,
-  surrogate and ensemble checkpoints (whatever ``dst`` does not hold yet). Returns whether it linked.
+  surrogate and ensemble checkpoints (whatever ``dst`` does not hold yet). With ``any_size`` the ensembles may
+  differ in size (``config.training_key(num_models=False)``): the caller checks that both train in chunks of
+  the same size, so that chunk c holds the same models in both; ``dst`` trains only the chunks it lacks.
+  Returns whether it linked.
   """
   src_config = os.path.join(src, "config.json")
   if not multihost.is_primary() or not os.path.exists(src_config):
     return False
-  if config_lib.training_key(load_json(src_config)) != config_lib.training_key(config_lib.to_json(config)):
+  key = lambda j: config_lib.training_key(j, num_models=not any_size)
+  if key(load_json(src_config)) != key(config_lib.to_json(config)):
     return False
   os.makedirs(os.path.join(dst, "ensemble"), exist_ok=True)
   names = [n for n in ("undefended", "surrogate") if os.path.isdir(os.path.join(src, n))]

@@ -33,6 +33,7 @@ from absl import flags
 import numpy as np
 
 from certssb_jax import config as config_lib
+from certssb_jax import ensemble
 from certssb_jax import rundir
 
 # Radii of the CRA columns, in units u = ceiling * sigma_0: half of RAB's largest certifiable radius, just below
@@ -78,32 +79,42 @@ def run_grid(specs: list[str], workdir: str, triggers: list[str] | None, sigmas:
           c.attack.trigger, c.sigma.sigma_0, c.sigma.mode = trigger, float(sigma_0), mode
           resolved = config_lib.resolve(c)
           rows.append((spec, c, resolved, row_dir(workdir, resolved)))
-  records, trained = [], _finished_rows_by_training(workdir)
+  records, trained = [], _finished_rows(workdir)
   for spec, c, resolved, d in rows:
-    path, key = os.path.join(d, "summary.json"), config_lib.training_key(config_lib.to_json(resolved))
+    path = os.path.join(d, "summary.json")
     if os.path.exists(path):  # row_dir found the folder by its config, so a finished run there is this row's
       logging.info("reusing finished row %s", d)
       summary = rundir.load_json(path)
     else:
-      if key in trained:
-        rundir.link_trained(trained[key], d, resolved)
+      donor = _donor(trained, config_lib.to_json(resolved))
+      if donor is not None:
+        rundir.link_trained(donor, d, resolved, any_size=True)
       logging.info("running row %s", d)
       summary = pipeline.run(c, d, progress=progress)
-    trained.setdefault(key, d)
+    trained.append((config_lib.to_json(resolved), d))
     records.append({"config": spec, "dataset": f"{resolved.data.name} {tuple(resolved.data.classes)}",
                     "trigger": resolved.attack.trigger, "sigma_0": resolved.sigma.sigma_0,
                     "mode": resolved.sigma.mode, "workdir": d, "summary": summary})
   return records
 
 
-def _finished_rows_by_training(workdir: str) -> dict[str, str]:
-  """The finished rows already in ``workdir`` (from earlier sweeps too), by ``config.training_key``: a new row
-  that trains the same models links them."""
-  out = {}
-  for path in sorted(glob.glob(os.path.join(workdir, "*", "*", "summary.json"))):
-    d = os.path.dirname(path)
-    out.setdefault(config_lib.training_key(rundir.load_json(os.path.join(d, "config.json"))), d)
-  return out
+def _finished_rows(workdir: str) -> list[tuple[dict[str, Any], str]]:
+  """(config, folder) of the finished rows already in ``workdir``, from earlier sweeps too."""
+  return [(rundir.load_json(os.path.join(os.path.dirname(p), "config.json")), os.path.dirname(p))
+          for p in sorted(glob.glob(os.path.join(workdir, "*", "*", "summary.json")))]
+
+
+def _chunk_size(j: dict[str, Any]) -> int:
+  return ensemble.auto_models_per_chunk(j["train"]["models_per_chunk"], j["train"]["num_models"])
+
+
+def _donor(finished: list[tuple[dict[str, Any], str]], j: dict[str, Any]) -> str | None:
+  """A finished row whose models a new row with config ``j`` can link: the same models (``config.training_key``
+  without the ensemble size) trained in chunks of the same size; the largest ensemble among them."""
+  key = config_lib.training_key(j, num_models=False)
+  same = [(c["train"]["num_models"], d) for c, d in finished
+          if config_lib.training_key(c, num_models=False) == key and _chunk_size(c) == _chunk_size(j)]
+  return max(same)[1] if same else None
 
 
 def design(c: dict[str, Any]) -> str:

@@ -133,6 +133,32 @@ def test_sweep_table_shares_models_and_resumes(tmp_path):
   assert all(os.path.islink(os.path.join(ensemble_dir, n)) for n in os.listdir(ensemble_dir))
 
 
+@pytest.mark.slow
+def test_a_larger_ensemble_reuses_a_smaller_ones_models(tmp_path):
+  """A sweep row of 8 models links the 4 models of a finished 4-model row (model m depends on the seed and m only)
+  and trains the other 4; its first 4 models vote exactly as the smaller run's."""
+  small = write_tiny_config(tmp_path / "small.py", sigma_mode="fixed", num_models=4, epochs=1)
+  large = write_tiny_config(tmp_path / "large.py", sigma_mode="fixed", num_models=8, epochs=1)
+  out = str(tmp_path / "sweep")
+  (a,) = sweep.run_grid([small], out, None, None, ["fixed"])
+  (b,) = sweep.run_grid([large], out, None, None, ["fixed"])
+  linked = sorted(n for n in os.listdir(os.path.join(b["workdir"], "ensemble"))
+                  if os.path.islink(os.path.join(b["workdir"], "ensemble", n)))
+  assert linked == sorted(os.listdir(os.path.join(a["workdir"], "ensemble")))
+  assert len(os.listdir(os.path.join(b["workdir"], "ensemble"))) > len(linked)  # it trained the rest
+  va, vb = np.load(os.path.join(a["workdir"], "votes.npz")), np.load(os.path.join(b["workdir"], "votes.npz"))
+  np.testing.assert_array_equal(va["clean_preds"], vb["clean_preds"][:4])
+
+
+def test_no_models_are_linked_between_chunkings_of_another_size(monkeypatch):
+  """Where the chunk size follows M (the accelerator default, min(M, 256)), chunk c of a 100-model run holds other
+  models than chunk c of a 300-model run: nothing is linked; two runs of 256 or more share their chunks."""
+  monkeypatch.setattr(sweep.ensemble, "auto_models_per_chunk", lambda requested, m: requested or min(m, 256))
+  conf = lambda m: config_lib.to_json(config_lib.resolve(tiny_config(num_models=m, models_per_chunk="none")))
+  assert sweep._donor([(conf(100), "small")], conf(300)) is None  # pylint: disable=protected-access
+  assert sweep._donor([(conf(100), "small"), (conf(400), "big")], conf(300)) == "big"  # pylint: disable=protected-access
+
+
 def test_sweep_splits_config_lists_at_config_files():
   assert sweep.split_specs("a.py:quick,num_models=16,classes=0,1,b.py,c/d.py:x=1") == [
       "a.py:quick,num_models=16,classes=0,1", "b.py", "c/d.py:x=1"]
@@ -144,6 +170,10 @@ def test_training_key_says_which_runs_train_the_same_models():
   assert key(sigma_mode="fixed") != key(train_sigma="search")
   assert key() != key(seed=3) and key() != key(sigma_0=0.5, **{"sigma.sigma_hi": 0.75})
   assert key() == key(**{"train.checkpoint_every_s": 5})
+  sized = lambda **kw: config_lib.training_key(config_lib.to_json(config_lib.resolve(tiny_config(**kw))),
+                                               num_models=False)
+  assert key(num_models=4) != key(num_models=8) and sized(num_models=4) == sized(num_models=8)
+  assert sized(num_models=4) != sized(num_models=4, seed=3)
 
 
 @pytest.mark.slow
