@@ -203,7 +203,7 @@ def grid_selector(rab_runs: dict[float, str], x: dict[str, np.ndarray], selector
     out["pred"][split], out["test"][split], out["joint"][split] = ans.pred, ans.radius_stored, ans.radius_joint
     out["sigma"][split], out["majority"][split] = chosen, counts.argmax(axis=1)
     out["label"][split] = next(iter(votes.values()))[f"{split}_label"]
-  return Answers(GRID_DESIGN, None, num_voting, out["pred"], out["test"], out["joint"], out["sigma"], out["label"],
+  return Answers(f"{GRID_DESIGN} (M_s = {selector_models})", None, num_voting, out["pred"], out["test"], out["joint"], out["sigma"], out["label"],
                  out["majority"])
 
 
@@ -379,8 +379,8 @@ def plot_attack(path: str, title: str, result: dict[str, Any]) -> None:
   plt.close(fig)
 
 
-def run_envelope(spec: str, workdir: str, sigmas: list[float], designs: list[str], selector_models: int | None,
-                 progress=None) -> dict[str, Any]:
+def run_envelope(spec: str, workdir: str, sigmas: list[float], designs: list[str],
+                 selector_models: list[int] | None = None, progress=None) -> dict[str, Any]:
   """Trains or reuses every row, compares, and writes ``envelope.md``, ``envelope.json`` and the plots.
 
   Args:
@@ -388,7 +388,7 @@ def run_envelope(spec: str, workdir: str, sigmas: list[float], designs: list[str
     workdir: the folder of every row (a sweep folder: rows of earlier sweeps are reused).
     sigmas: RAB's grid.
     designs: variants of ``spec`` run as Cert-SSB rows (``sigma.sigma_hi=0.375``), each its own row.
-    selector_models: M_s of the grid selector; None: M // 8 (at least 1); 0 leaves the grid selector out.
+    selector_models: M_s of the grid selector, one design per value; None: [M // 8] (at least 1); []: none.
 
   Returns:
     {"markdown": text, "json": path, "plots": [paths]}.
@@ -406,10 +406,11 @@ def run_envelope(spec: str, workdir: str, sigmas: list[float], designs: list[str
   rows = [answers_of_run(r["workdir"]) for r in records if r["mode"] != "fixed"]
   cfg = config_lib.resolve(config_lib.load_config(spec))
   m = cfg.train.num_models
-  selector_models = max(1, m // 8) if selector_models is None else selector_models
+  selector_models = [max(1, m // 8)] if selector_models is None else selector_models
   if selector_models:
     splits = pipeline.test_splits(cfg, pipeline.load_data(cfg))
-    rows.append(grid_selector(rab_runs, {s: splits[s].x for s in SPLITS}, selector_models))
+    for m_s in selector_models:
+      rows.append(grid_selector(rab_runs, {s: splits[s].x for s in SPLITS}, m_s))
   result = compare(rab, rows, cfg.attack.target_class)
   pair = "-".join(str(c) for c in cfg.data.classes)
   title = (f"{cfg.data.name} {tuple(cfg.data.classes)}, {cfg.attack.trigger} trigger, M = {m}, "
@@ -417,8 +418,8 @@ def run_envelope(spec: str, workdir: str, sigmas: list[float], designs: list[str
   context = (f"{cfg.data.name} classes {tuple(cfg.data.classes)} (target {cfg.attack.target_class}), "
              f"{cfg.attack.trigger} trigger of norm {cfg.attack.delta:g}, poison rate {cfg.attack.poison_rate:g}, "
              f"seed {cfg.seed}; RAB trained and tested at each sigma with M = {m} voting models; the grid selector "
-             f"holds out {selector_models} models of each ensemble to choose sigma_x and votes with the other "
-             f"{m - selector_models}; alpha = {cfg.certify.alpha:g}, {cfg.certify.bound}; "
+             f"(M_s = {', '.join(map(str, selector_models)) or 'none'}) holds out M_s models of each ensemble to "
+             f"choose sigma_x and votes with the other M - M_s; alpha = {cfg.certify.alpha:g}, {cfg.certify.bound}; "
              f"{len(rab[0].label['clean'])} clean and {len(rab[0].label['triggered'])} triggered test inputs.")
   result.update(title=title, context=context, pair=pair, rab_runs={f"{s:g}": d for s, d in rab_runs.items()})
   md = markdown(title, result, context)
@@ -454,8 +455,8 @@ def _define_flags() -> None:
   flags.DEFINE_list("sigmas", [f"{s:g}" for s in PAPER_SIGMAS], "RAB's sigma grid; add every sigma a design "
                                                                  "tests at.")
   flags.DEFINE_multi_string("design", [], "A Cert-SSB design as a config variant (e.g. sigma.sigma_hi=0.375).")
-  flags.DEFINE_integer("selector_models", None, "Models of each RAB ensemble that choose the grid selector's "
-                                                "sigma_x (never voting); default M // 8; 0: no grid selector.")
+  flags.DEFINE_list("selector_models", None, "Models of each RAB ensemble that choose the grid selector's "
+                                             "sigma_x (never voting), one design per value; default M // 8; 0: none.")
   flags.DEFINE_string("results_md", None, "Also write this results page (e.g. docs/results.md).")
   flags.DEFINE_bool("progress", True, "Show progress bars.")
 
@@ -475,12 +476,13 @@ def main(argv: list[str]) -> None:
     from certssb_jax import pipeline  # pylint: disable=g-import-not-at-top
 
     progress = pipeline.tqdm_progress if f.progress else pipeline.no_progress
-    sections = [run_envelope(spec, f.workdir, sigmas, f.design, f.selector_models, progress) for spec in f.config]
+    selector = None if f.selector_models is None else [int(v) for v in f.selector_models if int(v) > 0]
+    sections = [run_envelope(spec, f.workdir, sigmas, f.design, selector, progress) for spec in f.config]
     if f.results_md:
       command = "python -m certssb_jax.envelope " + " ".join(
           [f"--config {c}" for c in f.config] + [f"--workdir {f.workdir}", f"--sigmas {','.join(f.sigmas)}"]
           + [f"--design {d}" for d in f.design]
-          + ([f"--selector_models {f.selector_models}"] if f.selector_models is not None else [])
+          + ([f"--selector_models {','.join(f.selector_models)}"] if f.selector_models is not None else [])
           + [f"--results_md {f.results_md}"])
       write_results_page(f.results_md, sections, command)
   except (ValueError, FileNotFoundError) as e:

@@ -82,12 +82,12 @@ def test_the_envelope_command_on_real_digits(tmp_path):
   from certssb_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 
   spec = write_tiny_config(tmp_path / "tiny.py", num_models=16, alpha=0.2)
-  result = envelope.run_envelope(spec, str(tmp_path / "env"), [0.25, 0.5], [], 4)
+  result = envelope.run_envelope(spec, str(tmp_path / "env"), [0.25, 0.5], [], [4])
   for path in result["plots"] + [result["json"]]:
     assert os.path.exists(path)
   out = json.load(open(result["json"]))
   names = [row["name"] for row in out["rows"]]
-  assert names == ["RAB sigma=0.25", "RAB sigma=0.5", envelope.GRID_DESIGN]
+  assert names == ["RAB sigma=0.25", "RAB sigma=0.5", f"{envelope.GRID_DESIGN} (M_s = 4)"]
   grid = out["rows"][-1]
   assert grid["voting"] == 12 and max(grid["cra"]["joint"]) == 0.0
   assert "Against RAB's envelope" in result["markdown"]
