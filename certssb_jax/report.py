@@ -65,6 +65,17 @@ def _stats(a: np.ndarray) -> dict[str, float]:
           "count": int(a.size)} if a.size else {"count": 0}
 
 
+def sigma_spread(a: np.ndarray, lo: float, hi: float) -> dict[str, Any]:
+  """How much a searched sigma varies: ``_stats``, the quantiles, the interquartile range and the share of samples
+  at each clip of the range [lo, hi] (a search whose optimum is a clip for nearly every input is one sigma)."""
+  a = np.asarray(a, np.float64)
+  if not a.size:
+    return {"count": 0}
+  q = {str(p): float(np.quantile(a, p)) for p in (0.05, 0.25, 0.5, 0.75, 0.95)}
+  at = lambda x: float(np.mean(np.abs(a - x) <= 1e-6 * max(abs(x), 1e-12)))
+  return {**_stats(a), "quantiles": q, "iqr": q["0.75"] - q["0.25"], "share_at_lo": at(lo), "share_at_hi": at(hi)}
+
+
 def summarize(cfg: Any, attacked: Any, answers: dict, sigma_train: np.ndarray, sigma_test: dict[str, np.ndarray],
               undefended: dict[str, float] | None, diag: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
   """The content of ``summary.json`` (docs/outputs.md)."""
@@ -91,7 +102,9 @@ def summarize(cfg: Any, attacked: Any, answers: dict, sigma_train: np.ndarray, s
       "metrics": metrics.answer_metrics(c, attacked, answers, sigma_train, sigma_test),
       **diag,
       "undefended": undefended,
-      "sigma": {"train": _stats(sigma_train), **{s: _stats(sigma_test[s]) for s in SPLITS}},
+      "sigma": {"train": _stats(sigma_train), **{s: sigma_spread(sigma_test[s], c.sigma.sigma_lo or c.sigma.sigma_0,
+                                                                 c.sigma.sigma_hi or c.sigma.sigma_0)
+                                                  for s in SPLITS}},
       "trigger_norm_test": _stats(trig_norm) if trig_norm is not None else {"count": 0},
       "trigger_norm_train": _stats(attacked.poison_norms),
       # The certificate is about the classifier the kernel computes, in the precision it computes in.
@@ -264,8 +277,11 @@ def plot_sigma_histogram(path: str, cfg: Any, attacked: Any, sigma_train: np.nda
                                       ("triggered", sigma_test["triggered"], "C3"))))
   for ax, title, parts in groups:
     for name, values, color in parts:
-      ax.hist(values, bins=bins, color=color, alpha=0.55, label=f"{name} (n={len(values)}, mean {values.mean():.3f})"
-              if len(values) else f"{name} (n=0)")
+      sp = sigma_spread(values, lo, hi)
+      label = (f"{name} (n={len(values)}, median {sp['quantiles']['0.5']:.3f}, IQR {sp['iqr']:.3f}, "
+               f"{sp['share_at_lo']:.0%} at sigma_lo, {sp['share_at_hi']:.0%} at sigma_hi)") if len(values) else \
+          f"{name} (n=0)"
+      ax.hist(values, bins=bins, color=color, alpha=0.55, label=label)
     marks: dict[float, list[str]] = {}
     for x, label in ((lo, "sigma_lo"), (cfg.sigma.sigma_0, "sigma_0"), (hi, "sigma_hi")):
       marks.setdefault(x, []).append(label)
