@@ -429,7 +429,7 @@ def run_envelope(spec: str, workdir: str, sigmas: list[float], designs: list[str
   plot_attack(paths[1], title, result)
   rundir.atomic_write_bytes(os.path.join(workdir, f"envelope_{name}.md"), md.encode())
   rundir.save_json(os.path.join(workdir, f"envelope_{name}.json"), result)
-  return {"markdown": md, "json": os.path.join(workdir, f"envelope_{name}.json"), "plots": paths}
+  return {"markdown": md, "json": os.path.join(workdir, f"envelope_{name}.json"), "plots": paths, "result": result}
 
 
 def write_results_page(path: str, sections: list[dict[str, Any]], command: str) -> None:
@@ -446,6 +446,39 @@ def write_results_page(path: str, sections: list[dict[str, Any]], command: str) 
   rundir.atomic_write_bytes(path, "\n".join(parts).encode())
 
 
+README_START, README_END = "<!-- envelope:start -->", "<!-- envelope:end -->"
+
+
+def readme_block(sec: dict[str, Any], figure: str) -> str:
+  """The README's small table for one class pair: every row's certified and majority-vote numbers and its
+  certified accuracy at two radii (a quarter and half of the largest radius RAB certifies), with the figure."""
+  res = sec["result"]
+  r = np.asarray(res["radii"])
+  env = np.asarray(res["envelope"]["test"]["cra"])
+  top = r[np.flatnonzero(env > 0).max()] if (env > 0).any() else r[-1]
+  at = [float(r[np.searchsorted(r, f * top)]) for f in (0.25, 0.5)]
+  cra = lambda row, kind, x: row["cra"][kind][int(np.searchsorted(r, x))]
+  lines = [f"![{res['title']}]({figure})", "", res["context"], "",
+           "| method | sigma | M voting | clean acc | ERA / ASR | majority ASR | "
+           + " | ".join(f"CRA {k} r={x:.4f}" for k in ("test", "joint") for x in at) + " |", "|" + "---|" * 10]
+  for row in res["rows"]:
+    sigma = "per input" if row["sigma"] is None else f"{row['sigma']:g}"
+    lines.append(f"| {row['name']} | {sigma} | {row['voting']} | {_fmt(row['clean_accuracy'])} | "
+                 f"{_fmt(row['era'])} / {_fmt(row['asr'])} | {_fmt(row['majority']['asr'])} | "
+                 + " | ".join(f"{cra(row, k, x):.3f}" for k in ("test", "joint") for x in at) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def update_readme(path: str, block: str) -> None:
+  """Replaces the README's text between ``README_START`` and ``README_END`` with ``block``."""
+  text = open(path).read()
+  if README_START not in text or README_END not in text:
+    raise ValueError(f"{path} has no {README_START} ... {README_END} block to write the results into")
+  head, rest = text.split(README_START, 1)
+  _, tail = rest.split(README_END, 1)
+  rundir.atomic_write_bytes(path, f"{head}{README_START}\n{block}{README_END}{tail}".encode())
+
+
 # ---------------------------------------------------------------------------------------------- command line
 
 
@@ -458,6 +491,8 @@ def _define_flags() -> None:
   flags.DEFINE_list("selector_models", None, "Models of each RAB ensemble that choose the grid selector's "
                                              "sigma_x (never voting), one design per value; default M // 8; 0: none.")
   flags.DEFINE_string("results_md", None, "Also write this results page (e.g. docs/results.md).")
+  flags.DEFINE_string("readme", None, "Also write the first config's table and figure into this README's "
+                                      "envelope block (needs --results_md: the figure is linked from there).")
   flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 
@@ -483,8 +518,15 @@ def main(argv: list[str]) -> None:
           [f"--config {c}" for c in f.config] + [f"--workdir {f.workdir}", f"--sigmas {','.join(f.sigmas)}"]
           + [f"--design {d}" for d in f.design]
           + ([f"--selector_models {','.join(f.selector_models)}"] if f.selector_models is not None else [])
-          + [f"--results_md {f.results_md}"])
+          + [f"--results_md {f.results_md}"] + ([f"--readme {f.readme}"] if f.readme else []))
       write_results_page(f.results_md, sections, command)
+      if f.readme:
+        figure = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(f.results_md)), "figures",
+                                              os.path.basename(sections[0]["plots"][0])),
+                                 os.path.dirname(os.path.abspath(f.readme)))
+        update_readme(f.readme, readme_block(sections[0], figure))
+    elif f.readme:
+      raise ValueError("--readme needs --results_md (the README links the figure the results page keeps)")
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
