@@ -413,7 +413,7 @@ def run_envelope(spec: str, workdir: str, sigmas: list[float], designs: list[str
       rows.append(grid_selector(rab_runs, {s: splits[s].x for s in SPLITS}, m_s))
   result = compare(rab, rows, cfg.attack.target_class)
   pair = "-".join(str(c) for c in cfg.data.classes)
-  title = (f"{cfg.data.name} {tuple(cfg.data.classes)}, {cfg.attack.trigger} trigger, M = {m}, "
+  title = (f"{cfg.data.name} {tuple(cfg.data.classes)}, {cfg.attack.trigger} trigger, seed {cfg.seed}, M = {m}, "
            f"alpha = {cfg.certify.alpha:g}")
   context = (f"{cfg.data.name} classes {tuple(cfg.data.classes)} (target {cfg.attack.target_class}), "
              f"{cfg.attack.trigger} trigger of norm {cfg.attack.delta:g}, poison rate {cfg.attack.poison_rate:g}, "
@@ -485,8 +485,9 @@ def update_readme(path: str, block: str) -> None:
 def _define_flags() -> None:
   flags.DEFINE_multi_string("config", None, "Config file with optional :variant; repeat for more class pairs.")
   flags.DEFINE_string("workdir", None, "Folder of every row (a sweep folder).")
-  flags.DEFINE_list("sigmas", [f"{s:g}" for s in PAPER_SIGMAS], "RAB's sigma grid; add every sigma a design "
-                                                                 "tests at.")
+  flags.DEFINE_multi_string("sigmas", [",".join(f"{s:g}" for s in PAPER_SIGMAS)],
+                            "RAB's sigma grid, comma-separated; add every sigma a design tests at. Once for every "
+                            "--config, or once per --config in the same order.")
   flags.DEFINE_multi_string("design", [], "A Cert-SSB design as a config variant (e.g. sigma.sigma_hi=0.375).")
   flags.DEFINE_list("selector_models", None, "Models of each RAB ensemble that choose the grid selector's "
                                              "sigma_x (never voting), one design per value; default M // 8; 0: none.")
@@ -496,6 +497,16 @@ def _define_flags() -> None:
   flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 
+def _grid(text: str) -> list[float]:
+  try:
+    grid = sorted({float(v) for v in text.split(",") if v.strip()})
+  except ValueError:
+    raise ValueError(f"--sigmas must be comma-separated numbers, got {text!r}") from None
+  if not grid or grid[0] <= 0:
+    raise ValueError(f"--sigmas must be positive numbers, got {text!r}")
+  return grid
+
+
 def main(argv: list[str]) -> None:
   f = flags.FLAGS
   try:
@@ -503,19 +514,21 @@ def main(argv: list[str]) -> None:
       raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not f.config or not f.workdir:
       raise ValueError("--config and --workdir are required")
-    sigmas = sorted({float(s) for s in f.sigmas})
-    if not sigmas or min(sigmas) <= 0:
-      raise ValueError(f"--sigmas must be positive numbers, got {','.join(f.sigmas)}")
+    if len(f.sigmas) not in (1, len(f.config)):
+      raise ValueError(f"--sigmas is given {len(f.sigmas)} times for {len(f.config)} configs: give it once or once "
+                       "per --config")
+    grids = [_grid(text) for text in f.sigmas] * (len(f.config) if len(f.sigmas) == 1 else 1)
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("certssb_jax").setLevel(logging.INFO)
     from certssb_jax import pipeline  # pylint: disable=g-import-not-at-top
 
     progress = pipeline.tqdm_progress if f.progress else pipeline.no_progress
     selector = None if f.selector_models is None else [int(v) for v in f.selector_models if int(v) > 0]
-    sections = [run_envelope(spec, f.workdir, sigmas, f.design, selector, progress) for spec in f.config]
+    sections = [run_envelope(spec, f.workdir, grid, f.design, selector, progress)
+                for spec, grid in zip(f.config, grids)]
     if f.results_md:
       command = "python -m certssb_jax.envelope " + " ".join(
-          [f"--config {c}" for c in f.config] + [f"--workdir {f.workdir}", f"--sigmas {','.join(f.sigmas)}"]
+          [f"--config {c}" for c in f.config] + [f"--workdir {f.workdir}"] + [f"--sigmas {g}" for g in f.sigmas]
           + [f"--design {d}" for d in f.design]
           + ([f"--selector_models {','.join(f.selector_models)}"] if f.selector_models is not None else [])
           + [f"--results_md {f.results_md}"] + ([f"--readme {f.readme}"] if f.readme else []))
