@@ -8,6 +8,7 @@ import logging
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
@@ -16,11 +17,18 @@ from certssb_jax import bounds
 from certssb_jax import config as config_lib
 from certssb_jax import data as data_lib
 from certssb_jax import ensemble
+from certssb_jax import member
+from certssb_jax import models as models_lib
 from certssb_jax import pipeline
 from certssb_jax import report
+from certssb_jax import rng
 from certssb_jax import rundir
 
 from conftest import tiny_config  # pylint: disable=g-bad-import-order
+
+# The kernel's summed probabilities against a plain loop: to the backend's default matmul precision (float32 on
+# CPU, TF32 convolutions on recent NVIDIA GPUs), as in tests/test_certify_kernel.py.
+PROBS_TOL = dict(rtol=1e-5, atol=1e-6) if jax.default_backend() == "cpu" else dict(rtol=1e-3, atol=5e-4)
 
 SUMMARY_KEYS = ("dataset", "n_train", "n_test", "n_poisoned", "num_models", "models", "alpha", "bound",
                 "sigma_mode", "margin_ceiling", "radius_grid", "metrics", "pre_store", "consistency",
@@ -77,18 +85,67 @@ def test_p_lower_and_margin_equal_an_independent_scipy_recomputation(tiny_run):
 
 def test_radius_uses_the_sigma_the_kernel_sampled_with(tiny_run):
   """Every row: radius_test = sigma * margin with the sigma in sigmas.npz (the one passed to the kernel), and
-  radius = min(sigma_x, min_j sigma_j) * margin."""
-  _, workdir, _ = tiny_run
+  radius = min(sigma_x, min_j sigma_j) * margin, except in a run that searched sigma_x (this one): a searched
+  sigma_x depends on the poisoned training set, so its joint radius is 0 (docs/soundness.md)."""
+  c, workdir, _ = tiny_run
+  searched = config_lib.searches(config_lib.resolve(c))
+  assert searched
   sig = np.load(os.path.join(workdir, "sigmas.npz"))
   sigma_train_min = float(sig["train"].min())
   for split in ("clean", "triggered"):
     rows = _rows(workdir, split)
     np.testing.assert_array_equal(sig[f"test_{split}_index"], [int(r["index"]) for r in rows])
+    assert any(float(r["margin"]) > 0 for r in rows)
     for r, s in zip(rows, sig[f"test_{split}"]):
       assert float(r["sigma"]) == pytest.approx(float(s), rel=1e-7)
       assert float(r["radius_test"]) == pytest.approx(float(s) * float(r["margin"]), rel=1e-7, abs=1e-12)
-      assert float(r["radius"]) == pytest.approx(min(float(s), sigma_train_min) * float(r["margin"]), rel=1e-6,
-                                                 abs=1e-12)
+      joint_sigma = 0.0 if searched else min(float(s), sigma_train_min)
+      assert float(r["radius"]) == pytest.approx(joint_sigma * float(r["margin"]), rel=1e-6, abs=1e-12)
+
+
+def test_votes_recounted_model_by_model_from_the_run_folder(tiny_run, tmp_path):
+  """The votes of the run recounted without the kernel: the trained models read back from the run folder's
+  checkpoints, the inputs rebuilt by the data stages, each model m run on x + sigma_x * u_m (u_m =
+  normal(member_key(seed, TEST_NOISE, m)), sigma_x from sigmas.npz) in a plain loop. Every model's class, the
+  vote counts and the summed probabilities equal votes.npz, and per_sample.csv's radius_test is that same sigma_x
+  times the margin: the sigma in the radius is the one the noise was sampled with. A kernel that samples at
+  sigma_0 while the radius uses sigma_x (the reference release's bug) fails here; the test
+  test_radius_uses_the_sigma_the_kernel_sampled_with, which reads sigma and radius from the outputs alone, does
+  not see it."""
+  c, workdir, _ = tiny_run
+  cfg = config_lib.resolve(c)
+  ds = pipeline.load_data(cfg)
+  attacked = pipeline.poison(cfg, ds, rundir.RunDir(str(tmp_path)), pipeline.no_progress)  # writes to tmp only
+  sig = np.load(os.path.join(workdir, "sigmas.npz"))
+  saved = np.load(os.path.join(workdir, "votes.npz"))
+  num_models = cfg.train.num_models
+  per_chunk = ensemble.auto_models_per_chunk(cfg.train.models_per_chunk, num_models)  # as train_ensemble saved
+  trainer = ensemble.trainer_for(attacked.model, ds.input_shape, cfg, models_per_chunk=per_chunk)
+  preds = {s: np.full((num_models, len(attacked.splits[s].y)), -1) for s in pipeline.SPLITS}
+  probs_sum = {s: np.zeros((len(attacked.splits[s].y), ds.num_classes)) for s in pipeline.SPLITS}
+  for ids, state in ensemble.TrainedEnsemble(trainer, num_models, rundir.RunDir(workdir)).chunks():
+    for j, m in enumerate(int(i) for i in ids):
+      if m >= num_models:  # padding of the last chunk
+        continue
+      variables = member.variables_of(*jax.tree.map(lambda a, j=j: a[j], (state.params, state.batch_stats)))
+      u = np.asarray(jax.random.normal(rng.member_key(cfg.seed, rng.TEST_NOISE, m), ds.input_shape))
+      for s in pipeline.SPLITS:
+        noised = attacked.splits[s].x + sig[f"test_{s}"][:, None, None, None] * u
+        logits = attacked.model.apply(variables, jnp.asarray(noised, jnp.float32), train=False)
+        preds[s][m] = np.asarray(models_lib.logits_to_pred(logits))
+        probs_sum[s] += np.asarray(models_lib.logits_to_probs(logits), np.float64)
+  voters = slice(num_models - config_lib.num_voters(cfg), num_models)
+  for s in pipeline.SPLITS:
+    np.testing.assert_array_equal(preds[s], saved[f"{s}_preds"], err_msg=f"{s}: classes of the models")
+    # the soft scores move with sigma even where no vote flips (the digits of this run are easy)
+    np.testing.assert_allclose(probs_sum[s], saved[f"{s}_probs_sum"], **PROBS_TOL, err_msg=f"{s}: probabilities")
+    counts = np.stack([(preds[s][voters] == k).sum(axis=0) for k in range(ds.num_classes)], axis=1)
+    np.testing.assert_array_equal(counts, saved[s], err_msg=f"{s}: vote counts")
+    rows = _rows(workdir, s)
+    margin = np.array([float(r["margin"]) for r in rows])
+    radius_test = np.array([float(r["radius_test"]) for r in rows])
+    np.testing.assert_allclose(radius_test, sig[f"test_{s}"].astype(np.float64) * margin, rtol=1e-7, atol=1e-12)
+  assert np.any(sig["test_clean"] != cfg.sigma.sigma_0)  # the run searched: sampling at sigma_0 would differ
 
 
 def _headline_from_rows(rows_by_split, grid, pred_col, joint_col, test_col, target):
