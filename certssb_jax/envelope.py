@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 SPLITS = ("clean", "triggered")
 PAPER_SIGMAS = (0.12, 0.25, 0.5, 1.0)
 RADII = ("joint", "test")
+KINDS = RADII + ("budget",)  # the certified poison budget at the trigger norm: images k, not a radius
 GRID_DESIGN = "Cert-SSB grid selector"
 
 
@@ -67,6 +68,8 @@ class Answers:
       radius, and the sigma_x it was voted at.
     label: per split, the true labels.
     majority: per split, the plain majority vote of the voting models at sigma_x (uncertified).
+    delta: the trigger norm t of the certified poison budget.
+    sigma_range: the lowest and highest sigma_x the design can choose.
   """
 
   name: str
@@ -78,12 +81,23 @@ class Answers:
   sigma_x: dict[str, np.ndarray]
   label: dict[str, np.ndarray]
   majority: dict[str, np.ndarray]
+  delta: float
+  sigma_range: tuple[float, float]
+
+  def budget(self, split: str = "clean") -> np.ndarray:
+    """The certified poison budget of every answer at trigger norm ``delta``, from its joint radius J: the most
+    images k with t sqrt(k + 1) < J (exact when every sigma is one level, as in RAB; else a lower bound)."""
+    return bounds.poison_budget(self.radius_joint[split], 1.0, 1.0, self.delta)
 
   def cra(self, kind: str, r: np.ndarray) -> np.ndarray:
-    """CRA(r) = share of clean inputs answered correctly with a radius above r, on the radii ``r``."""
+    """Certified accuracy on the grid ``r``: the share of clean inputs answered correctly with a radius above r
+    (``joint``, ``test``) or a poison budget of at least r images (``budget``)."""
     correct = self.pred["clean"] == self.label["clean"]
+    r = np.asarray(r)[:, None]
+    if kind == "budget":
+      return (self.budget()[correct][None, :] >= r).sum(axis=1) / len(correct)
     radius = (self.radius_joint if kind == "joint" else self.radius_test)["clean"][correct]
-    return (radius[None, :] > np.asarray(r)[:, None]).sum(axis=1) / len(correct)
+    return (radius[None, :] > r).sum(axis=1) / len(correct)
 
 
 # ---------------------------------------------------------------------------------------------- reading runs
@@ -113,7 +127,8 @@ def answers_of_run(workdir: str, name: str | None = None) -> Answers:
       radius_joint={s: col(s, "radius_joint_stored", float) for s in SPLITS},
       sigma_x={s: col(s, "sigma", float) for s in SPLITS},
       label={s: col(s, "label", int) for s in SPLITS},
-      majority={s: _majority(votes[f"{s}_preds"][-voting:], k) for s in SPLITS})
+      majority={s: _majority(votes[f"{s}_preds"][-voting:], k) for s in SPLITS}, delta=cfg["attack"]["delta"],
+      sigma_range=((cfg["sigma"]["sigma_0"],) * 2 if fixed else (cfg["sigma"]["sigma_lo"], cfg["sigma"]["sigma_hi"])))
 
 
 # ---------------------------------------------------------------------------------------------- the grid selector
@@ -203,8 +218,9 @@ def grid_selector(rab_runs: dict[float, str], x: dict[str, np.ndarray], selector
     out["pred"][split], out["test"][split], out["joint"][split] = ans.pred, ans.radius_stored, ans.radius_joint
     out["sigma"][split], out["majority"][split] = chosen, counts.argmax(axis=1)
     out["label"][split] = next(iter(votes.values()))[f"{split}_label"]
-  return Answers(f"{GRID_DESIGN} (M_s = {selector_models})", None, num_voting, out["pred"], out["test"], out["joint"], out["sigma"], out["label"],
-                 out["majority"])
+  return Answers(f"{GRID_DESIGN} (M_s = {selector_models})", None, num_voting, out["pred"], out["test"],
+                 out["joint"], out["sigma"], out["label"], out["majority"], first["attack"]["delta"],
+                 (min(rab_runs), max(rab_runs)))
 
 
 # ---------------------------------------------------------------------------------------------- the comparison
@@ -248,9 +264,9 @@ def metrics_of(a: Answers, target_class: int) -> dict[str, Any]:
 
 
 def spread(a: Answers, grid: list[float]) -> dict[str, Any]:
-  """Quantiles of a design's clean sigma_x and the share at each end of its range."""
+  """Quantiles of a design's clean sigma_x, the share at each end of its range and at each sigma of the grid."""
   s = a.sigma_x["clean"]
-  lo, hi = min(grid + [float(s.min())]), max(grid + [float(s.max())])
+  lo, hi = a.sigma_range
   return {"quantiles": {str(q): float(np.quantile(s, q)) for q in (0.05, 0.25, 0.5, 0.75, 0.95)},
           "iqr": float(np.quantile(s, 0.75) - np.quantile(s, 0.25)),
           "share_at_lowest": float(np.mean(np.isclose(s, lo))), "share_at_highest": float(np.mean(np.isclose(s, hi))),
@@ -260,22 +276,25 @@ def spread(a: Answers, grid: list[float]) -> dict[str, Any]:
 def compare(rab: list[Answers], designs: list[Answers], target_class: int, steps: int = 400) -> dict[str, Any]:
   """Every row's metrics, and each design against RAB's envelope on both radii."""
   rab = sorted(rab, key=lambda a: a.sigma)
-  top = max(float(max(a.radius_test["clean"].max(), a.radius_joint["clean"].max())) for a in rab + designs)
+  everyone = rab + designs
+  top = max(float(max(a.radius_test["clean"].max(), a.radius_joint["clean"].max())) for a in everyone)
   r = np.linspace(0.0, top * 1.02 + 1e-9, steps + 1)
+  grids = {"joint": r, "test": r, "budget": np.arange(max(int(a.budget().max()) for a in everyone) + 2)}
   grid = [a.sigma for a in rab]
-  out: dict[str, Any] = {"radii": r.tolist(), "rows": [], "designs": []}
-  for a in rab + designs:
+  out: dict[str, Any] = {"radii": {k: g.tolist() for k, g in grids.items()}, "rows": [], "designs": [],
+                         "delta": rab[0].delta}
+  for a in everyone:
     out["rows"].append({"name": a.name, "sigma": a.sigma, "voting": a.voting, **metrics_of(a, target_class),
-                        "cra": {kind: a.cra(kind, r).tolist() for kind in RADII}})
+                        "cra": {kind: a.cra(kind, grids[kind]).tolist() for kind in KINDS}})
   out["envelope"] = {}
-  for kind in RADII:
-    best, arg = envelope(rab, kind, r)
+  for kind in KINDS:
+    best, arg = envelope(rab, kind, grids[kind])
     out["envelope"][kind] = {"cra": best.tolist(), "sigma": arg.tolist()}
   for a in designs:
     entry = {"name": a.name, "spread": spread(a, grid)}
-    for kind in RADII:
-      diff = a.cra(kind, r) - np.asarray(out["envelope"][kind]["cra"])
-      entry[kind] = crossings(diff, r)
+    for kind in KINDS:
+      diff = a.cra(kind, grids[kind]) - np.asarray(out["envelope"][kind]["cra"])
+      entry[kind] = crossings(diff, grids[kind])
     out["designs"].append(entry)
   return out
 
@@ -291,25 +310,27 @@ def markdown(title: str, result: dict[str, Any], context: str) -> str:
   """The comparison as markdown: rows, the design against the envelope, the designs' sigma_x."""
   lines = [f"### {title}", "", context, "",
            "| method | sigma | voting M | clean acc | ERA | ASR | abstain clean / trig. | majority: clean / ERA / "
-           "ASR | largest test radius | largest joint radius |", "|" + "---|" * 10]
+           "ASR | largest test radius | largest joint radius | largest poison budget |", "|" + "---|" * 11]
   for row in result["rows"]:
-    cra = {k: np.asarray(row["cra"][k]) for k in RADII}
-    reach = {k: result["radii"][int(np.flatnonzero(cra[k] > 0).max())] if (cra[k] > 0).any() else 0.0
-             for k in RADII}
+    cra = {k: np.asarray(row["cra"][k]) for k in KINDS}
+    reach = {k: result["radii"][k][int(np.flatnonzero(cra[k] > 0).max())] if (cra[k] > 0).any() else None
+             for k in KINDS}
     m = row["majority"]
     sigma = "per input" if row["sigma"] is None else f"{row['sigma']:g}"
     lines.append(f"| {row['name']} | {sigma} | "
                  f"{row['voting']} | {_fmt(row['clean_accuracy'])} | {_fmt(row['era'])} | {_fmt(row['asr'])} | "
                  f"{_fmt(row['abstain_clean'])} / {_fmt(row['abstain_triggered'])} | {_fmt(m['clean_accuracy'])} / "
-                 f"{_fmt(m['era'])} / {_fmt(m['asr'])} | {reach['test']:.3f} | {reach['joint']:.3f} |")
+                 f"{_fmt(m['era'])} / {_fmt(m['asr'])} | {reach['test'] or 0:.3f} | {reach['joint'] or 0:.3f} | "
+                 f"{'none' if reach['budget'] is None else int(reach['budget'])} |")
   lines += ["", "Against RAB's envelope (the best RAB certified accuracy over sigma at each radius; + above it, "
                 "- below it; the largest difference and the radius where it occurs):", "",
-            "| design | radius | intervals of r where the design differs from the envelope |", "|---|---|---|"]
+            "| design | axis | intervals of r where the design differs from the envelope |", "|---|---|---|"]
   for d in result["designs"]:
-    for kind in RADII:
+    for kind in KINDS:
       parts = [f"{'+' if c['sign'] > 0 else '-'} [{c['from']:.3f}, {c['to']:.3f}]: {c['largest']:+.3f} at "
                f"{c['at']:.3f}" for c in d[kind]]
-      lines.append(f"| {d['name']} | {kind} | {'; '.join(parts) or 'equal everywhere'} |")
+      axis = f"poison budget k (trigger norm {result['delta']:g})" if kind == "budget" else f"{kind} radius"
+      lines.append(f"| {d['name']} | {axis} | {'; '.join(parts) or 'equal everywhere'} |")
   lines += ["", "sigma_x of the designs' clean test inputs:", "",
             "| design | 5% | 25% | median | 75% | 95% | IQR | at lowest | at highest | share per grid sigma |",
             "|" + "---|" * 10]
@@ -323,14 +344,18 @@ def markdown(title: str, result: dict[str, Any], context: str) -> str:
 
 
 def plot_envelope(path: str, title: str, result: dict[str, Any]) -> None:
-  """Certified accuracy against the joint and the test-input radius: RAB thin, the envelope bold, designs on top."""
+  """Certified accuracy against the joint radius, the test-input radius and the certified poison budget: RAB thin,
+  the envelope bold, the designs on top."""
   plt = report._figure()  # pylint: disable=protected-access
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-  r = np.asarray(result["radii"])
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
   rab = [row for row in result["rows"] if row["sigma"] is not None]
   designs = [row for row in result["rows"] if row["sigma"] is None]
   cmap = plt.get_cmap("viridis")
-  for ax, kind in zip(axes, RADII):
+  labels = {"joint": "joint l2 radius (training and test triggers)",
+            "test": "test-input l2 radius (training set fixed)",
+            "budget": f"poisoned training images k (trigger norm {result['delta']:g} on each and on the test input)"}
+  for ax, kind in zip(axes, KINDS):
+    r = np.asarray(result["radii"][kind])
     for i, row in enumerate(rab):
       ax.step(r, row["cra"][kind], where="post", lw=0.9, color=cmap(i / max(len(rab) - 1, 1)),
               label=row["name"])
@@ -339,9 +364,11 @@ def plot_envelope(path: str, title: str, result: dict[str, Any]) -> None:
       ax.step(r, row["cra"][kind], where="post", lw=1.8, color=f"C{3 + i}", label=row["name"])
     reach = max((r[np.flatnonzero(np.asarray(row["cra"][kind]) > 0).max()] for row in result["rows"]
                  if (np.asarray(row["cra"][kind]) > 0).any()), default=r[-1])
-    ax.set_xlim(0, reach * 1.05 + 1e-9)
-    ax.set_xlabel("joint l2 radius (training and test triggers)" if kind == "joint"
-                  else "test-input l2 radius (training set fixed)")
+    ax.set_xlim(0, reach * 1.05 + (1 if kind == "budget" else 1e-9))
+    if kind == "budget" and not any(np.asarray(row["cra"][kind]).any() for row in result["rows"]):
+      ax.text(0.5, 0.5, f"no answer is certified against a trigger of norm {result['delta']:g}\n"
+                        "even with a clean training set", ha="center", transform=ax.transAxes, fontsize=8)
+    ax.set_xlabel(labels[kind], fontsize=8)
     ax.grid(alpha=0.3)
   axes[0].set_ylabel("certified accuracy (clean test inputs)")
   axes[0].set_ylim(0, 1.02)
@@ -453,7 +480,7 @@ def readme_block(sec: dict[str, Any], figure: str) -> str:
   """The README's small table for one class pair: every row's certified and majority-vote numbers and its
   certified accuracy at two radii (a quarter and half of the largest radius RAB certifies), with the figure."""
   res = sec["result"]
-  r = np.asarray(res["radii"])
+  r = np.asarray(res["radii"]["test"])
   env = np.asarray(res["envelope"]["test"]["cra"])
   top = r[np.flatnonzero(env > 0).max()] if (env > 0).any() else r[-1]
   at = [float(r[np.searchsorted(r, f * top)]) for f in (0.25, 0.5)]

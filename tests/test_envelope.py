@@ -55,7 +55,7 @@ def _answers(name, sigma, pred, radius, label):
   rad = {"clean": np.asarray(radius, float), "triggered": np.asarray(radius, float)}
   lab = {"clean": np.asarray(label), "triggered": np.asarray(label)}
   sig = {s: np.full(len(pred), sigma or 0.3) for s in envelope.SPLITS}
-  return envelope.Answers(name, sigma, 8, arrays, rad, rad, sig, lab, arrays)
+  return envelope.Answers(name, sigma, 8, arrays, rad, rad, sig, lab, arrays, 0.1, (0.3, 0.3))
 
 
 def test_the_envelope_is_the_best_rab_at_each_radius():
@@ -64,7 +64,7 @@ def test_the_envelope_is_the_best_rab_at_each_radius():
   large = _answers("RAB 0.5", 0.5, [1, 1, -1, -1], [0.4, 0.4, 0, 0], label)  # half abstain, large radii
   design = _answers("design", None, [1, 1, 1, -1], [0.4, 0.4, 0.3, 0], label)
   out = envelope.compare([large, small], [design], target_class=0, steps=100)
-  r = np.asarray(out["radii"])
+  r = np.asarray(out["radii"]["test"])
   env = np.asarray(out["envelope"]["test"]["cra"])
   np.testing.assert_allclose(env, np.maximum(small.cra("test", r), large.cra("test", r)))
   assert env[0] == 1.0 and out["envelope"]["test"]["sigma"][0] == 0.25
@@ -72,6 +72,10 @@ def test_the_envelope_is_the_best_rab_at_each_radius():
   below = [c for c in out["designs"][0]["test"] if c["sign"] < 0]
   assert below and below[0]["from"] == 0.0 and below[0]["largest"] == pytest.approx(-0.25)  # r < 0.1
   assert above and above[0]["largest"] == pytest.approx(0.25)  # 0.1 <= r < 0.3: 3 of 4 against 2 of 4
+  # poison budget at t = 0.1: t sqrt(k + 1) < J (strict) gives k* = 14 at J = 0.4, 7 at 0.3, -1 at 0.1
+  k = np.asarray(out["radii"]["budget"])
+  np.testing.assert_allclose(design.cra("budget", k), np.where(k <= 7, 0.75, np.where(k <= 14, 0.5, 0.0)))
+  np.testing.assert_allclose(out["envelope"]["budget"]["cra"], np.where(k <= 14, 0.5, 0.0))
 
 
 @pytest.mark.slow
