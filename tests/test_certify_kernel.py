@@ -1,5 +1,6 @@
-"""The certification kernel against a naive per-model, per-input loop."""
+"""The certification kernel against a naive per-model, per-input loop, and against itself on shifted inputs."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +9,7 @@ from certssb_jax import certify
 from certssb_jax import ensemble
 from certssb_jax import models
 from certssb_jax import rng
-from certssb_jax.member import Streams
+from certssb_jax.member import MemberState, Streams
 
 # The votes must agree exactly; summed probabilities to the backend's default matmul precision (float32 on CPU,
 # TF32 convolutions on recent NVIDIA GPUs: about 1e-4 on these sums).
@@ -63,19 +64,43 @@ def test_kernel_votes_match_a_naive_loop_three_classes():
   np.testing.assert_allclose(probs, naive_probs, **PROBS_TOL)
 
 
+class _Scores(nn.Module):
+  """K = 10 logits, a fixed random linear map of the flattened input: the class moves with the noise."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    del train
+    return nn.Dense(10, use_bias=False, name="head")(x.reshape(x.shape[0], -1))
+
+
 def test_test_noise_is_one_fixed_vector_per_model():
-  """Model m sees x + sigma u_m with u_m = normal(member_key(seed, TEST_NOISE, m)) for every input: one model,
-  two inputs that differ by a constant, shifted logits exactly as the noise says."""
-  model, state = _ensemble(2, 2)
-  x = np.random.RandomState(0).rand(2, 28, 28, 1).astype(np.float32)
-  preds_a, probs_a = certify.certify_inputs(model, [(np.arange(2), state)], x, np.full(2, 0.5, np.float32), seed=3,
-                                            num_models=2)
-  naive_votes, naive_probs = _naive(model, state, x, np.full(2, 0.5, np.float32), 3, 2, 2)
-  np.testing.assert_array_equal(certify.votes_from_preds(preds_a, 2), naive_votes)
-  np.testing.assert_allclose(probs_a, naive_probs, **PROBS_TOL)
-  _, probs_b = certify.certify_inputs(model, [(np.arange(2), state)], x, np.full(2, 0.5, np.float32), seed=4,
-                                      num_models=2)
-  assert not np.allclose(probs_a, probs_b)  # another seed, other noise
+  """Model m sees x + sigma_x * u_m with u_m = normal(member_key(seed, TEST_NOISE, m)), one vector per model for
+  every input, and each input's own sigma_x: M copies of one model, so model m' on the shifted input
+  x + sigma_x * u_m - tau * u_m' at noise tau sees exactly what model m saw on x at sigma_x and must give its class
+  (a metamorphic check: the kernel on both sides, no second forward pass). Another seed moves the classes."""
+  shape, num_models, n = (4, 4, 1), 4, 24
+  rs = np.random.RandomState(0)
+  model = _Scores()
+  params = model.init(jax.random.key(0), jnp.zeros((1, *shape)))["params"]
+  stacked = jax.tree.map(lambda a: np.repeat(np.asarray(a)[None], num_models, axis=0), params)
+  chunks = [(np.arange(num_models), MemberState(stacked, {}, None))]
+  x = rs.normal(0.0, 0.3, (n, *shape)).astype(np.float32)
+  sigma = rs.uniform(0.5, 1.5, n).astype(np.float32)
+  tau = rs.uniform(0.5, 1.5, n).astype(np.float32)  # another sigma for each input
+  run = lambda xs, sig, seed: certify.certify_inputs(model, chunks, xs, sig, seed=seed, num_models=num_models,
+                                                     batch_size=n)[0]  # one batch shape: one compilation
+  preds = run(x, sigma, 3)
+  u = np.stack([np.asarray(jax.random.normal(rng.member_key(3, rng.TEST_NOISE, m), shape))
+                for m in range(num_models)])  # (M, *shape)
+  np.testing.assert_array_equal(certify.test_noise(3, np.arange(num_models), shape), u)
+  other = (np.arange(num_models) + 1) % num_models  # model m' = m + 1 answers for model m
+  expand = lambda a: a[None, :, None, None, None]
+  shifted = x[None] + expand(sigma) * u[:, None] - expand(tau) * u[other, None]  # (source model m, N, *shape)
+  shifted_preds = run(shifted.reshape(-1, *shape), np.tile(tau, num_models), 3)
+  shifted_preds = shifted_preds.reshape(num_models, num_models, n)  # (model, source model m, input)
+  np.testing.assert_array_equal(shifted_preds[other, np.arange(num_models)], preds)
+  assert len(np.unique(preds)) >= 4 and (preds != preds[:1]).mean() > 0.5  # the classes move with the noise
+  assert (run(x, sigma, 4) != preds).any()  # another seed, other noise
 
 
 def test_votes_from_preds():
