@@ -52,7 +52,9 @@ def row_dir(workdir: str, c: Any) -> str:
   """The folder of one row: data set and classes, then trigger, sigma_0, mode and a hash of the whole config; a
   folder of the same prefix whose run has the same config (``config.differences``) is that row too."""
   j = config_lib.to_json(c)
-  j["train"].pop("checkpoint_every_s")
+  for field in config_lib.RESULT_NEUTRAL:  # a field that changes no result does not tell rows apart
+    section, name = field.split(".")
+    j[section].pop(name)
   digest = hashlib.sha1(json.dumps(j, sort_keys=True).encode()).hexdigest()[:8]
   pair = "-".join(str(k) for k in c.data.classes)
   prefix = os.path.join(workdir, f"{c.data.name}_{pair}", f"{c.attack.trigger}_sigma{c.sigma.sigma_0:g}_{c.sigma.mode}")

@@ -56,10 +56,6 @@ def _assert_same_tree(a, b) -> None:
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
 
 
-def test_every_registered_model_is_covered():
-  assert set(models.MODELS) == set(SHAPES)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SHAPES))
 def test_same_parameters_whatever_the_formulation_and_dtype(name):
