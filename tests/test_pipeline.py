@@ -190,6 +190,33 @@ def test_store_answers_are_consistent_and_saved(tiny_run):
   assert store_lib.audit(st["x"], st["label"], st["radius"])[0] == 0
 
 
+def test_one_store_answers_both_splits_without_contradictions(tmp_path):
+  """The tiny run's certificates do not contradict each other (easy digits: nothing to align or trim), so the
+  audits of its outputs cannot fail. Here the pipeline's storage-update stage gets certificates that do: every clean input
+  certified with its label and every triggered copy, at most the trigger's norm away, with the target class, both
+  with radius 2. One store for both splits answers without a contradiction, and in the run's order (clean first)
+  the triggered copies of the other class take the clean label; a store per split would keep the pairs."""
+  cfg = config_lib.resolve(tiny_config())
+  attacked = pipeline.poison(cfg, pipeline.load_data(cfg), rundir.RunDir(str(tmp_path)), pipeline.no_progress)
+  certs, sigma = {}, {}
+  for s in pipeline.SPLITS:
+    n = len(attacked.splits[s].y)
+    pred = attacked.splits[s].y if s == "clean" else np.full(n, cfg.attack.target_class)
+    radius, sigma[s] = np.full(n, 2.0), np.full(n, cfg.sigma.sigma_0, np.float32)
+    margin = radius / sigma[s]
+    certs[s] = bounds.Certificate(pred.astype(np.int64), np.full(n, 0.99), np.full(n, 0.01), margin, radius, radius,
+                                  np.full(n, cfg.train.num_models))
+  cat = lambda f: np.concatenate([f(s) for s in pipeline.SPLITS])
+  x = cat(lambda s: attacked.splits[s].x)
+  from certssb_jax import store as store_lib  # pylint: disable=g-import-not-at-top
+  assert store_lib.audit(x, cat(lambda s: certs[s].pred), cat(lambda s: certs[s].radius_test))[0] > 0
+  answers = pipeline.storage_update(cfg, attacked, certs, sigma, sigma, "clean_first")
+  assert store_lib.audit(x, cat(lambda s: answers[s].pred), cat(lambda s: answers[s].radius_stored))[0] == 0
+  trig = attacked.splits["triggered"]
+  np.testing.assert_array_equal(answers["triggered"].pred, trig.y)  # the attack fails: the clean label answers
+  assert answers["triggered"].aligned.all()
+
+
 def test_same_seed_gives_identical_outputs(tiny_run, tmp_path):
   _, workdir, _ = tiny_run
   again = str(tmp_path / "again")
