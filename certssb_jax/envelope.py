@@ -86,8 +86,10 @@ class Answers:
 
   def budget(self, split: str = "clean") -> np.ndarray:
     """The certified poison budget of every answer at trigger norm ``delta``, from its joint radius J: the most
-    images k with t sqrt(k + 1) < J (exact when every sigma is one level, as in RAB; else a lower bound)."""
-    return bounds.poison_budget(self.radius_joint[split], 1.0, 1.0, self.delta)
+    images k with t sqrt(k + 1) < J (exact when every sigma is one level, as in RAB; else a lower bound); 0, the
+    test trigger alone on the training set as trained, where only the test-input radius exceeds t."""
+    k = bounds.poison_budget(self.radius_joint[split], 1.0, 1.0, self.delta)
+    return np.where((k < 0) & (self.radius_test[split] > self.delta), 0, k)
 
   def cra(self, kind: str, r: np.ndarray) -> np.ndarray:
     """Certified accuracy on the grid ``r``: the share of clean inputs answered correctly with a radius above r
