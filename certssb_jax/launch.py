@@ -3,7 +3,9 @@ r"""Command-line entry point: ``python -m certssb_jax.launch --config configs/qu
 Thin on purpose: reads the config (``--config FILE[:variant]`` and ``--config.field=value`` overrides), sets up
 logging, progress bars and (optionally) multi-host JAX, calls ``certssb_jax.pipeline.run`` and prints the
 headline table. A workdir that already holds a run with the same config is resumed. A user mistake (config
-file, field, value, data, workdir) ends with one line on stderr and exit code 2, before anything is computed.
+file, field, value, data, workdir) ends with one line on stderr and exit code 2, before anything is computed;
+so do a workdir another live run holds and, when the run reaches it, a damaged checkpoint (the line names its
+models and how to retrain them; docs/outputs.md).
 
 Multi-host (one process per host, or per GPU): ``--distributed`` calls ``jax.distributed.initialize()``, which
 finds the coordinator, the process count and this process's id by itself on Cloud TPU pods, SLURM, Open MPI and
@@ -99,7 +101,10 @@ def summary_table(summaries: dict[str, dict]) -> str:
           ("abstain rate (clean)", lambda s: s["metrics"]["abstain_rate"]),
           ("ERA (triggered, true label)", lambda s: s["metrics"]["era"]),
           ("ASR (triggered -> target)", lambda s: s["metrics"]["asr"]),
-          ("abstain rate (triggered)", lambda s: s["metrics"]["abstain_rate_triggered"])]
+          ("abstain rate (triggered)", lambda s: s["metrics"]["abstain_rate_triggered"]),
+          # the smoothed classifier's plain majority: with few models most certificates abstain
+          ("majority vote: clean / ERA / ASR", lambda s: " / ".join(
+              f"{s['majority'][k]:.3f}" for k in ("clean_accuracy", "era", "asr")))]
   grid = first["radius_grid"]
   for kind, label in (("cra_test", "test-input"), ("cra", "joint")):
     for r in grid[1:6:2]:
@@ -118,7 +123,7 @@ def summary_table(summaries: dict[str, dict]) -> str:
              ("undefended ASR", lambda s: s["undefended"]["asr"])]
   names = list(summaries)
   width = max(len(r[0]) for r in rows) + 2
-  lines = [f"{'':<{width}}" + "".join(f"{n:>18}" for n in names)]
+  lines = [f"{'':<{width}}" + "".join(f"{n:>22}" for n in names)]
   for label, get in rows:
     vals = []
     for n in names:
@@ -126,7 +131,7 @@ def summary_table(summaries: dict[str, dict]) -> str:
         vals.append(fmt(get(summaries[n])))
       except (KeyError, TypeError):
         vals.append("-")
-    lines.append(f"{label:<{width}}" + "".join(f"{v:>18}" for v in vals))
+    lines.append(f"{label:<{width}}" + "".join(f"{v:>22}" for v in vals))
   return "\n".join(lines)
 
 
