@@ -106,3 +106,19 @@ def test_the_envelope_command_on_real_digits(tmp_path):
   assert set(np.unique(ans.sigma_x["clean"])) <= {0.25, 0.5}
   with pytest.raises(ValueError, match="selector_models"):
     envelope.grid_selector(rab_runs, {s: splits[s].x for s in envelope.SPLITS}, 16)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config", "configs/quickstart.py", "--workdir", "W", "--sigmas", "0.25,x"], "comma-separated numbers"),
+    (["--config", "configs/quickstart.py", "--workdir", "W", "--sigmas", "0.25", "--sigmas", "0.5"],
+     "once per --config"),
+    (["--config", "configs/nope.py", "--workdir", "W"], "does not exist"),
+])
+def test_bad_arguments_stop_with_one_line_before_any_work(tmp_path, args, message):
+  from helpers import run_module  # pylint: disable=g-import-not-at-top
+
+  args = [str(tmp_path / "w") if a == "W" else a for a in args]
+  proc = run_module("certssb_jax.envelope", *args)
+  assert proc.returncode == 2 and message in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+  assert not os.path.exists(tmp_path / "w" / "mnist_0-1")
