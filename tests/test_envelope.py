@@ -104,6 +104,16 @@ def test_the_envelope_command_on_real_digits(tmp_path):
   radius = np.concatenate([ans.radius_test[s] for s in envelope.SPLITS])
   assert store_lib.audit(x, pred, radius)[0] == 0
   assert set(np.unique(ans.sigma_x["clean"])) <= {0.25, 0.5}
+  # the answers are the certificates of the voters (ids 4..15) at the selected sigma, recounted from the votes
+  from certssb_jax import bounds  # pylint: disable=g-import-not-at-top
+  votes = {s: np.load(os.path.join(d, "votes.npz")) for s, d in rab_runs.items()}
+  for split in envelope.SPLITS:
+    chosen = ans.sigma_x[split]
+    preds = np.stack([votes[s][f"{split}_preds"][4:, i] for i, s in enumerate(chosen)], axis=1)
+    counts = np.stack([(preds == c).sum(axis=0) for c in range(2)], axis=1)
+    cert = bounds.certify_counts(counts, alpha=0.2, sigma_x=chosen)
+    np.testing.assert_array_equal(cert.pred, ans.pred[split])
+    np.testing.assert_allclose(cert.radius_test, ans.radius_test[split], rtol=1e-6, atol=1e-9)
   with pytest.raises(ValueError, match="selector_models"):
     envelope.grid_selector(rab_runs, {s: splits[s].x for s in envelope.SPLITS}, 16)
 
