@@ -67,6 +67,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: Progress |
   rundir.check_config(workdir, cfg, fresh=fresh)  # a folder of another run is refused before any work ...
   ds = load_data(cfg)  # ... and so are data problems, before the folder is touched
   rd = RunDir.open(workdir, cfg, fresh=fresh)
+  try:
+    return _run_stages(cfg, ds, rd, progress)
+  finally:
+    rd.close()  # the folder's lock ends with the run, also when a stage fails
+
+
+def _run_stages(cfg: Config, ds: data_lib.Dataset, rd: RunDir, progress: Progress) -> dict[str, Any]:
+  """The stages of ``run``, in order, in the opened (and locked) run folder ``rd``."""
   report.warn_if_uncertifiable(cfg)
 
   attacked = poison(cfg, ds, rd, progress)

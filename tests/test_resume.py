@@ -103,6 +103,8 @@ def test_the_resumed_run_reused_the_finished_work_and_removed_the_half_written(r
   assert f"ensemble: reusing {n_done} of 3 trained chunks" in log
   assert "reusing the undefended model" in log and "reusing the pilot model" in log  # the test-sigma scorer
   assert "left half-written by an interrupted run" in log
+  assert "taking over the lock of pid" in log  # the killed run could not release it
+  assert not os.path.exists(os.path.join(killed, "run.lock"))
   assert sorted(os.listdir(os.path.join(killed, "ensemble"))) == [f"chunks_0000{c}-0000{c}" for c in range(3)]
   assert not [n for n in os.listdir(os.path.join(killed, "stages")) if n.startswith(".tmp_")]
 

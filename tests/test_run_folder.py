@@ -1,0 +1,129 @@
+"""The run folder's lock: a second live run into a folder is refused with one line naming the holder, a dead
+run's lock is taken over, the lock goes with the run however it ends.
+"""
+
+import errno
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+import helpers
+from certssb_jax import config as config_lib
+from certssb_jax import rundir
+from conftest import tiny_config, write_tiny_config  # pylint: disable=g-bad-import-order
+
+SMALL = dict(max_train=128, max_test=32, num_models=4, models_per_chunk=2,
+             **{"train.epochs": 1, "undefended.epochs": 1, "train.checkpoint_every_s": 0})
+
+
+def _error_line(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+  """The one ``error:`` line of a run that ended with exit code 2 and no traceback."""
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1, proc.stderr[-3000:]
+  for noise in ("Traceback", "asyncio", "Event loop is closed", "never retrieved"):
+    assert noise not in proc.stderr, proc.stderr[-3000:]
+  for f in fragments:
+    assert f in errors[0], errors[0]
+  return errors[0]
+
+
+def _dead_pid() -> int:
+  child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                         check=True)
+  return int(child.stdout)
+
+
+def _write_lock(workdir, **holder) -> None:
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, rundir.LOCK_FILE), "w") as f:
+    json.dump({"host": socket.gethostname(), "since": "2001-02-03T04:05:06+00:00", **holder}, f)
+
+
+@pytest.fixture
+def cfg():
+  return config_lib.resolve(tiny_config(**SMALL))
+
+
+# ---------------------------------------------------------------------------------------------- the lock
+
+
+def test_a_launch_into_a_held_folder_is_refused_with_one_line_naming_the_holder(tmp_path, cfg):
+  workdir = str(tmp_path / "w")
+  config_path = write_tiny_config(tmp_path / "c.py", **SMALL)
+  with rundir.RunDir.open(workdir, cfg):
+    proc = helpers.launch("--config", config_path, "--workdir", workdir)
+    line = _error_line(proc, f"{workdir} is in use by another run", f"pid {os.getpid()}",
+                       f"host {socket.gethostname()}", "since ", "use another --workdir")
+    assert "resuming" not in proc.stderr
+    assert json.load(open(os.path.join(workdir, rundir.LOCK_FILE)))["pid"] == os.getpid(), line  # still ours
+    assert sorted(os.listdir(workdir)) == ["config.json", rundir.LOCK_FILE]  # the refused run wrote nothing
+  assert not os.path.exists(os.path.join(workdir, rundir.LOCK_FILE))
+
+
+def test_a_stale_lock_of_a_dead_pid_is_taken_over_with_a_warning(tmp_path, cfg, caplog):
+  workdir = str(tmp_path / "w")
+  dead = _dead_pid()
+  _write_lock(workdir, pid=dead)
+  with caplog.at_level(logging.WARNING, logger="certssb_jax.rundir"):
+    rd = rundir.RunDir.open(workdir, cfg)
+  assert f"taking over the lock of pid {dead} on host {socket.gethostname()}" in caplog.text
+  assert json.load(open(os.path.join(workdir, rundir.LOCK_FILE)))["pid"] == os.getpid()
+  rd.close()
+  assert not os.path.exists(os.path.join(workdir, rundir.LOCK_FILE))
+
+
+def test_without_flock_the_pid_decides_and_another_host_is_never_taken_over(tmp_path, cfg, monkeypatch):
+  """A filesystem without flock: a live pid holds the folder, a dead one does not; a lock of another host
+  (whose pids cannot be checked from here) is refused with the file to delete."""
+
+  def no_flock(fd, op):
+    raise OSError(errno.ENOLCK, "No locks available")
+
+  monkeypatch.setattr(rundir.fcntl, "flock", no_flock)
+  workdir = str(tmp_path / "w")
+  sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  try:
+    _write_lock(workdir, pid=sleeper.pid)
+    with pytest.raises(rundir.RunFolderBusyError, match=f"in use by another run: pid {sleeper.pid} on host"):
+      rundir.RunDir.open(workdir, cfg)
+  finally:
+    sleeper.kill()
+    sleeper.wait()
+  rundir.RunDir.open(workdir, cfg).close()  # the sleeper is gone now: its lock is taken over
+  assert not os.path.exists(os.path.join(workdir, rundir.LOCK_FILE))
+  _write_lock(workdir, pid=_dead_pid(), host="elsewhere")
+  lock = os.path.join(workdir, rundir.LOCK_FILE)
+  with pytest.raises(rundir.RunFolderBusyError, match=f"on host elsewhere .*if that run is gone, delete {lock}"):
+    rundir.RunDir.open(workdir, cfg)
+  assert json.load(open(lock))["host"] == "elsewhere"
+
+
+def test_a_process_opening_its_folder_again_takes_its_own_lock_over(tmp_path, cfg):
+  """A notebook cell run twice: the second RunDir holds the lock, closing the first does not release it."""
+  workdir = str(tmp_path / "w")
+  first = rundir.RunDir.open(workdir, cfg)
+  second = rundir.RunDir.open(workdir, cfg)
+  first.close()
+  assert os.path.exists(os.path.join(workdir, rundir.LOCK_FILE))
+  second.close()
+  assert not os.path.exists(os.path.join(workdir, rundir.LOCK_FILE))
+
+
+def test_a_failing_run_releases_the_lock(tmp_path, monkeypatch):
+  from certssb_jax import pipeline  # pylint: disable=g-import-not-at-top
+
+  def fail(*args, **kwargs):
+    raise RuntimeError("a stage failed")
+
+  monkeypatch.setattr(pipeline, "poison", fail)
+  workdir = str(tmp_path / "w")
+  with pytest.raises(RuntimeError, match="a stage failed"):
+    pipeline.run(tiny_config(**SMALL), workdir)
+  assert os.path.exists(os.path.join(workdir, "config.json"))
+  assert not os.path.exists(os.path.join(workdir, rundir.LOCK_FILE))
