@@ -330,6 +330,7 @@ class TrainedEnsemble:
 
     Raises:
       FileNotFoundError: a chunk is neither in memory nor in a checkpoint of the run folder.
+      rundir.DamagedCheckpointError: a checkpoint cannot be read back (names its models and the remedy).
     """
     where = {c: (first, last) for first, last in self.rd.saved_chunks() for c in range(first, last + 1)}
     restored: tuple[tuple[int, int], Any] | None = None
@@ -344,7 +345,8 @@ class TrainedEnsemble:
       if restored is None or restored[0] != (first, last):
         template = jax.tree.map(lambda a: jax.ShapeDtypeStruct(((last - first + 1) * a.shape[0],) + a.shape[1:],
                                                                a.dtype), self._template)
-        restored = ((first, last), self.rd.restore_chunks(first, last, template))
+        held = np.arange(first * k, min((last + 1) * k, self.num_models))  # the padding ids are no models
+        restored = ((first, last), self.rd.restore_chunks(first, last, template, model_ids=held))
       part = jax.tree.map(lambda a: np.asarray(a)[(c - first) * k:(c - first + 1) * k], restored[1])
       yield ids, MemberState(part["params"], part["batch_stats"], None)
 

@@ -5,7 +5,8 @@ renamed into place, models are Orbax checkpoints (which Orbax also commits atomi
 left half-written is removed when the folder is opened again. Only process 0 writes (``multihost``).
 
 A run holds its folder through the lock file ``run.lock`` from ``RunDir.open`` to ``RunDir.close``, so a second
-run started into it is refused instead of racing the first one's checkpoints.
+run started into it is refused instead of racing the first one's checkpoints. A checkpoint that cannot be read
+back raises ``DamagedCheckpointError`` naming the models it held and how to retrain just those.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -43,6 +45,10 @@ class ConfigMismatchError(ValueError):
 
 class RunFolderBusyError(ValueError):
   """Another live run holds the run folder (its ``run.lock``)."""
+
+
+class DamagedCheckpointError(ValueError):
+  """A model checkpoint of the run folder cannot be read back (truncated, deleted or foreign files)."""
 
 
 # ---------------------------------------------------------------------------------------------- atomic files
@@ -256,6 +262,38 @@ class _FolderLock:
       self._held.pop(self.folder, None)
 
 
+# ---------------------------------------------------------------------------------------------- failed restores
+
+# Paths being restored, and those whose restore failed. When one read of a restore fails, Orbax closes its event
+# loop while TensorStore's other reads are in flight: each then reports "Event loop is closed" (an unraisable
+# exception) or an unretrieved task's error (asyncio's logger), on stderr, after the run reported the damage in
+# one line. Those echoes are dropped while a path is in this set; nothing else is.
+_RESTORING: set[str] = set()
+_SILENCED = [False]
+
+
+def _silence_failed_restores() -> None:
+  """Installs (once) the filters that drop the echoes of a failed restore (``_RESTORING``)."""
+  if _SILENCED[0]:
+    return
+  _SILENCED[0] = True
+  previous = sys.unraisablehook
+
+  def hook(unraisable: Any) -> None:
+    exc = unraisable.exc_value
+    if not (_RESTORING and isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(_echo_of_failed_restore)
+
+
+def _echo_of_failed_restore(record: logging.LogRecord) -> bool:
+  """False for asyncio's report of an unretrieved error that names a path being restored."""
+  exc = record.exc_info[1] if record.exc_info else None
+  return exc is None or not any(p in str(exc) for p in _RESTORING)
+
+
 class RunDir:
   """One run's folder. ``RunDir.open`` locks it and checks it against the config; the stages then read and write
   through it; ``close`` (or leaving a ``with`` block) releases it."""
@@ -394,8 +432,25 @@ class RunDir:
     return multihost.agree(os.path.exists(self.file(name)))
 
   def restore_model(self, name: str, template: Any) -> Any:
+    """The saved model ``name``. Raises DamagedCheckpointError when its checkpoint cannot be read back."""
     logger.info("reusing the %s model", name)
-    return self._checkpointer.restore(self.file(name), template)
+    return self._restore(self.file(name), template, f"the {name} model", "retrain it")
+
+  def _restore(self, path: str, template: Any, held: str, remedy: str) -> Any:
+    """Orbax's restore, its errors (of many types, from deep in TensorStore) turned into one line."""
+    _silence_failed_restores()
+    _RESTORING.add(path)
+    try:
+      out = self._checkpointer.restore(path, template)
+    except Exception as e:  # pylint: disable=broad-except
+      reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+      link = f" (a link to {os.path.realpath(path)})" if os.path.islink(path) else ""
+      raise DamagedCheckpointError(
+          f"checkpoint {path}{link} is damaged and cannot be read back ({reason[:300]}); it holds {held}: "
+          f"delete {path} and run again to {remedy} (a resumed run trains only what no checkpoint holds; "
+          "nothing else in the folder is lost)") from e
+    _RESTORING.discard(path)  # kept on failure: the reads still in flight report it later
+    return out
 
   def save_model(self, name: str, state: Any) -> None:
     self._checkpointer.save(self.file(name), state)
@@ -427,8 +482,17 @@ class RunDir:
   def wait(self) -> None:
     self._checkpointer.wait_until_finished()
 
-  def restore_chunks(self, first: int, last: int, template: Any) -> Any:
-    return self._checkpointer.restore(self.chunks_dir(first, last), template)
+  def restore_chunks(self, first: int, last: int, template: Any, model_ids: Sequence[int] = ()) -> Any:
+    """Chunks ``first..last``, holding the models ``model_ids`` (named when the checkpoint cannot be read).
+
+    Raises:
+      DamagedCheckpointError: the checkpoint cannot be read back; names the models and how to retrain them.
+    """
+    ids = [int(m) for m in model_ids]
+    held = (f"models {ids[0]} to {ids[-1]}" if len(ids) > 1 else f"model {ids[0]}") if ids \
+        else f"chunks {first} to {last}"
+    return self._restore(self.chunks_dir(first, last), template, f"{held} of the ensemble",
+                         "retrain just those models")
 
 
 def link_trained(src: str, dst: str, config: Any, *, any_size: bool = False) -> bool:
