@@ -398,6 +398,7 @@ def plot_attack(path: str, title: str, result: dict[str, Any]) -> None:
   ax.set_xscale("log")
   ax.set_xticks(sig)
   ax.set_xticklabels([f"{s:g}" for s in sig])
+  ax.xaxis.set_minor_formatter(plt.NullFormatter())
   ax.set_xlabel("sigma (RAB); stars and crosses: the designs at their median sigma_x")
   ax.set_ylim(-0.02, 1.02)
   ax.grid(alpha=0.3)
