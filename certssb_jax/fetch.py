@@ -53,6 +53,10 @@ class FetchError(data_lib.DataError):
   """A download or extraction failed; the one-line message names the URL or the file and the problem."""
 
 
+class UnreachableError(FetchError):
+  """No mirror of a file could be reached (no network, or the host is down)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Remote:
   """One file to download.
@@ -182,7 +186,7 @@ def _download(url: str, path: str, algo: str, digest: str, size: int | None, tim
       except urllib.error.HTTPError as e:
         raise FetchError(f"cannot download {url}: HTTP {e.code} {_one_line(e)}") from e
       except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, timeouts, a bad URL
-        raise FetchError(f"cannot reach {url}: {_one_line(e)}") from e
+        raise UnreachableError(f"cannot reach {url}: {_one_line(e)}") from e
       with response:
         announced = response.headers.get("Content-Length")
         logger.info("downloading %s (%s bytes) to %s", url, announced or "?", path)
@@ -214,17 +218,18 @@ def _download_from_mirrors(
     mirrors: Sequence[str], remote: Remote, path: str, algo: str, digest: str, timeout: float
 ) -> None:
   """Tries each mirror in turn; raises one FetchError joining every mirror's failure when none succeeds."""
-  errors = []
+  errors: list[FetchError] = []
   for base in mirrors:
     url = base.rstrip("/") + "/" + remote.filename
     try:
       _download(url, path, algo, digest, remote.size, timeout)
+      if errors:  # said once here, not once per mirror and again in the error
+        logger.info("%s: downloaded from %s after %s", remote.filename, base, "; ".join(map(str, errors)))
       return
     except FetchError as e:
-      errors.append(str(e))
-      if len(mirrors) > 1:
-        logger.warning("%s", e)
-  raise FetchError("; ".join(errors))
+      errors.append(e)
+  kind = UnreachableError if all(isinstance(e, UnreachableError) for e in errors) else FetchError
+  raise kind("; ".join(map(str, errors)))
 
 
 def _check_members(tar: tarfile.TarFile, root: str, archive: str) -> None:
@@ -356,20 +361,39 @@ def fetch(
   if unknown:
     raise FetchError(f"checksums for files {name} does not have: {unknown}")
   dest = os.path.abspath(os.path.expanduser(dest or os.path.join(data_lib.default_data_root(), name)))
+  created = [d for d in _parents(dest) if not os.path.exists(d)]  # removed again if nothing lands in them
   try:
     os.makedirs(dest, exist_ok=True)
   except OSError as e:
     raise FetchError(f"cannot create {dest}: {_one_line(e)}") from e
   mirrors = (base_url,) if base_url else spec.mirrors
-  for remote in spec.files:
-    published = checksums.get(remote.filename, remote.checksum)
-    algo, digest = _parse_checksum(published, remote.filename)
-    remote = remote if remote.filename not in checksums else dataclasses.replace(remote, size=None)
-    if spec.extract_to:
-      _fetch_archive(dest, remote, algo, digest, mirrors, spec.extract_to, timeout)
-    else:
-      _fetch_file(dest, remote, algo, digest, mirrors, timeout)
+  try:
+    for remote in spec.files:
+      published = checksums.get(remote.filename, remote.checksum)
+      algo, digest = _parse_checksum(published, remote.filename)
+      remote = remote if remote.filename not in checksums else dataclasses.replace(remote, size=None)
+      if spec.extract_to:
+        _fetch_archive(dest, remote, algo, digest, mirrors, spec.extract_to, timeout)
+      else:
+        _fetch_file(dest, remote, algo, digest, mirrors, timeout)
+  except FetchError as e:
+    for d in created:  # deepest first: no empty folder is left behind
+      with contextlib.suppress(OSError):
+        os.rmdir(d)
+    if isinstance(e, UnreachableError):  # offline: the files can be placed by hand and verified by a rerun
+      files = ", ".join(r.filename for r in spec.files)
+      raise UnreachableError(f"{e}; without network, copy {files} into {dest} (or pass --dir) and run this "
+                             "again: the files there are checked against their published checksums") from e
+    raise
   return dest
+
+
+def _parents(path: str) -> list[str]:
+  """``path`` and its parent folders, deepest first."""
+  out = [path]
+  while os.path.dirname(out[-1]) != out[-1]:
+    out.append(os.path.dirname(out[-1]))
+  return out
 
 
 def config_flag(name: str, folder: str) -> str:

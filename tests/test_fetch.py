@@ -342,7 +342,7 @@ def test_corrupt_download_is_refused_and_deleted(releases, serve, tmp_path):
     fetch.fetch("cifar10", dest, base_url=base_url, checksums=good)
   msg = str(e.value)
   assert archive in msg and good[archive].split(":")[1] in msg and bad_md5 in msg and "\n" not in msg
-  assert os.listdir(dest) == []  # no partial or temp file, nothing extracted
+  assert not os.path.exists(dest)  # no partial or temp file, nothing extracted, no empty folder
   with open(served, "wb") as f:  # the server is fixed: a re-run succeeds
     f.write(body)
   assert fetch.fetch("cifar10", dest, base_url=base_url, checksums=good) == dest
@@ -360,7 +360,7 @@ def test_truncated_download_is_refused_and_deleted(releases, serve, tmp_path):
   assert IDX_FILES[0] in msg and good[IDX_FILES[0]].split(":")[1] in msg and "\n" not in msg
   size = os.path.getsize(os.path.join(releases["mnist"], IDX_FILES[0]))
   assert f"{size // 2} of {size} bytes" in msg
-  assert os.listdir(dest) == []
+  assert not os.path.exists(dest)
   state["truncate"].clear()
   fetch.fetch("mnist", dest, base_url=base_url, checksums=good)
   assert _checksums(dest) == good
@@ -383,14 +383,16 @@ def test_unsafe_archive_is_not_extracted(data_filter, serve, tmp_path, monkeypat
   with pytest.raises(fetch.FetchError, match="cannot extract .*cifar-10-python.tar.gz"):
     fetch.fetch("cifar10", str(dest), base_url=base_url, checksums=_checksums(str(release)))
   assert not (tmp_path / "a" / "evil.txt").exists() and not (tmp_path / "evil.txt").exists()
-  assert os.listdir(dest) == []  # the refused archive and the extraction folder are gone
+  assert not (tmp_path / "a").exists()  # the refused archive, the extraction folder and the folders made for it
 
 
 def test_unreachable_host_is_one_clear_error(tmp_path):
   url = _closed_port_url()
-  with pytest.raises(fetch.FetchError, match=f"cannot reach {url}train-images-idx3-ubyte.gz: "):
+  with pytest.raises(fetch.UnreachableError, match=f"cannot reach {url}train-images-idx3-ubyte.gz: ") as e:
     fetch.fetch("mnist", str(tmp_path), base_url=url, timeout=5)
-  assert os.listdir(tmp_path) == []
+  assert os.listdir(tmp_path) == []  # the folder existed before: it stays
+  # offline, the message says which files to place where
+  assert f"copy {', '.join(IDX_FILES)} into {tmp_path}" in str(e.value)
 
 
 def test_missing_file_on_the_server_is_an_http_error(serve, tmp_path):
@@ -398,7 +400,7 @@ def test_missing_file_on_the_server_is_an_http_error(serve, tmp_path):
   base_url, _ = serve(str(tmp_path / "empty"))
   with pytest.raises(fetch.FetchError, match=f"cannot download {base_url}cifar-10-python.tar.gz: HTTP 404"):
     fetch.fetch("cifar10", str(tmp_path / "d"), base_url=base_url)
-  assert os.listdir(tmp_path / "d") == []
+  assert not (tmp_path / "d").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -423,7 +425,8 @@ def test_cli_unreachable_base_url_exits_2_naming_the_url(tmp_path):
   out = _cli("fetch", "mnist", "--dir", str(tmp_path / "m"), "--base_url", url, "--timeout", "5")
   assert out.returncode == 2
   assert out.stderr.count("\n") == 1 and f"cannot reach {url}train-images-idx3-ubyte.gz" in out.stderr
-  assert os.listdir(tmp_path / "m") == []
+  assert f"into {tmp_path / 'm'}" in out.stderr and out.stdout.count("cannot reach") == 0  # said once
+  assert not (tmp_path / "m").exists()
 
 
 def test_cli_prints_the_folder_and_the_config_line(releases, serve, tmp_path, monkeypatch, capsys):
@@ -453,3 +456,14 @@ def test_cli_prints_the_folder_and_the_config_line(releases, serve, tmp_path, mo
   assert fetch.main(["fetch", "cifar10", "--base_url", _closed_port_url(), "--dir", str(tmp_path / "x")]) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and err.startswith("python -m certssb_jax.data fetch: error: cannot reach")
+
+
+def test_cli_with_every_mirror_unreachable_says_each_once(tmp_path, monkeypatch, capsys):
+  """Two mirrors down: one error line naming both URLs and where to put the files; nothing repeated on stdout."""
+  urls = [_closed_port_url(), _closed_port_url()]
+  monkeypatch.setitem(fetch.DATASETS, "mnist", dataclasses.replace(fetch.DATASETS["mnist"], mirrors=tuple(urls)))
+  assert fetch.main(["fetch", "mnist", "--dir", str(tmp_path / "m"), "--timeout", "5"]) == 2
+  out, err = capsys.readouterr()
+  assert "cannot reach" not in out and err.count("\n") == 1
+  assert all(err.count(f"cannot reach {u}train-images-idx3-ubyte.gz") == 1 for u in urls)
+  assert "without network, copy" in err and not (tmp_path / "m").exists()
