@@ -467,7 +467,14 @@ def write_results_page(path: str, sections: list[dict[str, Any]], command: str) 
   folder = os.path.join(os.path.dirname(os.path.abspath(path)), "figures")
   os.makedirs(folder, exist_ok=True)
   parts = ["# Results on full-size real data", "",
-           "Written by the command below from the run folders; do not edit by hand.", "", "```", command, "```", ""]
+           "Written by the command below from the run folders; do not edit by hand.", "", "```", command, "```", "",
+           "How to read the tables. clean acc, ERA, ASR and the abstentions are the certified answers (the store's; "
+           "an abstention counts as an error); the majority vote is the smoothed classifier's plain majority, "
+           "uncertified. The largest radius is the largest at which any clean input is certified; the poison budget "
+           "is the most training images a trigger of the attack's norm may poison with the test input triggered too "
+           "(docs/method.md section 3). A Cert-SSB search is named training sigmas / class A / update rule / "
+           "[sigma_lo, sigma_hi] / pilot sigma (docs/method.md section 4). A searched sigma_x depends on the "
+           "poisoned training set, so a searched design certifies no joint radius (docs/soundness.md).", ""]
   for sec in sections:
     parts.append(sec["markdown"])
     for plot in sec["plots"]:
