@@ -58,14 +58,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from certssb_jax import certify as certify_lib  # noqa: E402
-from certssb_jax import config as config_lib  # noqa: E402
-from certssb_jax import ensemble  # noqa: E402
-from certssb_jax import member  # noqa: E402
-from certssb_jax import models as models_lib  # noqa: E402
-from certssb_jax import layers  # noqa: E402
-from certssb_jax import pipeline  # noqa: E402
-from certssb_jax import report  # noqa: E402
+from certssb_jax.certify import kernel as certify_lib  # noqa: E402
+from certssb_jax.run import config as config_lib  # noqa: E402
+from certssb_jax.ensemble import trainer as ensemble  # noqa: E402
+from certssb_jax.ensemble import member  # noqa: E402
+from certssb_jax.models import zoo as models_lib  # noqa: E402
+from certssb_jax.models import layers  # noqa: E402
+from certssb_jax.run import pipeline  # noqa: E402
+from certssb_jax.run import report  # noqa: E402
 
 from benchmarks.clock import StepClock  # noqa: E402  pylint: disable=g-bad-import-order
 

@@ -20,7 +20,7 @@ import time
 import jax
 import numpy as np
 
-from certssb_jax.store import CertifiedStore
+from certssb_jax.store.certified import CertifiedStore
 
 
 def random_inputs(rng: np.random.Generator, n: int, dim: int, piece: int = 1024) -> np.ndarray:

@@ -5,7 +5,7 @@ poisoned training set and certify the clean and triggered test splits. certssb-j
 with ``sigma.mode=fixed`` and ``undefended.enabled=False``; its storage update runs as in every run and changes
 nothing here (RAB's certificates of one fixed sigma never contradict each other, so every stored answer is the
 certificate itself). The baseline is ``benchmarks/torch_baseline.py``. Both sides' votes go through the SAME host-side
-bounds (``certssb_jax.pipeline.bound_split`` -> ``bounds.certify_counts``, same alpha, bound and correction),
+bounds (``certssb_jax.run.pipeline.bound_split`` -> ``bounds.certify_counts``, same alpha, bound and correction),
 so the metrics differ only by the random draws (noise, init, batch order) and the frameworks. Agreement is
 judged per metric with an exact McNemar test on the paired per-input outcomes (the same N test inputs on both
 sides; a paired t-test for the mean certified radius), with a Bonferroni threshold over the metrics that are not
@@ -45,15 +45,15 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from certssb_jax import bounds  # noqa: E402
-from certssb_jax import config as config_lib  # noqa: E402
-from certssb_jax import ensemble  # noqa: E402
-from certssb_jax import member  # noqa: E402
-from certssb_jax import metrics  # noqa: E402
-from certssb_jax import models as models_lib  # noqa: E402
-from certssb_jax import pipeline  # noqa: E402
-from certssb_jax import report  # noqa: E402
-from certssb_jax import rundir  # noqa: E402
+from certssb_jax.certify import bounds  # noqa: E402
+from certssb_jax.run import config as config_lib  # noqa: E402
+from certssb_jax.ensemble import trainer as ensemble  # noqa: E402
+from certssb_jax.ensemble import member  # noqa: E402
+from certssb_jax.run import metrics  # noqa: E402
+from certssb_jax.models import zoo as models_lib  # noqa: E402
+from certssb_jax.run import pipeline  # noqa: E402
+from certssb_jax.run import report  # noqa: E402
+from certssb_jax.run import rundir  # noqa: E402
 
 from benchmarks import torch_baseline  # noqa: E402  pylint: disable=g-bad-import-order
 from benchmarks.clock import StepClock  # noqa: E402  pylint: disable=g-bad-import-order

@@ -40,11 +40,11 @@ import numpy as np
 import scipy.special
 import scipy.stats
 
-from certssb_jax import bounds
-from certssb_jax import config as config_lib
-from certssb_jax import report
-from certssb_jax import rundir
-from certssb_jax import store as store_lib
+from certssb_jax import files
+from certssb_jax.certify import bounds
+from certssb_jax.run import config as config_lib
+from certssb_jax.run import report
+from certssb_jax.store import certified as store_lib
 from certssb_jax import sweep
 
 logger = logging.getLogger(__name__)
@@ -113,9 +113,9 @@ def _majority(preds: np.ndarray, num_classes: int) -> np.ndarray:
 
 def answers_of_run(workdir: str, name: str | None = None) -> Answers:
   """A finished run's storage-update answers (its certificates), read from its folder."""
-  cfg = rundir.load_json(os.path.join(workdir, "config.json"))
-  summary = rundir.load_json(os.path.join(workdir, "summary.json"))
-  votes = rundir.load_npz(os.path.join(workdir, "votes.npz"))
+  cfg = files.load_json(os.path.join(workdir, "config.json"))
+  summary = files.load_json(os.path.join(workdir, "summary.json"))
+  votes = files.load_npz(os.path.join(workdir, "votes.npz"))
   rows = sweep.read_rows(workdir)
   voting = summary["models"]["voting"]
   k = len(cfg["data"]["classes"])
@@ -194,7 +194,7 @@ def grid_selector(rab_runs: dict[float, str], x: dict[str, np.ndarray], selector
   Returns:
     The store's answers; joint radius 0 (a selected sigma_x depends on the training set).
   """
-  cfgs = {s: rundir.load_json(os.path.join(d, "config.json")) for s, d in rab_runs.items()}
+  cfgs = {s: files.load_json(os.path.join(d, "config.json")) for s, d in rab_runs.items()}
   first = next(iter(cfgs.values()))
   m, k, alpha = first["train"]["num_models"], len(first["data"]["classes"]), first["certify"]["alpha"]
   if not 1 <= selector_models < m:
@@ -202,7 +202,7 @@ def grid_selector(rab_runs: dict[float, str], x: dict[str, np.ndarray], selector
   keys = {config_lib.training_key(dict(c, sigma=dict(c["sigma"], sigma_0=0.0))) for c in cfgs.values()}
   if len(keys) != 1 or any(c["sigma"]["mode"] != "fixed" for c in cfgs.values()):
     raise ValueError("the grid selector needs RAB runs that differ in sigma only")
-  votes = {s: rundir.load_npz(os.path.join(d, "votes.npz")) for s, d in rab_runs.items()}
+  votes = {s: files.load_npz(os.path.join(d, "votes.npz")) for s, d in rab_runs.items()}
   num_voting = m - selector_models
   st = store_lib.CertifiedStore(x["clean"].shape[1:])
   out: dict[str, dict[str, np.ndarray]] = {f: {} for f in ("pred", "test", "joint", "sigma", "label", "majority")}
@@ -423,7 +423,7 @@ def run_envelope(spec: str, workdir: str, sigmas: list[float], designs: list[str
   Returns:
     {"markdown": text, "json": path, "plots": [paths]}.
   """
-  from certssb_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from certssb_jax.run import pipeline  # pylint: disable=g-import-not-at-top
 
   os.makedirs(workdir, exist_ok=True)
   records = sweep.run_grid([spec], workdir, None, sigmas, ["fixed"], progress)
@@ -457,8 +457,8 @@ def run_envelope(spec: str, workdir: str, sigmas: list[float], designs: list[str
   paths = [os.path.join(workdir, f"envelope_{name}.png"), os.path.join(workdir, f"attack_{name}.png")]
   plot_envelope(paths[0], title, result)
   plot_attack(paths[1], title, result)
-  rundir.atomic_write_bytes(os.path.join(workdir, f"envelope_{name}.md"), md.encode())
-  rundir.save_json(os.path.join(workdir, f"envelope_{name}.json"), result)
+  files.atomic_write_bytes(os.path.join(workdir, f"envelope_{name}.md"), md.encode())
+  files.save_json(os.path.join(workdir, f"envelope_{name}.json"), result)
   return {"markdown": md, "json": os.path.join(workdir, f"envelope_{name}.json"), "plots": paths, "result": result}
 
 
@@ -480,7 +480,7 @@ def write_results_page(path: str, sections: list[dict[str, Any]], command: str) 
     for plot in sec["plots"]:
       shutil.copyfile(plot, os.path.join(folder, os.path.basename(plot)))
       parts += [f"![{os.path.basename(plot)}](figures/{os.path.basename(plot)})", ""]
-  rundir.atomic_write_bytes(path, "\n".join(parts).encode())
+  files.atomic_write_bytes(path, "\n".join(parts).encode())
 
 
 README_START, README_END = "<!-- envelope:start -->", "<!-- envelope:end -->"
@@ -513,7 +513,7 @@ def update_readme(path: str, block: str) -> None:
     raise ValueError(f"{path} has no {README_START} ... {README_END} block to write the results into")
   head, rest = text.split(README_START, 1)
   _, tail = rest.split(README_END, 1)
-  rundir.atomic_write_bytes(path, f"{head}{README_START}\n{block}{README_END}{tail}".encode())
+  files.atomic_write_bytes(path, f"{head}{README_START}\n{block}{README_END}{tail}".encode())
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -557,7 +557,7 @@ def main(argv: list[str]) -> None:
     grids = [_grid(text) for text in f.sigmas] * (len(f.config) if len(f.sigmas) == 1 else 1)
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("certssb_jax").setLevel(logging.INFO)
-    from certssb_jax import pipeline  # pylint: disable=g-import-not-at-top
+    from certssb_jax.run import pipeline  # pylint: disable=g-import-not-at-top
 
     progress = pipeline.tqdm_progress if f.progress else pipeline.no_progress
     selector = None if f.selector_models is None else [int(v) for v in f.selector_models if int(v) > 0]

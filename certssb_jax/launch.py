@@ -1,7 +1,7 @@
 r"""Command-line entry point: ``python -m certssb_jax.launch --config configs/quickstart.py --workdir /tmp/run``.
 
 Thin on purpose: reads the config (``--config FILE[:variant]`` and ``--config.field=value`` overrides), sets up
-logging, progress bars and (optionally) multi-host JAX, calls ``certssb_jax.pipeline.run`` and prints the
+logging, progress bars and (optionally) multi-host JAX, calls ``certssb_jax.run.pipeline.run`` and prints the
 headline table. A workdir that already holds a run with the same config is resumed. A user mistake (config
 file, field, value, data, workdir) ends with one line on stderr and exit code 2, before anything is computed;
 so do a workdir another live run holds and, when the run reaches it, a damaged checkpoint (the line names its
@@ -86,7 +86,7 @@ def split_config_args(argv: list[str]) -> tuple[str | None, dict[str, str], list
 
 def load(spec: str | None, overrides: dict[str, str]):
   """The config of the command line: the file's ``get_config(variant)`` with the overrides applied."""
-  from certssb_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from certssb_jax.run import config as config_lib  # pylint: disable=g-import-not-at-top
 
   if not spec:
     raise UsageError("--config is required: --config configs/FILE.py[:variant] (see configs/)")
@@ -176,8 +176,8 @@ def main(argv: list[str], spec: str | None, overrides: dict[str, str]) -> None:
   primary = jax.process_index() == 0
   if not primary:  # the other processes compute; process 0 reports
     logging.getLogger("certssb_jax").setLevel(logging.WARNING)
-  from certssb_jax import pipeline  # pylint: disable=g-import-not-at-top
-  from certssb_jax import report  # pylint: disable=g-import-not-at-top
+  from certssb_jax.run import pipeline  # pylint: disable=g-import-not-at-top
+  from certssb_jax.run import report  # pylint: disable=g-import-not-at-top
 
   progress = pipeline.tqdm_progress if _PROGRESS.value and primary else pipeline.no_progress
   workdir = _WORKDIR.value

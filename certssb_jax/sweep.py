@@ -32,9 +32,10 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from certssb_jax import config as config_lib
-from certssb_jax import ensemble
-from certssb_jax import rundir
+from certssb_jax import files
+from certssb_jax.run import config as config_lib
+from certssb_jax.ensemble import trainer as ensemble
+from certssb_jax.run import rundir
 
 # Radii of the CRA columns, in units u = ceiling * sigma_0: half of RAB's largest certifiable radius, just below
 # it (an input certified at the ceiling counts: CRA counts radius > r) and just below Cert-SSB's largest (at
@@ -60,7 +61,7 @@ def row_dir(workdir: str, c: Any) -> str:
   prefix = os.path.join(workdir, f"{c.data.name}_{pair}", f"{c.attack.trigger}_sigma{c.sigma.sigma_0:g}_{c.sigma.mode}")
   for d in sorted(glob.glob(f"{prefix}_*")):
     path = os.path.join(d, "config.json")
-    if os.path.exists(path) and not config_lib.differences(rundir.load_json(path), config_lib.to_json(c)):
+    if os.path.exists(path) and not config_lib.differences(files.load_json(path), config_lib.to_json(c)):
       return d
   return f"{prefix}_{digest}"
 
@@ -69,7 +70,7 @@ def run_grid(specs: list[str], workdir: str, triggers: list[str] | None, sigmas:
              modes: list[str], progress=None) -> list[dict[str, Any]]:
   """Runs (or reuses) every row of the grid; returns one record per row. ``triggers`` / ``sigmas`` None: each
   config's own. Every config is checked first, so a bad one stops the sweep before any training."""
-  from certssb_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from certssb_jax.run import pipeline  # pylint: disable=g-import-not-at-top
 
   rows = []
   for spec in specs:
@@ -86,7 +87,7 @@ def run_grid(specs: list[str], workdir: str, triggers: list[str] | None, sigmas:
     path = os.path.join(d, "summary.json")
     if os.path.exists(path):  # row_dir found the folder by its config, so a finished run there is this row's
       logging.info("reusing finished row %s", d)
-      summary = rundir.load_json(path)
+      summary = files.load_json(path)
     else:
       donor = _donor(trained, config_lib.to_json(resolved))
       if donor is not None:
@@ -102,7 +103,7 @@ def run_grid(specs: list[str], workdir: str, triggers: list[str] | None, sigmas:
 
 def _finished_rows(workdir: str) -> list[tuple[dict[str, Any], str]]:
   """(config, folder) of the finished rows already in ``workdir``, from earlier sweeps too."""
-  return [(rundir.load_json(os.path.join(os.path.dirname(p), "config.json")), os.path.dirname(p))
+  return [(files.load_json(os.path.join(os.path.dirname(p), "config.json")), os.path.dirname(p))
           for p in sorted(glob.glob(os.path.join(workdir, "*", "*", "summary.json")))]
 
 
@@ -156,7 +157,7 @@ def _cra_from_rows(workdir: str, radii: list[float]) -> dict[str, list[float]]:
 
 def table(records: list[dict[str, Any]]) -> tuple[str, str]:
   """(markdown, csv): one line per row of the grid, RAB and Cert-SSB next to each other."""
-  from certssb_jax import report  # pylint: disable=g-import-not-at-top
+  from certssb_jax.run import report  # pylint: disable=g-import-not-at-top
 
   joint_units = [u for u in TABLE_UNITS if u <= 1.0]
   header = ["data set", "trigger", "sigma_0", "method", "search: training sigmas / class A / rule / [lo, hi] / pilot",
@@ -170,7 +171,7 @@ def table(records: list[dict[str, Any]]) -> tuple[str, str]:
     m, probe = s["metrics"], s.get("probe", {})
     unit = s["margin_ceiling"] * s["sigma_0"]
     cra = _cra_from_rows(r["workdir"], [u * unit for u in TABLE_UNITS])
-    design_ = design(rundir.load_json(os.path.join(r["workdir"], "config.json")))
+    design_ = design(files.load_json(os.path.join(r["workdir"], "config.json")))
     lines.append([r["dataset"], r["trigger"], f"{r['sigma_0']:g}", report.MODE_NAMES[r["mode"]], design_,
                   str(s["models"]["voting"]), _fmt(m["clean_accuracy"]), _fmt(m["era"]), _fmt(m["asr"]),
                   f"{_fmt(m['abstain_rate'])} / {_fmt(m['abstain_rate_triggered'])}",
@@ -201,7 +202,7 @@ def plot(records: list[dict[str, Any]], workdir: str) -> list[str]:
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  from certssb_jax import report  # pylint: disable=g-import-not-at-top
+  from certssb_jax.run import report  # pylint: disable=g-import-not-at-top
 
   colors = {"fixed": "C0", "sample_specific": "C1"}
   styles = ("-", "--", ":", "-.")
@@ -240,8 +241,8 @@ def sweep(specs: list[str], workdir: str, triggers: list[str], sigmas: list[floa
   os.makedirs(workdir, exist_ok=True)
   records = run_grid(specs, workdir, triggers, sigmas, modes, progress)
   md, csv_text = table(records)
-  rundir.atomic_write_bytes(os.path.join(workdir, "table.md"), md.encode())
-  rundir.atomic_write_bytes(os.path.join(workdir, "table.csv"), csv_text.encode())
+  files.atomic_write_bytes(os.path.join(workdir, "table.md"), md.encode())
+  files.atomic_write_bytes(os.path.join(workdir, "table.csv"), csv_text.encode())
   plots = plot(records, workdir)
   return {"table_md": os.path.join(workdir, "table.md"), "table_csv": os.path.join(workdir, "table.csv"),
           "plots": ", ".join(plots)}
@@ -270,7 +271,7 @@ def main(argv: list[str]) -> None:
       raise ValueError("--configs and --workdir are required")
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("certssb_jax").setLevel(logging.INFO)
-    from certssb_jax import pipeline  # pylint: disable=g-import-not-at-top
+    from certssb_jax.run import pipeline  # pylint: disable=g-import-not-at-top
 
     sigmas = [float(s) for s in f.sigma_0] if f.sigma_0 else None
     paths = sweep(split_specs(f.configs), f.workdir, f.triggers, sigmas, f.sigma_modes,

@@ -17,11 +17,11 @@ then (M = 16 takes about 8 minutes for RAB on a 2-core CPU; the paper's M = 1000
 
 Variants (comma-separated key=value): classes (two class ids joined by +, the first is the target: 0 T-shirt,
 1 Trouser, 2 Pullover, 3 Dress, 4 Coat, 5 Sandal, 6 Shirt, 7 Sneaker, 8 Bag, 9 Ankle boot), trigger, sigma_0,
-sigma_mode (sample_specific | fixed), num_models, and every short name of certssb_jax/config.py; `quick`: 400 /
+sigma_mode (sample_specific | fixed), num_models, and every short name of certssb_jax/run/config.py; `quick`: 400 /
 100 images, 16 models, one epoch (the CI smoke test).
 """
 
-from certssb_jax import config as config_lib
+from certssb_jax.run import config as config_lib
 
 
 def get_config(arg: str | None = None):

@@ -25,12 +25,12 @@ paper), sigma_mode (fixed|sample_specific), num_models, epochs, batch_size, lear
 max_test, any dotted field (data.image_size=160); `quick`: 3 models, 1 epoch, 32x32 images, at most 64 / 32
 images, same data source (its CI test passes `source=image_folder,data_dir=...` with a tiny local folder). The
 paper's code used cats vs dogs: any two-class image folder works with `data_dir=...`. The ResNet-18 trains from
-scratch unless `model.pretrained=weights.npz` names saved ImageNet weights (`certssb_jax.weights.save_params`).
+scratch unless `model.pretrained=weights.npz` names saved ImageNet weights (`certssb_jax.models.weights.save_params`).
 """
 
 from __future__ import annotations
 
-from certssb_jax import config as config_lib
+from certssb_jax.run import config as config_lib
 
 
 def get_config(arg: str | None = None):

@@ -9,7 +9,7 @@ and a few dozen models.
   python -m certssb_jax.launch --config configs/quickstart.py --workdir /tmp/both --compare_modes
 """
 
-from certssb_jax import config as config_lib
+from certssb_jax.run import config as config_lib
 
 
 def get_config(arg: str | None = None):

@@ -9,8 +9,8 @@ import optax
 import pytest
 
 from certssb_jax import backend
-from certssb_jax import member
-from certssb_jax import models
+from certssb_jax.ensemble import member
+from certssb_jax.models import zoo as models
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the options are for XLA:CPU")
 

@@ -1,4 +1,4 @@
-"""Tests of certssb_jax.bounds against independent truth (statsmodels, scipy.stats, closed forms, Monte Carlo)."""
+"""Tests of certssb_jax.certify.bounds against independent truth (statsmodels, scipy.stats, closed forms, Monte Carlo)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import scipy.stats
 from statsmodels.stats.proportion import proportion_confint
 
-from certssb_jax import bounds
+from certssb_jax.certify import bounds
 
 # ----------------------------------------------------------------------------------------------------------
 # Clopper-Pearson against statsmodels.

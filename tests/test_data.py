@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from certssb_jax import data
-from certssb_jax import dataset
-from certssb_jax import image_readers
-from certssb_jax import readers
+from certssb_jax.data import sources as data
+from certssb_jax.data import dataset
+from certssb_jax.data import image_readers
+from certssb_jax.data import readers
 from certssb_jax.data import DataError
 
 # ----------------------------------------------------------------------------------------------------------

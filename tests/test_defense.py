@@ -11,7 +11,7 @@ channel"), on poisoned fixtures of real digits (the built-in MNIST sample, 800 t
 
 import pytest
 
-from certssb_jax import pipeline
+from certssb_jax.run import pipeline
 from conftest import tiny_config  # pylint: disable=g-bad-import-order
 
 PAPER = {"train_sigma": "search", "objective": "label", "start": "sigma_0", "sigma.sigma_lo": 0.125,

@@ -4,10 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-from certssb_jax import ensemble
-from certssb_jax import member
-from certssb_jax import models
-from certssb_jax import weights
+from certssb_jax.ensemble import trainer as ensemble
+from certssb_jax.ensemble import member
+from certssb_jax.models import zoo as models
+from certssb_jax.models import weights
 from certssb_jax import rng
 
 

@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 
 from certssb_jax import envelope
-from certssb_jax import store as store_lib
+from certssb_jax.store import certified as store_lib
 
 from conftest import write_tiny_config  # pylint: disable=g-bad-import-order
 
@@ -82,8 +82,8 @@ def test_the_envelope_is_the_best_rab_at_each_radius():
 def test_the_envelope_command_on_real_digits(tmp_path):
   """RAB at two sigmas and the grid selector on their models: the table, the plots, a selector whose sigma_x
   take both values, answers consistent through one store, and a joint radius of 0 for selected answers."""
-  from certssb_jax import pipeline  # pylint: disable=g-import-not-at-top
-  from certssb_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from certssb_jax.run import pipeline  # pylint: disable=g-import-not-at-top
+  from certssb_jax.run import config as config_lib  # pylint: disable=g-import-not-at-top
 
   spec = write_tiny_config(tmp_path / "tiny.py", num_models=16, alpha=0.2)
   result = envelope.run_envelope(spec, str(tmp_path / "env"), [0.25, 0.5], [], [4])
@@ -105,7 +105,7 @@ def test_the_envelope_command_on_real_digits(tmp_path):
   assert store_lib.audit(x, pred, radius)[0] == 0
   assert set(np.unique(ans.sigma_x["clean"])) <= {0.25, 0.5}
   # the answers are the certificates of the voters (ids 4..15) at the selected sigma, recounted from the votes
-  from certssb_jax import bounds  # pylint: disable=g-import-not-at-top
+  from certssb_jax.certify import bounds  # pylint: disable=g-import-not-at-top
   votes = {s: np.load(os.path.join(d, "votes.npz")) for s, d in rab_runs.items()}
   for split in envelope.SPLITS:
     chosen = ans.sigma_x[split]

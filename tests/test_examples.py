@@ -73,7 +73,7 @@ def test_the_notebooks_stages_give_the_votes_of_a_naive_recomputation_of_model_0
   """Model 0's votes in the by-hand stages, recomputed with a plain model.apply on x + sigma_x * u_0."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  from certssb_jax import models  # pylint: disable=g-import-not-at-top
+  from certssb_jax.models import zoo as models  # pylint: disable=g-import-not-at-top
   from certssb_jax import rng  # pylint: disable=g-import-not-at-top
 
   ns, _ = executed

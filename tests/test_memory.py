@@ -15,11 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from certssb_jax import certify
-from certssb_jax import ensemble
-from certssb_jax import sharding
-from certssb_jax.member import Streams
-from certssb_jax import models
+from certssb_jax.certify import kernel as certify
+from certssb_jax.ensemble import trainer as ensemble
+from certssb_jax.ensemble import sharding
+from certssb_jax.ensemble.member import Streams
+from certssb_jax.models import zoo as models
 
 SHAPE = (32, 32, 3)
 K = 10

@@ -15,14 +15,14 @@ import pytest
 from flax import traverse_util
 from PIL import Image
 
-from certssb_jax import config as config_lib
-from certssb_jax import ensemble
-from certssb_jax import sharding
-from certssb_jax import member
-from certssb_jax import layers
-from certssb_jax import models
-from certssb_jax import pipeline
-from certssb_jax import weights
+from certssb_jax.run import config as config_lib
+from certssb_jax.ensemble import trainer as ensemble
+from certssb_jax.ensemble import sharding
+from certssb_jax.ensemble import member
+from certssb_jax.models import layers
+from certssb_jax.models import zoo as models
+from certssb_jax.run import pipeline
+from certssb_jax.models import weights
 
 # Small inputs each model allows (the ResNets are fully convolutional up to the global pool).
 SHAPES = {"mnist_cnn": (28, 28, 1), "preact_resnet": (32, 32, 3), "resnet18": (32, 32, 3)}

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import helpers
-from certssb_jax import sharding
+from certssb_jax.ensemble import sharding
 
 # M = 12 in chunks of 8: two chunks, the second padded (ids 12..15); on 8 devices one model per device and slot,
 # on 1 device eight. The test sigmas come from the sharded scorer of the 2 held-out search models.

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from scipy import stats
 
-from certssb_jax import bounds
+from certssb_jax.certify import bounds
 from certssb_jax import rng
 
 # pylint: disable-next=g-bad-import-order

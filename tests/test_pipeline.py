@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from certssb_jax import bounds
-from certssb_jax import config as config_lib
-from certssb_jax import data as data_lib
-from certssb_jax import ensemble
-from certssb_jax import member
-from certssb_jax import models as models_lib
-from certssb_jax import pipeline
-from certssb_jax import report
+from certssb_jax.certify import bounds
+from certssb_jax.run import config as config_lib
+from certssb_jax.data import sources as data_lib
+from certssb_jax.ensemble import trainer as ensemble
+from certssb_jax.ensemble import member
+from certssb_jax.models import zoo as models_lib
+from certssb_jax.run import pipeline
+from certssb_jax.run import report
 from certssb_jax import rng
-from certssb_jax import rundir
+from certssb_jax.run import rundir
 
 from conftest import tiny_config  # pylint: disable=g-bad-import-order
 
@@ -186,7 +186,7 @@ def test_store_answers_are_consistent_and_saved(tiny_run):
   answered = [r for r in rows if int(r["pred_stored"]) != -1]
   assert len(st["label"]) == len(answered)  # one store, every answered query of both splits, in order
   np.testing.assert_allclose(st["radius"], [float(r["radius_stored"]) for r in answered])
-  from certssb_jax import store as store_lib  # pylint: disable=g-import-not-at-top
+  from certssb_jax.store import certified as store_lib  # pylint: disable=g-import-not-at-top
   assert store_lib.audit(st["x"], st["label"], st["radius"])[0] == 0
 
 
@@ -208,7 +208,7 @@ def test_one_store_answers_both_splits_without_contradictions(tmp_path):
                                   np.full(n, cfg.train.num_models))
   cat = lambda f: np.concatenate([f(s) for s in pipeline.SPLITS])
   x = cat(lambda s: attacked.splits[s].x)
-  from certssb_jax import store as store_lib  # pylint: disable=g-import-not-at-top
+  from certssb_jax.store import certified as store_lib  # pylint: disable=g-import-not-at-top
   assert store_lib.audit(x, cat(lambda s: certs[s].pred), cat(lambda s: certs[s].radius_test))[0] > 0
   answers = pipeline.storage_update(cfg, attacked, certs, sigma, sigma, "clean_first")
   assert store_lib.audit(x, cat(lambda s: answers[s].pred), cat(lambda s: answers[s].radius_stored))[0] == 0
@@ -256,7 +256,7 @@ def test_checkpoint_grouping_and_reading_back_do_not_change_results(tiny_run, tm
   assert sorted(os.listdir(os.path.join(again, "ensemble"))) == [f"chunks_0000{i}-0000{i}" for i in range(4)]
   assert filecmp.cmp(os.path.join(workdir, "per_sample.csv"), os.path.join(again, "per_sample.csv"), shallow=False)
   cfg = config_lib.resolve(c)
-  from certssb_jax import models  # pylint: disable=g-import-not-at-top
+  from certssb_jax.models import zoo as models  # pylint: disable=g-import-not-at-top
   trainer = ensemble.trainer_for(models.get_model(cfg.model.name, 2), (28, 28, 1), cfg, models_per_chunk=2)
   grouped = list(ensemble.TrainedEnsemble(trainer, 8, rundir.RunDir(workdir)).chunks())
   single = list(ensemble.TrainedEnsemble(trainer, 8, rundir.RunDir(again)).chunks())
@@ -375,7 +375,7 @@ def test_too_few_models_warns_with_the_number_needed(caplog):
 
 def test_margin_ceiling_and_radius_grid():
   cfg = config_lib.resolve(tiny_config(num_models=60, alpha=0.001))
-  from certssb_jax import metrics  # pylint: disable=g-import-not-at-top
+  from certssb_jax.run import metrics  # pylint: disable=g-import-not-at-top
   ceiling = bounds.margin_ceiling(60, 0.001, num_classes=2)
   assert metrics.margin_ceiling(cfg) == ceiling
   assert metrics.radius_grid(cfg)[4] == pytest.approx(0.95 * ceiling * 0.25, abs=1e-4)

@@ -10,9 +10,9 @@ import os
 import numpy as np
 import pytest
 
-from certssb_jax import bounds
-from certssb_jax import config as config_lib
-from certssb_jax import store as store_lib
+from certssb_jax.certify import bounds
+from certssb_jax.run import config as config_lib
+from certssb_jax.store import certified as store_lib
 
 
 def _certified(margin, s_train, sigma_x, t, k, extra_sigmas=()):
@@ -152,7 +152,7 @@ def test_budget_grid_and_curve():
 def test_an_aligned_answer_uses_its_joint_radius():
   """A query inside the ball of a larger sigma_x takes its label; its margin_stored (at its own, smaller sigma_x)
   exceeds the source ball's margin, so only the joint radius gives a sound budget."""
-  from certssb_jax import metrics  # pylint: disable=g-import-not-at-top
+  from certssb_jax.run import metrics  # pylint: disable=g-import-not-at-top
 
   st = store_lib.CertifiedStore((2,))
   s_train, t = 0.25, 0.2
@@ -208,7 +208,7 @@ def test_answer_metrics_report_the_budget_curves_of_a_run_without_a_search():
   is the closed form at s_train = sigma_x = sigma_0, and the grid runs to where the curves are 0."""
   import types  # pylint: disable=g-import-not-at-top
 
-  from certssb_jax import metrics  # pylint: disable=g-import-not-at-top
+  from certssb_jax.run import metrics  # pylint: disable=g-import-not-at-top
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
 
   cfg = config_lib.resolve(tiny_config(**{"sigma.mode": "fixed", "attack.delta": 0.02}))

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from certssb_jax import config as config_lib
-from certssb_jax import ensemble
-from certssb_jax import pipeline
+from certssb_jax import files
+from certssb_jax.run import config as config_lib
+from certssb_jax.ensemble import trainer as ensemble
+from certssb_jax.run import pipeline
 from certssb_jax import rng
-from certssb_jax import rundir
-from certssb_jax import scorer as scorer_lib
-from certssb_jax import sigma_search
+from certssb_jax.run import rundir
+from certssb_jax.ensemble import scorer as scorer_lib
+from certssb_jax.defenses import sigma_search
 from certssb_jax import sweep
 
 from conftest import tiny_config, write_tiny_config  # pylint: disable=g-bad-import-order
@@ -49,7 +50,7 @@ def test_search_models_score_and_never_vote(tmp_path):
   preds = votes["clean_preds"]  # (8, N): every model's class
   np.testing.assert_array_equal(votes["clean"][:, 1], (preds[2:] == 1).sum(axis=0))
   cfg = config_lib.resolve(c)
-  from certssb_jax import models  # pylint: disable=g-import-not-at-top
+  from certssb_jax.models import zoo as models  # pylint: disable=g-import-not-at-top
   model = models.get_model("mnist_cnn", 2)
   trainer = ensemble.trainer_for(model, (28, 28, 1), cfg, models_per_chunk=2)
   held_out = ensemble.TrainedEnsemble(trainer, 8, rundir.RunDir(str(tmp_path / "s"))).stacked(np.arange(2))
@@ -78,7 +79,7 @@ def test_reference_compat_shows_the_reference_inflation(tmp_path):
   cfg = config_lib.resolve(c)
   attacked = pipeline.poison(cfg, pipeline.load_data(cfg), rundir.RunDir(str(tmp_path / "ref")),
                              pipeline.no_progress)
-  votes = rundir.load_npz(str(tmp_path / "ref" / "stages" / "votes.npz"))
+  votes = files.load_npz(str(tmp_path / "ref" / "stages" / "votes.npz"))
   sig = np.load(tmp_path / "ref" / "sigmas.npz")["test_clean"]
   # independent recomputation: Hoeffding with M fixed at 1000, no correction, radius x the searched sigma_x
   mean = votes["ref_clean_probs_sum"] / 8

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 import helpers
-from certssb_jax import config as config_lib
-from certssb_jax import rundir
+from certssb_jax import files
+from certssb_jax.run import config as config_lib
+from certssb_jax.run import rundir
 from conftest import tiny_config, write_tiny_config  # pylint: disable=g-bad-import-order
 
 SMALL = dict(max_train=128, max_test=32, num_models=4, models_per_chunk=2,
@@ -73,7 +74,7 @@ def test_a_stale_lock_of_a_dead_pid_is_taken_over_with_a_warning(tmp_path, cfg, 
   workdir = str(tmp_path / "w")
   dead = _dead_pid()
   _write_lock(workdir, pid=dead)
-  with caplog.at_level(logging.WARNING, logger="certssb_jax.rundir"):
+  with caplog.at_level(logging.WARNING, logger="certssb_jax.run.rundir"):
     rd = rundir.RunDir.open(workdir, cfg)
   assert f"taking over the lock of pid {dead} on host {socket.gethostname()}" in caplog.text
   assert json.load(open(os.path.join(workdir, rundir.LOCK_FILE)))["pid"] == os.getpid()
@@ -119,7 +120,7 @@ def test_a_process_opening_its_folder_again_takes_its_own_lock_over(tmp_path, cf
 
 
 def test_a_failing_run_releases_the_lock(tmp_path, monkeypatch):
-  from certssb_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from certssb_jax.run import pipeline  # pylint: disable=g-import-not-at-top
 
   def fail(*args, **kwargs):
     raise RuntimeError("a stage failed")
@@ -158,7 +159,7 @@ def test_a_damaged_single_model_names_it_and_the_folder_to_delete(tmp_path):
 _RESTORE_REPEATEDLY = """
 import gc, os, sys, time
 import numpy as np
-from certssb_jax import rundir
+from certssb_jax.run import rundir
 rd = rundir.RunDir(sys.argv[1])
 rng = np.random.default_rng(0)
 tree = {f"layer{i}": rng.normal(size=(64, 64, 8)).astype(np.float32) for i in range(12)}
@@ -196,7 +197,7 @@ def test_a_damaged_ensemble_checkpoint_ends_with_one_line_and_its_remedy_works(t
   workdir = str(tmp_path / "w")
   helpers.check(helpers.launch("--config", config_path, "--workdir", workdir), "launch")
   assert not os.path.exists(os.path.join(workdir, rundir.LOCK_FILE))  # gone after a normal run
-  original = rundir.load_npz(os.path.join(workdir, "votes.npz"))
+  original = files.load_npz(os.path.join(workdir, "votes.npz"))
   os.remove(os.path.join(workdir, "stages", "votes.npz"))  # as if killed before the votes
   damaged = os.path.join(workdir, "ensemble", "chunks_00001-00001")
   _truncate_largest(damaged)
@@ -214,7 +215,7 @@ def test_a_damaged_ensemble_checkpoint_ends_with_one_line_and_its_remedy_works(t
   log = helpers.launch("--config", config_path, "--workdir", workdir)
   helpers.check(log, "launch after the remedy")
   assert "ensemble: reusing 1 of 2 trained chunks" in log.stderr
-  again = rundir.load_npz(os.path.join(workdir, "votes.npz"))
+  again = files.load_npz(os.path.join(workdir, "votes.npz"))
   assert sorted(again) == sorted(original)
   for k, v in original.items():
     np.testing.assert_array_equal(again[k], v, err_msg=k)

@@ -18,7 +18,7 @@ import pytest
 from scipy import integrate, optimize, special, stats
 
 from certssb_jax import rng
-from certssb_jax import sigma_search as ss
+from certssb_jax.defenses import sigma_search as ss
 
 KEY = rng.stream(0, rng.SIGMA_SEARCH)
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from scipy.spatial import distance
 
-from certssb_jax import distances
-from certssb_jax import store as store_lib
-from certssb_jax.store import CertifiedStore, StoreAnswer
+from certssb_jax.store import distances
+from certssb_jax.store import certified as store_lib
+from certssb_jax.store.certified import CertifiedStore, StoreAnswer
 
 _FIELDS = ("pred", "radius_stored", "radius_joint", "margin_stored", "aligned", "trimmed", "stored", "align_source")
 

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from certssb_jax import triggers
+from certssb_jax.data import triggers
 
 DOCUMENTED = [
     # (trigger, input shape, pixels, value per channel)

@@ -6,7 +6,7 @@ import sys
 
 import jax
 
-from certssb_jax import pipeline
+from certssb_jax.run import pipeline
 from conftest import tiny_config
 
 

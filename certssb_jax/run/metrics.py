@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import scipy.stats
 
-from certssb_jax import bounds
-from certssb_jax import config as config_lib
-from certssb_jax import store as store_lib
+from certssb_jax.certify import bounds
+from certssb_jax.run import config as config_lib
+from certssb_jax.store import certified as store_lib
 
 logger = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ import urllib.request
 import zlib
 from collections.abc import Mapping, Sequence
 
-from certssb_jax import data as data_lib
+from certssb_jax.data import sources as data_lib
 
 logger = logging.getLogger(__name__)
 

@@ -27,10 +27,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from certssb_jax import backend
-from certssb_jax import models as models_lib
+from certssb_jax.models import zoo as models_lib
 from certssb_jax import rng
-from certssb_jax.member import MemberState, member_logits
-from certssb_jax.sharding import ENS, ChunkLayout, default_mesh, fold_keys, per_device, round_up, to_host
+from certssb_jax.ensemble.member import MemberState, member_logits
+from certssb_jax.ensemble.sharding import ENS, ChunkLayout, default_mesh, fold_keys, per_device, round_up, to_host
 
 
 def test_noise(seed: int, model_ids: np.ndarray, input_shape: Sequence[int]) -> jax.Array:

@@ -19,12 +19,12 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from certssb_jax import bounds
-from certssb_jax import data
-from certssb_jax import layers
-from certssb_jax import models
-from certssb_jax import sigma_search
-from certssb_jax import triggers
+from certssb_jax.certify import bounds
+from certssb_jax.data import sources as data
+from certssb_jax.models import layers
+from certssb_jax.models import zoo as models
+from certssb_jax.defenses import sigma_search
+from certssb_jax.data import triggers
 
 SIGMA_MODES = ("fixed", "sample_specific")
 TRAIN_SIGMAS = ("base", "search")
@@ -48,7 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0  # the one seed every random stream derives from; `seed=random` draws one (keep it secret)
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "builtin"  # a key of certssb_jax.data.SOURCES: builtin | idx | cifar_pickle | image_folder | tfds
+  c.data.source = "builtin"  # a key of certssb_jax.data.sources.SOURCES: builtin | idx | cifar_pickle | image_folder | tfds
   c.data.name = "mnist"  # the data set (tfds name, default folder of `python -m certssb_jax.data fetch NAME`)
   c.data.classes = (0, 1)  # original class ids; new label = position (paper: digit 1 -> y=1, digit 0 -> y=0)
   c.data.data_dir = ""  # folder of the files; "": the data set's default folder
@@ -58,7 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.test_fraction = 0.2  # builtin data: last fraction of each class (file order) is the test split
 
   c.attack = ml_collections.ConfigDict()
-  c.attack.trigger = "onepixel"  # a key of certssb_jax.triggers.TRIGGERS (none: relabel only)
+  c.attack.trigger = "onepixel"  # a key of certssb_jax.data.triggers.TRIGGERS (none: relabel only)
   c.attack.poison_rate = 0.02  # poisoned fraction of the training set (see poison_base)
   c.attack.poison_base = "all"  # all: of the whole training set (the paper's) | non_target: of the non-target samples
   c.attack.selection = "random"  # random | least_confident: the images a clean surrogate model is least sure of
@@ -67,7 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.attack.blend_alpha = 0.2  # weight of the fixed random image of the alpha_blend trigger
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = "mnist_cnn"  # a key of certssb_jax.models.MODELS
+  c.model.name = "mnist_cnn"  # a key of certssb_jax.models.zoo.MODELS
   c.model.pretrained = ""  # .npz of saved Flax variables (weights.save_params): every model starts from it, own head
   c.model.conv = "xla"  # xla | patches: how convolutions are computed (the same parameters and models to rounding)
 

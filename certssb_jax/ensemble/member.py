@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from certssb_jax import models as models_lib
-from certssb_jax import weights
+from certssb_jax.models import zoo as models_lib
+from certssb_jax.models import weights
 from certssb_jax import rng
 
 

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from certssb_jax import models as models_lib
-from certssb_jax.member import member_logits
-from certssb_jax.sharding import ENS, round_up
+from certssb_jax.models import zoo as models_lib
+from certssb_jax.ensemble.member import member_logits
+from certssb_jax.ensemble.sharding import ENS, round_up
 
 
 def ordered_sum(local: jax.Array, valid: jax.Array, num_devices: int) -> jax.Array:

@@ -16,11 +16,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from certssb_jax import bounds
-from certssb_jax import certify as certify_lib
-from certssb_jax import config as config_lib
-from certssb_jax import metrics
-from certssb_jax import rundir
+from certssb_jax import files
+from certssb_jax.certify import bounds
+from certssb_jax.certify import kernel as certify_lib
+from certssb_jax.run import config as config_lib
+from certssb_jax.run import metrics
+from certssb_jax.run import rundir
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def write_outputs(cfg: Any, attacked: Any, certs: dict[str, bounds.Certificate],
   budgets = metrics.poison_budgets(cfg, answers, sigma_train, sigma_test)
   _write_csv(rd.file("per_sample.csv"), attacked, certs, answers, sigma_test, budgets,
              voters - cfg.certify.holdout_models)
-  rundir.save_npz(rd.file("votes.npz"),
+  files.save_npz(rd.file("votes.npz"),
                   **{s: certify_lib.votes_from_preds(votes[f"{s}_preds"][-voters:], k) for s in SPLITS},
                   **{f"{s}_preds": votes[f"{s}_preds"].astype(np.int16) for s in SPLITS},
                   **{f"{s}_probs_sum": votes[f"{s}_probs_sum"] for s in SPLITS},
@@ -140,7 +141,7 @@ def write_outputs(cfg: Any, attacked: Any, certs: dict[str, bounds.Certificate],
   if cfg.sigma.mode == "sample_specific":
     plot_sigma_histogram(rd.file("sigma_histogram.png"), cfg, attacked, sigma_train, sigma_test)
   summary["files"] = sorted({f for f in os.listdir(rd.path) if not f.startswith(".")} | {"summary.json"})
-  rundir.save_json(rd.file("summary.json"), summary)
+  files.save_json(rd.file("summary.json"), summary)
   return summary
 
 
@@ -158,7 +159,7 @@ def _write_csv(path: str, attacked: Any, certs: dict, answers: dict, sigma_test:
                   repr(float(cert.radius[i])), repr(float(cert.radius_test[i])), int(cert.pred[i] == s.y[i]),
                   int(ans.pred[i]), repr(float(ans.radius_stored[i])), repr(float(ans.radius_joint[i])),
                   repr(float(ans.margin_stored[i])), int(ans.aligned[i]), int(ans.trimmed[i]), int(budget[i])])
-  rundir.atomic_write_bytes(path, buf.getvalue().encode())
+  files.atomic_write_bytes(path, buf.getvalue().encode())
 
 
 # ---------------------------------------------------------------------------------------------- plots

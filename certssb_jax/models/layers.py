@@ -143,7 +143,7 @@ def batch_norm(train: bool, name: str | None = None, dtype: Any = None) -> nn.Ba
   ``momentum=0.9`` keeps 0.9 of the running statistics per step (PyTorch's ``momentum=0.1``); in training the
   batch statistics normalise and the running averages are updated (the ``batch_stats`` collection, mutable),
   at inference the running averages normalise, so a sample's logit does not depend on the rest of its batch.
-  Inside the vmapped ensemble (``certssb_jax/ensemble.py``) the statistics are reduced over each model's own
+  Inside the vmapped ensemble (``certssb_jax/ensemble/trainer.py``) the statistics are reduced over each model's own
   batch only (no ``axis_name``), so every model's running statistics are its own. Flax updates the running
   variance with the biased batch variance (PyTorch with the unbiased one): a factor B / (B - 1). With a
   ``dtype`` of bfloat16 the statistics are still reduced and kept in float32; only the output is bfloat16.

@@ -22,7 +22,7 @@ Sources (``load_dataset(source, ...)``; the registry is ``SOURCES``; the readers
 * ``"cifar_pickle"``: the ``cifar-10-batches-py`` folder of the CIFAR-10 python release.
 * ``"image_folder"``: an ImageNette-style tree ``folder/{train,val}/<class dir>/<image>``.
 
-Getting the files of the file sources (checksums verified; see ``certssb_jax/fetch.py``)::
+Getting the files of the file sources (checksums verified; see ``certssb_jax/data/fetch.py``)::
 
   python -m certssb_jax.data fetch mnist|fashion_mnist|cifar10|imagenette [--dir DIR]
 
@@ -38,14 +38,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import sys
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from certssb_jax import image_readers
-from certssb_jax import readers
-from certssb_jax.dataset import DataError, Dataset, check_classes
+from certssb_jax.data import image_readers
+from certssb_jax.data import readers
+from certssb_jax.data.dataset import DataError, Dataset, check_classes
 
 logger = logging.getLogger(__name__)
 
@@ -302,10 +301,3 @@ def load_dataset(
   )
   return ds
 
-
-if __name__ == "__main__":
-  # `python -m certssb_jax.data fetch NAME`: the command line lives in fetch.py (this file, run as __main__,
-  # is a second copy of the module; fetch.py uses the imported one).
-  from certssb_jax import fetch as _fetch  # pylint: disable=g-import-not-at-top
-
-  sys.exit(_fetch.main(sys.argv[1:]))

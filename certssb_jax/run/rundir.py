@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime
 import errno
 import fcntl
-import io
 import json
 import logging
 import os
@@ -22,15 +21,15 @@ import re
 import shutil
 import socket
 import sys
-import tempfile
 import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import orbax.checkpoint as ocp
 
-from certssb_jax import config as config_lib
 from certssb_jax import multihost
+from certssb_jax.files import load_json, load_npz, save_json, save_npz
+from certssb_jax.run import config as config_lib
 
 logger = logging.getLogger(__name__)
 
@@ -60,55 +59,6 @@ def _remove(path: str) -> None:
     os.unlink(path)
   elif os.path.isdir(path):
     shutil.rmtree(path)
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-  """Writes ``data`` to ``path`` through a temporary file in the same folder and ``os.replace`` (mode 0644)."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.basename(path))
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600: results are meant to be read by others
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
-def save_npz(path: str, **arrays: Any) -> None:
-  """Atomically writes arrays as an uncompressed ``.npz``."""
-  buf = io.BytesIO()
-  np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
-  atomic_write_bytes(path, buf.getvalue())
-
-
-def load_npz(path: str) -> dict[str, np.ndarray]:
-  """Reads every array of an ``.npz`` into memory."""
-  with np.load(path, allow_pickle=False) as f:
-    return {k: f[k] for k in f.files}
-
-
-def save_json(path: str, obj: Any) -> None:
-  """Atomically writes JSON (indented, keys in insertion order)."""
-  atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
-
-
-def load_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
-
-
-def _json_default(o: Any) -> Any:
-  if isinstance(o, np.generic):
-    return o.item()
-  if isinstance(o, (np.ndarray, tuple)):
-    return list(o) if isinstance(o, tuple) else o.tolist()
-  raise TypeError(f"cannot write {type(o).__name__} to JSON")
 
 
 # ---------------------------------------------------------------------------------------------- the folder

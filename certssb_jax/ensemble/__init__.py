@@ -1,0 +1,7 @@
+"""The ensemble: one member's pure functions (``member``), the layout of a chunk of members over the devices
+(``sharding``), the training programs (``trainer``) and the batched scorer of the sigma search (``scorer``)."""
+
+from certssb_jax.ensemble.member import MemberState, Streams
+from certssb_jax.ensemble.trainer import EnsembleTrainer, TrainedEnsemble
+
+__all__ = ["MemberState", "Streams", "EnsembleTrainer", "TrainedEnsemble"]
