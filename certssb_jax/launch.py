@@ -105,10 +105,12 @@ def summary_table(summaries: dict[str, dict]) -> str:
           # the smoothed classifier's plain majority: with few models most certificates abstain
           ("majority vote: clean / ERA / ASR", lambda s: " / ".join(
               f"{s['majority'][k]:.3f}" for k in ("clean_accuracy", "era", "asr")))]
-  grid = first["radius_grid"]
+  grid = first.get("radius_grid", [])
   for kind, label in (("cra_test", "test-input"), ("cra", "joint")):
     for r in grid[1:6:2]:
       rows.append((f"CRA({label} radius > {r:g})", lambda s, r=r, kind=kind: s["metrics"][kind].get(str(float(r)))))
+  for k in first.get("poison_budget_grid", [])[1:4]:  # certified against k poisoned training images
+    rows.append((f"certified accuracy, {k} poisons", lambda s, k=k: s["metrics"]["cra_poison_budget"].get(str(k))))
   rows += [("aligned / trimmed answers", lambda s: "{} / {}".format(
                s["metrics"]["aligned_clean"] + s["metrics"]["aligned_triggered"],
                s["metrics"]["trimmed_clean"] + s["metrics"]["trimmed_triggered"])),
@@ -131,7 +133,8 @@ def summary_table(summaries: dict[str, dict]) -> str:
         vals.append(fmt(get(summaries[n])))
       except (KeyError, TypeError):
         vals.append("-")
-    lines.append(f"{label:<{width}}" + "".join(f"{v:>22}" for v in vals))
+    if any(v != "-" for v in vals):  # rows of another family's certificate stay out
+      lines.append(f"{label:<{width}}" + "".join(f"{v:>22}" for v in vals))
   return "\n".join(lines)
 
 
@@ -177,7 +180,6 @@ def main(argv: list[str], spec: str | None, overrides: dict[str, str]) -> None:
   if not primary:  # the other processes compute; process 0 reports
     logging.getLogger("certssb_jax").setLevel(logging.WARNING)
   from certssb_jax.run import pipeline  # pylint: disable=g-import-not-at-top
-  from certssb_jax.run import report  # pylint: disable=g-import-not-at-top
 
   progress = pipeline.tqdm_progress if _PROGRESS.value and primary else pipeline.no_progress
   workdir = _WORKDIR.value
@@ -185,7 +187,8 @@ def main(argv: list[str], spec: str | None, overrides: dict[str, str]) -> None:
   if _COMPARE.value:
     runs = pipeline.compare_modes(config, workdir, progress=progress, fresh=_FRESH.value)
   else:
-    runs[report.MODE_NAMES[config.sigma.mode]] = pipeline.run(config, workdir, progress=progress, fresh=_FRESH.value)
+    summary = pipeline.run(config, workdir, progress=progress, fresh=_FRESH.value)
+    runs[summary["method"]] = summary
   if not primary:
     return
   print()

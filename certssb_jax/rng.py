@@ -22,6 +22,7 @@ UNDEFENDED = 7  # the undefended baseline model
 DROPOUT = 8  # dropout of member m (models that use it)
 TRIGGER = 9  # fixed random trigger patterns (blending)
 SURROGATE = 10  # the adaptive attacker's surrogate model
+BAG = 11  # the bag (training indices drawn with replacement) of bagging member m
 
 
 def stream(seed: int | jax.Array, tag: int) -> jax.Array:

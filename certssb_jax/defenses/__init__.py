@@ -1,2 +1,23 @@
-"""Defenses: how each member's training view is made, at which noise each query is voted on, how votes become a
-certificate and how answers are made."""
+"""Defenses: how each member's training view is made, at which noise it trains and votes, and how votes become a
+certificate (``base.Defense``). ``get`` is the one place a run's defense is looked up."""
+
+from typing import Any
+
+from certssb_jax.defenses.bagging import BAGGING
+from certssb_jax.defenses.base import CountCertificate, Defense
+from certssb_jax.defenses.dpa import DPA
+from certssb_jax.defenses.smoothing import CERT_SSB, RAB
+
+# defense.name -> the defense; "smoothing" is RAB or Cert-SSB by sigma.mode
+NAMES = ("smoothing", "dpa", "bagging")
+
+
+def get(cfg: Any) -> Defense:
+  """The defense a (resolved) config runs."""
+  name = cfg.defense.name
+  if name == "smoothing":
+    return RAB if cfg.sigma.mode == "fixed" else CERT_SSB
+  return {"dpa": DPA, "bagging": BAGGING}[name]
+
+
+__all__ = ["BAGGING", "CERT_SSB", "CountCertificate", "DPA", "Defense", "NAMES", "RAB", "get"]

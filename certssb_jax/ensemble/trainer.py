@@ -60,6 +60,10 @@ class TrainConfig:
   models_per_chunk: int
 
 
+# A defense's per-model training view: model ids (C,) -> (C, L) int indices into the training set.
+MemberViews = Callable[[np.ndarray], np.ndarray]
+
+
 def _expand(sigma: jax.Array, ndim: int) -> jax.Array:
   return sigma.reshape((-1,) + (1,) * ndim)
 
@@ -120,6 +124,7 @@ class EnsembleTrainer:
     noised = lambda key_m, x, sigma: x + _expand(sigma, x.ndim - 1) * train_noise(key_m, jnp.arange(len(x)),
                                                                                     x.shape[1:])
     self._noised = backend.jit(jax.vmap(noised, in_axes=(0, None, None)), out_shardings=self._ens)
+    self._through_view = jax.jit(jax.vmap(lambda view, perm: view[perm]), out_shardings=self._ens)
     self._steps = {fn: self._make_step(fn) for fn in (_batch_noised_copy, _batch_noise_keys, _batch_clean)}
     self._batches = {fn: jax.jit(self._make_batches(fn)) for fn in (_batch_noise_keys, _batch_clean)}
 
@@ -158,8 +163,9 @@ class EnsembleTrainer:
     return [np.arange(c * self.chunk, (c + 1) * self.chunk) for c in range(-(-num_models // self.chunk))]
 
   def train_chunk(self, model_ids: np.ndarray, streams: Streams, x: np.ndarray, y: np.ndarray,
-                  sigma: np.ndarray | None, *, fresh_noise: bool = False, epochs: int | None = None,
-                  on_step: Callable[[int], None] | None = None, return_losses: bool = False) -> Any:
+                  sigma: np.ndarray | None, *, views: MemberViews | None = None, fresh_noise: bool = False,
+                  epochs: int | None = None, on_step: Callable[[int], None] | None = None,
+                  return_losses: bool = False) -> Any:
     """Trains the models ``model_ids`` (one chunk) and returns their stacked state on the host.
 
     Args:
@@ -168,6 +174,8 @@ class EnsembleTrainer:
       x: (n, H, W, C) training inputs in [0, 1] (possibly poisoned).
       y: (n,) labels.
       sigma: (n,) per-sample noise levels sigma_j, or None to train without noise (undefended model).
+      views: each model's training view, model ids -> (C, L) indices into x (a partition, a bag); an epoch is
+        then a pass over the model's L view positions in its own order. None: every model sees all of x.
       fresh_noise: draw new noise every epoch (Gaussian augmentation of the pilot model). False for the
         ensemble: its noise is fixed per (model, sample) across epochs, as the certificate requires.
       epochs: passes over the data (default ``config.epochs``; the compiled step does not depend on it).
@@ -179,13 +187,15 @@ class EnsembleTrainer:
       ``return_losses``, (state, losses (C, steps) float32: every model's training loss at every step).
     """
     cfg = self.config
-    n = len(x)
-    if n < cfg.batch_size:
-      raise ValueError(f"training set has {n} samples, fewer than batch_size {cfg.batch_size}")
     model_ids = np.asarray(model_ids)
     if len(model_ids) != self.chunk:
       raise ValueError(f"expected {self.chunk} model ids in a chunk, got {len(model_ids)}")
     slot_ids = self.layout.split(model_ids)
+    slot_views = None if views is None else [jax.device_put(np.asarray(views(ids), np.int32), self._ens)
+                                             for ids in slot_ids]
+    n = len(x) if views is None else slot_views[0].shape[1]  # positions an epoch passes over
+    if n < cfg.batch_size:
+      raise ValueError(f"training set has {n} samples, fewer than batch_size {cfg.batch_size}")
     pretrained = jax.device_put(self.pretrained, self._rep) if self.pretrained else None
     state = tuple(self._init(self._fold(streams.init, ids), pretrained) for ids in slot_ids)
     data = self._data(x, y, sigma)
@@ -196,6 +206,8 @@ class EnsembleTrainer:
     for epoch in range(cfg.epochs if epochs is None else epochs):
       per_slot = [self._epoch(ids, streams, epoch, n, fresh_noise) for ids in slot_ids]
       perms = tuple(e[0] for e in per_slot)
+      if slot_views is not None:  # the epoch's order of view positions, as indices into x
+        perms = tuple(self._through_view(v, p) for v, p in zip(slot_views, perms))
       if batch_fn is not _batch_noised_copy:
         sources = tuple(e[1] for e in per_slot)
       for s in range(n // cfg.batch_size):

@@ -25,6 +25,7 @@ from certssb_jax.models import layers
 from certssb_jax.models import zoo as models
 from certssb_jax.defenses import sigma_search
 from certssb_jax.data import triggers
+from certssb_jax import defenses
 
 SIGMA_MODES = ("fixed", "sample_specific")
 TRAIN_SIGMAS = ("base", "search")
@@ -78,6 +79,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.learning_rate = 1e-3  # Adam
   c.train.models_per_chunk = config_dict.placeholder(int)  # models per vmapped program; None: 1 on CPU, <= 256 else
   c.train.checkpoint_every_s = 60.0  # save trained chunks together at most this often (0: every chunk)
+
+  c.defense = ml_collections.ConfigDict()
+  c.defense.name = "smoothing"  # smoothing (RAB or Cert-SSB, by sigma.mode) | dpa (train.num_models partitions) | bagging
+  c.defense.bag_size = 0  # bagging: training samples per member, drawn with replacement; 0: n // train.num_models
 
   c.sigma = ml_collections.ConfigDict()
   c.sigma.mode = "sample_specific"  # sample_specific (Cert-SSB) | fixed (RAB: every sigma = sigma_0)
@@ -262,6 +267,7 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDic
   c = ml_collections.ConfigDict(config.to_dict(), type_safe=False)
   _check(isinstance(c.seed, int) and 0 <= c.seed < 2**31, f"seed must be an int in [0, 2^31) or 'random', got {c.seed!r}")
   _check_data_attack_training(c)
+  _resolve_defense(c)
   voters = _resolve_sigma(c)
   _resolve_certify(c, voters)
   if c.sigma.mode == "fixed":  # RAB searches nothing: its config records no search settings (and so does not
@@ -300,6 +306,20 @@ def _check_data_attack_training(c: ml_collections.ConfigDict) -> None:
   _check(t.models_per_chunk is None or t.models_per_chunk >= 1,
          f"train.models_per_chunk must be >= 1 or None, got {t.models_per_chunk}")
   c.undefended.epochs = c.undefended.epochs or t.epochs
+
+
+def _resolve_defense(c: ml_collections.ConfigDict) -> None:
+  f, s, cert = c.defense, c.sigma, c.certify
+  _one_of(f.name, defenses.NAMES, "defense.name")
+  _check(isinstance(f.bag_size, int) and f.bag_size >= 0, f"defense.bag_size must be an int >= 0, got {f.bag_size!r}")
+  if f.name == "smoothing":
+    return
+  # a counting defense's members train and vote without noise: the sigma section does not apply (and is not
+  # recorded, so that it cannot make two runs of the same defense differ)
+  s.mode, s.sigma_lo, s.sigma_hi, s.search_models = "fixed", None, None, None
+  _check(cert.bound == "clopper_pearson" and cert.correction == "bonferroni" and cert.compat == "none",
+         f"defense.name={f.name} certifies with its own bound: leave certify.bound, correction and compat at "
+         "their defaults")
 
 
 def _resolve_sigma(c: ml_collections.ConfigDict) -> int:
@@ -450,4 +470,6 @@ def training_key(j: dict[str, Any], *, num_models: bool = True) -> str:
   if not num_models:
     key["train"].pop("num_models")
   key.update(seed=j["seed"], sigma_0=j["sigma"]["sigma_0"], sigma=None if shared else j["sigma"])
+  if j["defense"]["name"] != "smoothing":  # a counting defense's members see other data, without noise
+    key.update(defense=j["defense"], sigma_0=None, sigma=None)
   return json.dumps(key, sort_keys=True)

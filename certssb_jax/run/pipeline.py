@@ -24,6 +24,7 @@ from certssb_jax.certify import bounds
 from certssb_jax.certify import kernel as certify_lib
 from certssb_jax.run import config as config_lib
 from certssb_jax.data import sources as data_lib
+from certssb_jax import defenses
 from certssb_jax.ensemble import trainer as ensemble
 from certssb_jax.run import metrics
 from certssb_jax.models import zoo as models_lib
@@ -74,7 +75,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: Progress |
 
 
 def _run_stages(cfg: Config, ds: data_lib.Dataset, rd: RunDir, progress: Progress) -> dict[str, Any]:
-  """The stages of ``run``, in order, in the opened (and locked) run folder ``rd``."""
+  """The stages of ``run`` in the opened (and locked) run folder ``rd``: those of the defense's family."""
+  defense = defenses.get(cfg)
+  return {"smoothing": _smoothing_stages, "counting": _counting_stages}[defense.family](cfg, ds, rd, defense,
+                                                                                         progress)
+
+
+def _smoothing_stages(cfg: Config, ds: data_lib.Dataset, rd: RunDir, defense: defenses.Defense,
+                      progress: Progress) -> dict[str, Any]:
+  """RAB and Cert-SSB: training sigmas, the noised ensemble, test sigmas, votes, bounds, the store."""
+  del defense  # RAB and Cert-SSB differ by the sigma settings the stages read
   report.warn_if_uncertifiable(cfg)
 
   attacked = poison(cfg, ds, rd, progress)
@@ -106,6 +116,24 @@ def _run_stages(cfg: Config, ds: data_lib.Dataset, rd: RunDir, progress: Progres
   if not multihost.is_primary():  # the other processes computed with process 0; it alone writes the outputs
     return {"process_index": jax.process_index(), "files": []}
   return report.write_outputs(cfg, attacked, certs, answers, votes, sigma_train, sigma_test, undefended, diag, rd)
+
+
+def _counting_stages(cfg: Config, ds: data_lib.Dataset, rd: RunDir, defense: defenses.Defense,
+                     progress: Progress) -> dict[str, Any]:
+  """DPA and bagging: members trained without noise on their views (parts, bags), votes on the clean queries,
+  certificates that count poisoned training samples."""
+  attacked = poison(cfg, ds, rd, progress)
+  undefended = train_undefended(cfg, attacked, rd, progress) if cfg.undefended.enabled else None
+  views = defense.member_views(cfg, attacked.x_train, attacked.y_train)
+  members = train_ensemble(cfg, attacked, None, rd, progress, views=views)
+  clean_queries = {s: (attacked.splits[s].x, np.zeros(len(attacked.splits[s].y), np.float32)) for s in SPLITS}
+  votes = rd.stage("votes", lambda: run_kernel(cfg, members, clean_queries, progress))
+  k = len(cfg.data.classes)
+  certs = {s: defense.certify_votes(cfg, certify_lib.votes_from_preds(votes[f"{s}_preds"], k),
+                                    len(attacked.y_train)) for s in SPLITS}
+  if not multihost.is_primary():
+    return {"process_index": jax.process_index(), "files": []}
+  return report.write_count_outputs(cfg, defense, attacked, certs, votes, undefended, rd)
 
 
 def compare_modes(config: ml_collections.ConfigDict, workdir: str, *, progress: Progress | None = None,
@@ -342,9 +370,10 @@ def pilot_score_fn(model) -> Callable[[Any, jax.Array], jax.Array]:
 # ---------------------------------------------------------------------------------------------- the ensemble
 
 
-def train_ensemble(cfg: Config, attacked: Attacked, sigma_train: np.ndarray, rd: RunDir,
-                   progress: Progress) -> ensemble.TrainedEnsemble:
-  """Trains the M smoothed models chunk by chunk, model m on its own fixed noised copy of the training set.
+def train_ensemble(cfg: Config, attacked: Attacked, sigma_train: np.ndarray | None, rd: RunDir,
+                   progress: Progress, views: ensemble.MemberViews | None = None) -> ensemble.TrainedEnsemble:
+  """Trains the M models chunk by chunk: model m on its own fixed noised copy of the training set (smoothing,
+  ``sigma_train`` per sample) or without noise on its view of it (``views``: a part, a bag).
 
   Trained chunks are saved together once ``train.checkpoint_every_s`` seconds have passed since the last save
   (0: every chunk), after the first chunk (so an early kill loses little), and at the end; each save runs in
@@ -358,7 +387,8 @@ def train_ensemble(cfg: Config, attacked: Attacked, sigma_train: np.ndarray, rd:
   done = {c for first, last in rd.saved_chunks() for c in range(first, last + 1)}
   if done:
     logger.info("ensemble: reusing %d of %d trained chunks", len(done), len(chunks))
-  steps_per_model = t.epochs * (len(attacked.y_train) // t.batch_size)
+  positions = len(attacked.y_train) if views is None else np.shape(views(np.zeros(1, np.int64)))[1]
+  steps_per_model = t.epochs * (positions // t.batch_size)
   streams = Streams.ensemble(cfg.seed)
   pending: list[tuple[int, MemberState]] = []
   last_save, t0 = time.monotonic(), time.perf_counter()
@@ -369,7 +399,7 @@ def train_ensemble(cfg: Config, attacked: Attacked, sigma_train: np.ndarray, rd:
         continue
       # the epochs are passed: the shared trainer may have been built by a run with other epochs
       state, losses = trainer.train_chunk(ids, streams, attacked.x_train, attacked.y_train, sigma_train,
-                                          epochs=t.epochs, on_step=update, return_losses=True)
+                                          views=views, epochs=t.epochs, on_step=update, return_losses=True)
       ensemble.check_losses(losses, ids)
       pending.append((c, members.keep(c, state)))
       due = time.monotonic() - last_save >= t.checkpoint_every_s or c == 0

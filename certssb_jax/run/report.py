@@ -299,3 +299,99 @@ def plot_sigma_histogram(path: str, cfg: Any, attacked: Any, sigma_train: np.nda
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- counting defenses
+
+COUNT_CSV_COLUMNS = ("split", "index", "label", "pred", "votes_top", "votes_runner", "num_models",
+                     "certified_poisons", "certified_insertions_deletions", "correct")
+
+
+def summarize_counts(cfg: Any, defense: Any, attacked: Any, certs: dict, votes: dict[str, np.ndarray],
+                     undefended: dict[str, float] | None, timings: dict[str, float]) -> dict[str, Any]:
+  """``summary.json`` of a counting defense (DPA, bagging; docs/outputs.md).
+
+  ``metrics`` counts a prediction as given where it is certified against 0 poisons (bagging abstains where its
+  bound certifies nothing; DPA always answers); ``majority`` is the plain vote. ``cra_poison_budget`` is the
+  certified accuracy against k modified training samples, the same key as a smoothing run's budget.
+  """
+  y = {s: attacked.splits[s].y for s in SPLITS}
+  pred = {s: np.where(certs[s].certified >= 0, certs[s].pred, -1) for s in SPLITS}
+  grid = bounds.budget_grid(int(max(certs[s].certified.max(initial=-1) for s in SPLITS)))
+  target = cfg.attack.target_class
+  answered = pred["triggered"] != -1
+  m = {"clean_accuracy": float(np.mean(pred["clean"] == y["clean"])),
+       "abstain_rate": float(np.mean(pred["clean"] == -1)),
+       "era": float(np.mean(pred["triggered"] == y["triggered"])),
+       "asr": float(np.mean(pred["triggered"] == target)) if answered.any() else None,
+       "abstain_rate_triggered": float(np.mean(~answered))}
+  for s, key in (("clean", "cra_poison_budget"), ("triggered", "cra_poison_budget_triggered")):
+    m[key] = bounds.certified_accuracy_budget(certs[s].certified, certs[s].pred == y[s], grid)
+  majority = {"clean_accuracy": float(np.mean(certs["clean"].pred == y["clean"])),
+              "era": float(np.mean(certs["triggered"].pred == y["triggered"])),
+              "asr": float(np.mean(certs["triggered"].pred == target))}
+  train_s = timings.get("train_ensemble")
+  return {
+      "dataset": attacked.data.name, "source": attacked.data.source, "classes": list(attacked.data.classes),
+      "n_train": int(len(attacked.y_train)), "n_test": int(len(y["clean"])), "n_triggered": int(len(y["triggered"])),
+      "n_poisoned": int(len(attacked.poison_indices)), "trigger": cfg.attack.trigger, "delta": cfg.attack.delta,
+      "poison_rate": cfg.attack.poison_rate, "poison_base": cfg.attack.poison_base,
+      "selection": cfg.attack.selection, "target_class": target, "seed": cfg.seed,
+      "method": defense.name, "family": defense.family, "defense": defense.describe(cfg),
+      "num_models": cfg.train.num_models,
+      "certificates": "exact counts of modified training samples (image and label) that cannot change the vote"
+                      if defense.name == "DPA" else
+                      f"counts of modified training samples, each holding with probability >= 1 - {cfg.certify.alpha:g}",
+      "poison_budget_grid": list(grid),
+      "metrics": m, "majority": majority, "undefended": undefended,
+      "time_per_member_s": train_s / cfg.train.num_models if train_s else None,
+      "timings_s": timings, "versions": versions(), "devices": [str(d) for d in jax.devices()],
+      "process_count": jax.process_count(),
+  }
+
+
+def write_count_outputs(cfg: Any, defense: Any, attacked: Any, certs: dict, votes: dict[str, np.ndarray],
+                        undefended: dict[str, float] | None, rd: rundir.RunDir) -> dict[str, Any]:
+  """Writes the output files of a counting defense's run and returns its summary."""
+  summary = summarize_counts(cfg, defense, attacked, certs, votes, undefended, rd.timings())
+  k = len(cfg.data.classes)
+  buf = io.StringIO()
+  w = csv.writer(buf)
+  w.writerow(COUNT_CSV_COLUMNS)
+  for split in SPLITS:
+    s, c = attacked.splits[split], certs[split]
+    for i in range(len(s.y)):
+      w.writerow([split, int(s.index[i]), int(s.y[i]), int(c.pred[i]), int(c.votes_top[i]), int(c.votes_runner[i]),
+                  cfg.train.num_models, int(c.certified[i]), int(c.certified_insertions[i]), int(c.pred[i] == s.y[i])])
+  files.atomic_write_bytes(rd.file("per_sample.csv"), buf.getvalue().encode())
+  files.save_npz(rd.file("votes.npz"),
+                 **{s: certify_lib.votes_from_preds(votes[f"{s}_preds"], k) for s in SPLITS},
+                 **{f"{s}_preds": votes[f"{s}_preds"].astype(np.int16) for s in SPLITS},
+                 **{f"{s}_label": attacked.splits[s].y for s in SPLITS})
+  plot_count_certificates(rd.file("certified_accuracy.png"), cfg, defense, attacked, certs)
+  summary["files"] = sorted({f for f in os.listdir(rd.path) if not f.startswith(".")} | {"summary.json"})
+  files.save_json(rd.file("summary.json"), summary)
+  return summary
+
+
+def plot_count_certificates(path: str, cfg: Any, defense: Any, attacked: Any, certs: dict) -> None:
+  """Certified accuracy (clean split) and certified ERA (triggered split) against the number of modified
+  training samples, exact step curves."""
+  plt = _figure()
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  curves = {s: budget_curve(certs[s].certified, certs[s].pred == attacked.splits[s].y) for s in SPLITS}
+  right = max(1, *(int(ks[-1]) for ks, _ in curves.values()))
+  for split, color, label in (("clean", "C0", "clean: certified accuracy"), ("triggered", "C3", "triggered: certified ERA")):
+    ks, acc = curves[split]
+    ax.step(np.append(ks, right), np.append(acc, acc[-1]), where="post", color=color, lw=1.4, label=label)
+  ax.set_xlim(0, right)
+  ax.set_ylim(0, 1.02)
+  ax.set_xlabel("modified training samples (image and label)")
+  ax.set_ylabel("certified accuracy")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, loc="lower left")
+  ax.set_title(f"{attacked.data.name} {tuple(attacked.data.classes)}, {cfg.attack.trigger} trigger, {defense.name} "
+               f"M={cfg.train.num_models}", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

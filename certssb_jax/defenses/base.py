@@ -1,0 +1,74 @@
+"""The defense seam: what a defense tells the one ensemble engine.
+
+A ``Defense`` is a small record of functions, as an optax ``GradientTransformation`` is: the run asks it how
+each member's training view is made, at which noise the members train and vote, and how votes become a
+certificate. Two families plug in:
+
+* smoothing (RAB, Cert-SSB): every member sees the whole training set with its own fixed Gaussian noise and
+  votes on noised queries; the certificate is an l2 radius (``certify.bounds``), answers go through the store.
+* counting (DPA, bagging): each member sees a part of the training set (a partition, a bag) without noise and
+  votes on the clean query; the certificate is a number of poisoned training samples, labels included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+
+# model ids (C,) -> (C, L) indices into the training set (``ensemble.trainer.MemberViews``)
+MemberViews = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class CountCertificate:
+  """What a counting defense certifies for each query.
+
+  Attributes:
+    pred: (N,) the ensemble's class (majority vote, ties to the smaller class).
+    votes_top: (N,) votes for ``pred``.
+    votes_runner: (N,) votes for the strongest other class.
+    certified: (N,) int64, the number of modified training samples (image and label changed at will) that
+      cannot change ``pred``; -1 where not even the unmodified training set is certified (bagging's bound).
+    certified_insertions: (N,) int64, the same certificate counted in insertions plus deletions (a modified
+      sample is one of each), where the defense states it natively (DPA); else 2 * certified.
+  """
+
+  pred: np.ndarray
+  votes_top: np.ndarray
+  votes_runner: np.ndarray
+  certified: np.ndarray
+  certified_insertions: np.ndarray
+
+
+class Defense(NamedTuple):
+  """How one defense uses the ensemble engine (see the module docstring).
+
+  Attributes:
+    name: as reported ("RAB", "Cert-SSB", "DPA", "bagging").
+    family: "smoothing" (certifies an l2 trigger radius) or "counting" (certifies a number of poisoned samples).
+    member_views: (config, poisoned training inputs, labels) -> the members' training views; None: every member
+      trains on the whole training set.
+    certify_votes: (config, votes (N, K) int, training-set size) -> CountCertificate (counting family); None for
+      smoothing, whose bounds need each query's sigma (``certify.bounds.certify_counts`` through the run).
+    describe: config -> the defense's settings as the summary records them.
+  """
+
+  name: str
+  family: str
+  member_views: Callable[[Any, np.ndarray, np.ndarray], MemberViews] | None
+  certify_votes: Callable[[Any, np.ndarray, int], CountCertificate] | None
+  describe: Callable[[Any], dict[str, Any]]
+
+
+def top_two(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """(class c, n_c, strongest other class c', n_c') of each row of votes (N, K); c = argmax with ties to the
+  smaller class (numpy's argmax), c' likewise among the others."""
+  votes = np.asarray(votes, np.int64)
+  rows = np.arange(len(votes))
+  c = votes.argmax(1)
+  others = votes.copy()
+  others[rows, c] = -1
+  c2 = others.argmax(1)
+  return c, votes[rows, c], c2, votes[rows, c2]
