@@ -188,7 +188,7 @@ def main(argv: list[str], spec: str | None, overrides: dict[str, str]) -> None:
     runs = pipeline.compare_modes(config, workdir, progress=progress, fresh=_FRESH.value)
   else:
     summary = pipeline.run(config, workdir, progress=progress, fresh=_FRESH.value)
-    runs[summary["method"]] = summary
+    runs[summary.get("method", "run")] = summary  # a process other than 0 reports no method
   if not primary:
     return
   print()
