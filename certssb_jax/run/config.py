@@ -226,6 +226,10 @@ def convert(raw: str, kind: type, path: str) -> Any:
   return raw
 
 
+# the clone this package sits in (certssb_jax/run/config.py -> the folder above certssb_jax/)
+_CLONE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """Loads ``path/to/config.py[:variant]`` as ``--config`` does: imports the file, calls ``get_config(variant)``.
 
@@ -234,7 +238,7 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   """
   path, _, arg = spec.partition(":")
   if not os.path.exists(path):
-    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
+    here = os.path.join(_CLONE, path)
     if not os.path.isabs(path) and os.path.exists(here):
       path = here
     else:
