@@ -104,7 +104,8 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
   lines += ["", "k: certified accuracy of the clean test inputs against k poisoned training images. clean acc, ERA "
                 "and ASR are the certified answers (an abstention counts as an error); the majority vote is the "
                 "ensemble's plain vote. Cert-SSB's row is its default, which answers at sigma_0 (RAB's numbers). "
-                "s / member: training time of one member on this machine.", ""]
+                f"s / member: training time of one member on {s0['devices'][0]} ({len(s0['devices'])} device(s)), "
+                f"jax {s0['versions'].get('jax')}, flax {s0['versions'].get('flax')}.", ""]
   return "\n".join(lines)
 
 
