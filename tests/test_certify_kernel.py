@@ -64,6 +64,23 @@ def test_kernel_votes_match_a_naive_loop_three_classes():
   np.testing.assert_allclose(probs, naive_probs, **PROBS_TOL)
 
 
+def test_sigma_zero_votes_on_the_input_itself_beside_noised_inputs():
+  """A counting defense queries at sigma 0: the kernel must then return each member's class on x itself (no
+  noise, whatever u_m is), even when the same batch holds inputs queried at sigma > 0."""
+  model, state = _ensemble(3, 3)
+  rs = np.random.RandomState(2)
+  x = rs.rand(6, 28, 28, 1).astype(np.float32)
+  sigma = np.array([0.0, 0.8, 0.0, 1.5, 0.0, 0.3], np.float32)
+  preds, probs = certify.certify_inputs(model, [(np.arange(3), state)], x, sigma, seed=7, num_models=3)
+  clean = np.stack([np.asarray(models.logits_to_pred(model.apply(
+      {"params": jax.tree.map(lambda a, m=m: a[m], state.params)}, jnp.asarray(x)))) for m in range(3)])
+  zero = sigma == 0
+  np.testing.assert_array_equal(preds[:, zero], clean[:, zero])
+  naive_votes, naive_probs = _naive(model, state, x, sigma, 7, 3, 3)
+  np.testing.assert_array_equal(certify.votes_from_preds(preds, 3), naive_votes)
+  np.testing.assert_allclose(probs, naive_probs, **PROBS_TOL)
+  assert (preds[:, ~zero] != clean[:, ~zero]).any()  # the noised inputs do move: sigma > 0 was applied
+
 class _Scores(nn.Module):
   """K = 10 logits, a fixed random linear map of the flattened input: the class moves with the noise."""
 
@@ -92,7 +109,6 @@ def test_test_noise_is_one_fixed_vector_per_model():
   preds = run(x, sigma, 3)
   u = np.stack([np.asarray(jax.random.normal(rng.member_key(3, rng.TEST_NOISE, m), shape))
                 for m in range(num_models)])  # (M, *shape)
-  np.testing.assert_array_equal(certify.test_noise(3, np.arange(num_models), shape), u)
   other = (np.arange(num_models) + 1) % num_models  # model m' = m + 1 answers for model m
   expand = lambda a: a[None, :, None, None, None]
   shifted = x[None] + expand(sigma) * u[:, None] - expand(tau) * u[other, None]  # (source model m, N, *shape)

@@ -33,12 +33,6 @@ from certssb_jax.ensemble.member import MemberState, member_logits
 from certssb_jax.ensemble.sharding import ENS, ChunkLayout, default_mesh, fold_keys, per_device, round_up, to_host
 
 
-def test_noise(seed: int, model_ids: np.ndarray, input_shape: Sequence[int]) -> jax.Array:
-  """u_m for the given models: ``normal(member_key(seed, TEST_NOISE, m))``. Returns (C, *input_shape)."""
-  return jax.vmap(lambda m: jax.random.normal(rng.member_key(seed, rng.TEST_NOISE, m), tuple(input_shape)))(
-      jnp.asarray(model_ids))
-
-
 @functools.lru_cache(maxsize=None)
 def _keys_fn(mesh: Mesh) -> Callable[[jax.Array, np.ndarray], jax.Array]:
   """Jitted ``ids -> fold_in(stream, m)`` with the keys sharded over ``ens``."""
