@@ -30,22 +30,22 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import shutil
-import sys
 from typing import Any
 
-from absl import app
 from absl import flags
 import numpy as np
 import scipy.special
 import scipy.stats
 
 from certssb_jax import files
+from certssb_jax import sweep
 from certssb_jax.certify import bounds
+from certssb_jax.run import cli
 from certssb_jax.run import config as config_lib
 from certssb_jax.run import report
 from certssb_jax.store import certified as store_lib
-from certssb_jax import sweep
 
 logger = logging.getLogger(__name__)
 
@@ -459,28 +459,46 @@ def run_envelope(spec: str, workdir: str, sigmas: list[float], designs: list[str
   plot_attack(paths[1], title, result)
   files.atomic_write_bytes(os.path.join(workdir, f"envelope_{name}.md"), md.encode())
   files.save_json(os.path.join(workdir, f"envelope_{name}.json"), result)
-  return {"markdown": md, "json": os.path.join(workdir, f"envelope_{name}.json"), "plots": paths, "result": result}
+  return {"markdown": md, "json": os.path.join(workdir, f"envelope_{name}.json"), "plots": paths, "result": result,
+          "key": f"{name}_seed{cfg.seed}_M{m}"}
+
+
+RESULTS_HEADER = [
+    "# Results on full-size real data", "",
+    "One section per class pair and ensemble size, each written by the command shown at its end from its run "
+    "folders (a command rewrites the sections of the pairs it runs and keeps the others); do not edit by hand.", "",
+    "How to read the tables. clean acc, ERA, ASR and the abstentions are the certified answers (the store's; an "
+    "abstention counts as an error); the majority vote is the smoothed classifier's plain majority, uncertified. "
+    "The largest radius is the largest at which any clean input is certified; the poison budget is the most "
+    "training images a trigger of the attack's norm may poison with the test input triggered too (docs/method.md "
+    "section 3). A Cert-SSB search is named training sigmas / class A / update rule / [sigma_lo, sigma_hi] / pilot "
+    "sigma (docs/method.md section 4). A searched sigma_x depends on the poisoned training set, so a searched design "
+    "certifies no joint radius (docs/soundness.md).", ""]
+SECTION_START, SECTION_END = "<!-- section {} -->", "<!-- end of section {} -->"
+
+
+def page_sections(text: str) -> dict[str, str]:
+  """The sections of a results page, by key, in page order."""
+  found = re.findall(r"<!-- section (\S+) -->\n(.*?)<!-- end of section \1 -->", text, flags=re.S)
+  return {key: body for key, body in found}
 
 
 def write_results_page(path: str, sections: list[dict[str, Any]], command: str) -> None:
-  """docs/results.md from the outputs of ``run_envelope`` (plots copied next to it, under ``figures/``)."""
+  """docs/results.md from the outputs of ``run_envelope`` (plots copied next to it, under ``figures/``): the
+  sections of this command's pairs replace their earlier versions; other sections stay as written."""
   folder = os.path.join(os.path.dirname(os.path.abspath(path)), "figures")
   os.makedirs(folder, exist_ok=True)
-  parts = ["# Results on full-size real data", "",
-           "Written by the command below from the run folders; do not edit by hand.", "", "```", command, "```", "",
-           "How to read the tables. clean acc, ERA, ASR and the abstentions are the certified answers (the store's; "
-           "an abstention counts as an error); the majority vote is the smoothed classifier's plain majority, "
-           "uncertified. The largest radius is the largest at which any clean input is certified; the poison budget "
-           "is the most training images a trigger of the attack's norm may poison with the test input triggered too "
-           "(docs/method.md section 3). A Cert-SSB search is named training sigmas / class A / update rule / "
-           "[sigma_lo, sigma_hi] / pilot sigma (docs/method.md section 4). A searched sigma_x depends on the "
-           "poisoned training set, so a searched design certifies no joint radius (docs/soundness.md).", ""]
+  merged = page_sections(open(path).read()) if os.path.exists(path) else {}
   for sec in sections:
-    parts.append(sec["markdown"])
+    parts = [sec["markdown"]]
     for plot in sec["plots"]:
       shutil.copyfile(plot, os.path.join(folder, os.path.basename(plot)))
       parts += [f"![{os.path.basename(plot)}](figures/{os.path.basename(plot)})", ""]
-  files.atomic_write_bytes(path, "\n".join(parts).encode())
+    merged[sec["key"]] = "\n".join(parts + ["Written by", "", "```", command, "```", ""])
+  page = list(RESULTS_HEADER)
+  for key, body in merged.items():
+    page += [SECTION_START.format(key), body.rstrip("\n"), SECTION_END.format(key), ""]
+  files.atomic_write_bytes(path, "\n".join(page).encode())
 
 
 README_START, README_END = "<!-- envelope:start -->", "<!-- envelope:end -->"
@@ -544,42 +562,30 @@ def _grid(text: str) -> list[float]:
   return grid
 
 
-def main(argv: list[str]) -> None:
+def main() -> None:
   f = flags.FLAGS
-  try:
-    if len(argv) > 1:
-      raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not f.config or not f.workdir:
-      raise ValueError("--config and --workdir are required")
-    if len(f.sigmas) not in (1, len(f.config)):
-      raise ValueError(f"--sigmas is given {len(f.sigmas)} times for {len(f.config)} configs: give it once or once "
-                       "per --config")
-    grids = [_grid(text) for text in f.sigmas] * (len(f.config) if len(f.sigmas) == 1 else 1)
-    logging.getLogger().setLevel(logging.WARNING)
-    logging.getLogger("certssb_jax").setLevel(logging.INFO)
-    from certssb_jax.run import pipeline  # pylint: disable=g-import-not-at-top
-
-    progress = pipeline.tqdm_progress if f.progress else pipeline.no_progress
-    selector = None if f.selector_models is None else [int(v) for v in f.selector_models if int(v) > 0]
-    sections = [run_envelope(spec, f.workdir, grid, f.design, selector, progress)
-                for spec, grid in zip(f.config, grids)]
-    if f.results_md:
-      command = "python -m certssb_jax.envelope " + " ".join(
-          [f"--config {c}" for c in f.config] + [f"--workdir {f.workdir}"] + [f"--sigmas {g}" for g in f.sigmas]
-          + [f"--design {d}" for d in f.design]
-          + ([f"--selector_models {','.join(f.selector_models)}"] if f.selector_models is not None else [])
-          + [f"--results_md {f.results_md}"] + ([f"--readme {f.readme}"] if f.readme else []))
-      write_results_page(f.results_md, sections, command)
-      if f.readme:
-        figure = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(f.results_md)), "figures",
-                                              os.path.basename(sections[0]["plots"][0])),
-                                 os.path.dirname(os.path.abspath(f.readme)))
-        update_readme(f.readme, readme_block(sections[0], figure))
-    elif f.readme:
-      raise ValueError("--readme needs --results_md (the README links the figure the results page keeps)")
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  cli.require(config=f.config, workdir=f.workdir)
+  if len(f.sigmas) not in (1, len(f.config)):
+    raise ValueError(f"--sigmas is given {len(f.sigmas)} times for {len(f.config)} configs: give it once or once "
+                     "per --config")
+  if f.readme and not f.results_md:
+    raise ValueError("--readme needs --results_md (the README links the figure the results page keeps)")
+  grids = [_grid(text) for text in f.sigmas] * (len(f.config) if len(f.sigmas) == 1 else 1)
+  selector = None if f.selector_models is None else [int(v) for v in f.selector_models if int(v) > 0]
+  sections = [run_envelope(spec, f.workdir, grid, f.design, selector, cli.progress(f.progress))
+              for spec, grid in zip(f.config, grids)]
+  if f.results_md:
+    command = "python -m certssb_jax.envelope " + " ".join(
+        [f"--config {c}" for c in f.config] + [f"--workdir {f.workdir}"] + [f"--sigmas {g}" for g in f.sigmas]
+        + [f"--design {d}" for d in f.design]
+        + ([f"--selector_models {','.join(f.selector_models)}"] if f.selector_models is not None else [])
+        + [f"--results_md {f.results_md}"] + ([f"--readme {f.readme}"] if f.readme else []))
+    write_results_page(f.results_md, sections, command)
+    if f.readme:
+      figure = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(f.results_md)), "figures",
+                                            os.path.basename(sections[0]["plots"][0])),
+                               os.path.dirname(os.path.abspath(f.readme)))
+      update_readme(f.readme, readme_block(sections[0], figure))
   for sec in sections:
     print(sec["markdown"])
     print("\n".join(sec["plots"]))
@@ -587,4 +593,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main, flags_parser=sweep._parse_flags)  # pylint: disable=protected-access
+  cli.run(main)

@@ -16,18 +16,15 @@ with their labels unchanged, and the triggered test input (``docs/method.md`` se
 from __future__ import annotations
 
 import csv
-import logging
 import os
 import shutil
-import sys
 from typing import Any
 
-from absl import app
 from absl import flags
 import numpy as np
 
 from certssb_jax import files
-from certssb_jax import sweep
+from certssb_jax.run import cli
 
 ROWS = (("fixed", {}), ("sample_specific", {}), ("dpa", {"defense.name": "dpa"}),
         ("bagging", {"defense.name": "bagging"}))
@@ -165,34 +162,22 @@ def _define_flags() -> None:
   flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 
-def main(argv: list[str]) -> None:
+def main() -> None:
   f = flags.FLAGS
-  try:
-    if len(argv) > 1:
-      raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not f.config or not f.workdir:
-      raise ValueError("--config and --workdir are required")
-    if min(f.counting_models, f.counting_epochs, f.counting_batch_size) < 1:
-      raise ValueError("--counting_models, --counting_epochs and --counting_batch_size must be >= 1")
-    logging.getLogger().setLevel(logging.WARNING)
-    logging.getLogger("certssb_jax").setLevel(logging.INFO)
-    from certssb_jax.run import pipeline  # pylint: disable=g-import-not-at-top
-
-    counting = {"train.num_models": str(f.counting_models), "train.epochs": str(f.counting_epochs),
-                "train.batch_size": str(f.counting_batch_size), "undefended.enabled": "False"}
-    rows = run_families(f.config, f.workdir, counting,
-                        pipeline.tqdm_progress if f.progress else pipeline.no_progress)
-    command = (f"python -m certssb_jax.families --config {f.config} --workdir {f.workdir} --counting_models "
-               f"{f.counting_models} --counting_epochs {f.counting_epochs} --counting_batch_size "
-               f"{f.counting_batch_size}" + (f" --results_md {f.results_md}" if f.results_md else ""))
-    if f.results_md:
-      write_page(f.results_md, rows, command, f.workdir)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  cli.require(config=f.config, workdir=f.workdir)
+  if min(f.counting_models, f.counting_epochs, f.counting_batch_size) < 1:
+    raise ValueError("--counting_models, --counting_epochs and --counting_batch_size must be >= 1")
+  counting = {"train.num_models": str(f.counting_models), "train.epochs": str(f.counting_epochs),
+              "train.batch_size": str(f.counting_batch_size), "undefended.enabled": "False"}
+  rows = run_families(f.config, f.workdir, counting, cli.progress(f.progress))
+  command = (f"python -m certssb_jax.families --config {f.config} --workdir {f.workdir} --counting_models "
+             f"{f.counting_models} --counting_epochs {f.counting_epochs} --counting_batch_size "
+             f"{f.counting_batch_size}" + (f" --results_md {f.results_md}" if f.results_md else ""))
+  if f.results_md:
+    write_page(f.results_md, rows, command, f.workdir)
   print(markdown(rows, command))
 
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main, flags_parser=sweep._parse_flags)  # pylint: disable=protected-access
+  cli.run(main)

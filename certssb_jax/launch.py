@@ -32,6 +32,8 @@ import sys
 from absl import app
 from absl import flags
 
+from certssb_jax.run import cli
+
 logger = logging.getLogger("certssb_jax.launch")
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder; resumed when it holds a run with the same config.")
@@ -205,25 +207,15 @@ def run_cli(argv: list[str] | None = None) -> None:
   try:
     spec, overrides, rest = split_config_args(argv[1:])
   except UsageError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(e)
 
   def checked_main(args):
     try:
       main(args, spec, overrides)
-    except (ValueError, FileNotFoundError) as e:  # config, data and workdir errors are ValueErrors
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
+    except cli.USER_ERRORS as e:
+      cli.fail(e)
 
-  app.run(checked_main, argv=[argv[0], *rest], flags_parser=_parse_flags)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:  # an unknown or malformed flag: one line (absl's message names near matches)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  app.run(checked_main, argv=[argv[0], *rest], flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

@@ -25,16 +25,15 @@ import json
 import logging
 import os
 import re
-import sys
 from typing import Any
 
-from absl import app
 from absl import flags
 import numpy as np
 
 from certssb_jax import files
 from certssb_jax.run import config as config_lib
 from certssb_jax.ensemble import trainer as ensemble
+from certssb_jax.run import cli
 from certssb_jax.run import rundir
 
 # Radii of the CRA columns, in units u = ceiling * sigma_0: half of RAB's largest certifiable radius, just below
@@ -262,36 +261,16 @@ def _define_flags() -> None:
   flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 
-def main(argv: list[str]) -> None:
+def main() -> None:
   f = flags.FLAGS
-  try:
-    if len(argv) > 1:
-      raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not f.configs or not f.workdir:
-      raise ValueError("--configs and --workdir are required")
-    logging.getLogger().setLevel(logging.WARNING)
-    logging.getLogger("certssb_jax").setLevel(logging.INFO)
-    from certssb_jax.run import pipeline  # pylint: disable=g-import-not-at-top
-
-    sigmas = [float(s) for s in f.sigma_0] if f.sigma_0 else None
-    paths = sweep(split_specs(f.configs), f.workdir, f.triggers, sigmas, f.sigma_modes,
-                  pipeline.tqdm_progress if f.progress else pipeline.no_progress)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  cli.require(configs=f.configs, workdir=f.workdir)
+  sigmas = [float(s) for s in f.sigma_0] if f.sigma_0 else None
+  paths = sweep(split_specs(f.configs), f.workdir, f.triggers, sigmas, f.sigma_modes, cli.progress(f.progress))
   print(open(paths["table_md"]).read())
   for k, v in paths.items():
     print(f"{k}: {v}")
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-
-
 if __name__ == "__main__":
   _define_flags()
-  app.run(main, flags_parser=_parse_flags)
+  cli.run(main)

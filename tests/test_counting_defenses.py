@@ -211,3 +211,18 @@ def test_families_table_counts_from_the_run_folders(tmp_path):
   families.write_page(str(page), rows, "python -m certssb_jax.families ...", str(tmp_path / "w"))
   text = page.read_text()
   assert text.count("\n| ") == 5  # the header and four rows and "figures/families_mnist_0-1.png" in text
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--workdir", "W"], "--config is required"),
+    (["--config", "configs/quickstart.py", "--workdir", "W", "--counting_models", "0"], "must be >= 1"),
+    (["--config", "configs/quickstart.py", "--workdir", "W", "stray"], "unexpected arguments: stray"),
+    (["--config", "configs/quickstart.py", "--workdir", "W", "--counting_model", "3"], "counting_model"),
+])
+def test_families_command_stops_with_one_line_before_any_work(tmp_path, args, message):
+  from helpers import run_module  # pylint: disable=g-import-not-at-top
+
+  proc = run_module("certssb_jax.families", *[str(tmp_path / "w") if a == "W" else a for a in args])
+  assert proc.returncode == 2 and message in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+  assert not os.path.exists(tmp_path / "w")

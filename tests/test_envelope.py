@@ -132,3 +132,20 @@ def test_bad_arguments_stop_with_one_line_before_any_work(tmp_path, args, messag
   assert proc.returncode == 2 and message in proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
   assert not os.path.exists(tmp_path / "w" / "mnist_0-1")
+
+
+def test_the_results_page_rewrites_only_the_sections_of_the_pairs_it_ran(tmp_path):
+  """A command that runs one pair replaces that pair's section and keeps the others as they were written."""
+  plot = tmp_path / "envelope_a.png"
+  plot.write_bytes(b"png")
+  page = tmp_path / "docs" / "results.md"
+  sec = lambda key, text: {"key": key, "markdown": f"### {key}\n\n{text}\n", "plots": [str(plot)]}
+  envelope.write_results_page(str(page), [sec("a_M16", "first a"), sec("b_M16", "first b")], "cmd one")
+  envelope.write_results_page(str(page), [sec("b_M16", "second b"), sec("c_M64", "first c")], "cmd two")
+  sections = envelope.page_sections(page.read_text())
+  assert list(sections) == ["a_M16", "b_M16", "c_M64"]
+  assert "first a" in sections["a_M16"] and "cmd one" in sections["a_M16"]
+  assert "second b" in sections["b_M16"] and "first b" not in sections["b_M16"] and "cmd two" in sections["b_M16"]
+  assert "first c" in sections["c_M64"] and "cmd two" in sections["c_M64"]
+  assert page.read_text().startswith("# Results on full-size real data")
+  assert (tmp_path / "docs" / "figures" / "envelope_a.png").read_bytes() == b"png"
