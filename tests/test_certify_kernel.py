@@ -20,8 +20,7 @@ def _ensemble(num_models, num_classes):
   model = models.get_model("mnist_cnn", num_classes)
   tx_cfg = ensemble.TrainConfig(1, 8, 1e-3, models_per_chunk=num_models)
   tr = ensemble.EnsembleTrainer(model, (28, 28, 1), tx_cfg)
-  dummy = np.zeros((8, 28, 28, 1), np.float32), np.zeros(8, np.int32)
-  return model, tr.train_chunk(np.arange(num_models), Streams.ensemble(0), *dummy, None, epochs=0)
+  return model, tr.init_chunk(np.arange(num_models), Streams.ensemble(0))
 
 
 def _naive(model, state, x, sigma, seed, num_models, num_classes):

@@ -155,9 +155,8 @@ def test_pretrained_weights_initialise_every_model_but_the_head(tmp_path):
   weights.save_params(source, str(tmp_path / "w.npz"))
   tr = ensemble.EnsembleTrainer(model, (28, 28, 1), cfg, pretrained=weights.read_params(str(tmp_path / "w.npz")))
   plain = ensemble.EnsembleTrainer(model, (28, 28, 1), cfg)
-  dummy = np.zeros((8, 28, 28, 1), np.float32), np.zeros(8, np.int32)
-  state = tr.train_chunk(np.arange(2), member.Streams.ensemble(0), *dummy, None, epochs=0)  # the initial state
-  fresh = plain.train_chunk(np.arange(2), member.Streams.ensemble(0), *dummy, None, epochs=0)
+  state = tr.init_chunk(np.arange(2), member.Streams.ensemble(0))
+  fresh = plain.init_chunk(np.arange(2), member.Streams.ensemble(0))
   for m in range(2):
     np.testing.assert_array_equal(state.params["Conv_0"]["kernel"][m], source["params"]["Conv_0"]["kernel"])
     np.testing.assert_array_equal(state.params["Dense_0"]["kernel"][m], source["params"]["Dense_0"]["kernel"])
@@ -165,3 +164,18 @@ def test_pretrained_weights_initialise_every_model_but_the_head(tmp_path):
   np.testing.assert_array_equal(state.params["head"]["kernel"], fresh.params["head"]["kernel"])
   assert not np.array_equal(state.params["head"]["kernel"][0], source["params"]["head"]["kernel"])
   assert not np.array_equal(fresh.params["Conv_0"]["kernel"][0], source["params"]["Conv_0"]["kernel"])
+
+
+def test_the_training_step_is_traced_once_for_every_chunk_epoch_and_step(monkeypatch, data):
+  """Chunks, epochs and steps reuse one compiled step per noise source (chex counts the traces of the member
+  step inside it): a step index or model ids that reach the program as constants would retrace it every time."""
+  import chex  # pylint: disable=g-import-not-at-top
+
+  chex.clear_trace_counter()
+  monkeypatch.setattr(ensemble, "member_step", chex.assert_max_traces(member.member_step, n=1))
+  x, y, sigma = data
+  tr = ensemble.EnsembleTrainer(models.get_model("mnist_cnn", 2), (28, 28, 1),
+                                ensemble.TrainConfig(epochs=2, batch_size=8, learning_rate=1e-3, models_per_chunk=1))
+  assert tr.layout.num_slots == 1  # one slot: a trace of the step traces the member step once
+  for m in range(3):
+    tr.train_chunk(np.array([m]), member.Streams.ensemble(0), x, y, sigma)  # 3 chunks x 2 epochs x 3 steps

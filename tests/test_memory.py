@@ -132,8 +132,7 @@ def test_the_host_loop_only_makes_the_planned_kernel_calls(monkeypatch):
   planned, _ = certify.abstract_kernel_args(model, (28, 28, 1), 4, 8, mesh=mesh, member_map="loop")
   planned = jax.tree.map(lambda a: (a.shape, str(a.dtype)), planned)
   trainer = ensemble.EnsembleTrainer(model, (28, 28, 1), ensemble.TrainConfig(1, 8, 1e-3, 12), mesh=mesh)
-  dummy = np.zeros((8, 28, 28, 1), np.float32), np.zeros(8, np.int32)
-  state = trainer.train_chunk(np.arange(12), Streams.ensemble(0), *dummy, None, epochs=0)
+  state = trainer.init_chunk(np.arange(12), Streams.ensemble(0))
   rs = np.random.RandomState(0)
   traces = []  # member_logits runs once per slot (4 here) each time the kernel is traced, never when it runs
   real_logits = certify.member_logits

@@ -87,6 +87,43 @@ def _batch_clean(idx, unused, x, y, sigma):
 _NOISE_SOURCES = {"none": _batch_clean, "noised_copy": _batch_noised_copy, "noise_keys": _batch_noise_keys}
 
 
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, batch_size: int, batch_fn: Callable,
+                    layout: ChunkLayout, mesh: Mesh) -> Callable:
+  """The jitted training step of every model of a chunk, sharded over ``ens``, its batches made by ``batch_fn``.
+
+  Returns:
+    ``step(states, perms, step, sources, x, y, sigma) -> (states, losses)``, one entry of states, perms, sources
+    and losses per slot of ``layout``; the states are donated.
+  """
+
+  def one(state, perm, source_m, step, x, y, sigma):
+    idx = jax.lax.dynamic_slice_in_dim(perm, step * batch_size, batch_size)  # (B,)
+    return member_step(model, tx, state, *batch_fn(idx, source_m, x, y, sigma))
+
+  def local(states, perms, step, sources, x, y, sigma):  # inside shard_map: this device's models, slot by slot
+    run = per_device(one, layout.per_slot)
+    outs = [run((st, pm, src), step, x, y, sigma) for st, pm, src in zip(states, perms, sources)]
+    return tuple(o[0] for o in outs), tuple(o[1] for o in outs)
+
+  step = jax.shard_map(local, mesh=mesh, in_specs=(P(ENS), P(ENS), P(), P(ENS), P(), P(), P()),
+                       out_specs=(P(ENS), P(ENS)), check_vma=False)
+  return backend.jit(step, donate_argnums=0)
+
+
+def make_batches(batch_size: int, batch_fn: Callable) -> Callable:
+  """``batches(perms, step, sources, x, y, sigma) -> (inputs, labels, indices)`` of every model of a chunk at a
+  step: what ``make_train_step``'s step trains on, for inspection."""
+
+  def batches(perms, step, sources, x, y, sigma):
+    def one(perm, source_m):
+      idx = jax.lax.dynamic_slice_in_dim(perm, step * batch_size, batch_size)
+      return (*batch_fn(idx, source_m, x, y, sigma), idx)
+
+    return jax.vmap(one)(perms, sources)
+
+  return jax.jit(batches)
+
+
 class EnsembleTrainer:
   """Trains groups of models as one program over a chunk axis sharded on the mesh axis ``ens``.
 
@@ -125,38 +162,9 @@ class EnsembleTrainer:
                                                                                     x.shape[1:])
     self._noised = backend.jit(jax.vmap(noised, in_axes=(0, None, None)), out_shardings=self._ens)
     self._through_view = jax.jit(jax.vmap(lambda view, perm: view[perm]), out_shardings=self._ens)
-    self._steps = {fn: self._make_step(fn) for fn in (_batch_noised_copy, _batch_noise_keys, _batch_clean)}
-    self._batches = {fn: jax.jit(self._make_batches(fn)) for fn in (_batch_noise_keys, _batch_clean)}
-
-  def _make_step(self, batch_fn: Callable) -> Callable:
-    """The jitted step of every model of a chunk, its batches made by ``batch_fn``: (states, perms, step,
-    sources, x, y, sigma) -> (states, losses), states donated."""
-    b, model, tx = self.config.batch_size, self.model, self.tx
-
-    def one(state, perm, source_m, step, x, y, sigma):
-      idx = jax.lax.dynamic_slice_in_dim(perm, step * b, b)  # (B,)
-      return member_step(model, tx, state, *batch_fn(idx, source_m, x, y, sigma))
-
-    def local(states, perms, step, sources, x, y, sigma):  # inside shard_map: this device's models, slot by slot
-      run = per_device(one, self.layout.per_slot)
-      outs = [run((st, pm, src), step, x, y, sigma) for st, pm, src in zip(states, perms, sources)]
-      return tuple(o[0] for o in outs), tuple(o[1] for o in outs)
-
-    step = jax.shard_map(local, mesh=self.mesh, in_specs=(P(ENS), P(ENS), P(), P(ENS), P(), P(), P()),
-                         out_specs=(P(ENS), P(ENS)), check_vma=False)
-    return backend.jit(step, donate_argnums=0)
-
-  def _make_batches(self, batch_fn: Callable) -> Callable:
-    b = self.config.batch_size
-
-    def batches(perms, step, sources, x, y, sigma):
-      def one(perm, source_m):
-        idx = jax.lax.dynamic_slice_in_dim(perm, step * b, b)
-        return (*batch_fn(idx, source_m, x, y, sigma), idx)
-
-      return jax.vmap(one)(perms, sources)
-
-    return batches
+    self._steps = {fn: make_train_step(model, self.tx, config.batch_size, fn, self.layout, self.mesh)
+                   for fn in _NOISE_SOURCES.values()}
+    self._batches = {fn: make_batches(config.batch_size, fn) for fn in (_batch_noise_keys, _batch_clean)}
 
   def chunks(self, num_models: int) -> list[np.ndarray]:
     """Model ids of each chunk; the last chunk is padded with ids >= num_models (trained, then dropped)."""
@@ -196,8 +204,7 @@ class EnsembleTrainer:
     n = len(x) if views is None else slot_views[0].shape[1]  # positions an epoch passes over
     if n < cfg.batch_size:
       raise ValueError(f"training set has {n} samples, fewer than batch_size {cfg.batch_size}")
-    pretrained = jax.device_put(self.pretrained, self._rep) if self.pretrained else None
-    state = tuple(self._init(self._fold(streams.init, ids), pretrained) for ids in slot_ids)
+    state = self._init_slots(slot_ids, streams)
     data = self._data(x, y, sigma)
     batch_fn = _NOISE_SOURCES[self.noise_source(x, sigma, fresh_noise)]
     if batch_fn is _batch_noised_copy:
@@ -220,6 +227,18 @@ class EnsembleTrainer:
       return state
     per_step = [self.layout.merge(to_host(l)) for l in losses]  # each (C,)
     return state, np.stack(per_step, axis=1) if per_step else np.zeros((self.chunk, 0), np.float32)
+
+  def init_chunk(self, model_ids: np.ndarray, streams: Streams) -> MemberState:
+    """The initial state of the models ``model_ids`` (one chunk), stacked, on the host: what ``train_chunk``
+    starts from (the pretrained weights, if any, and each model's own init key)."""
+    model_ids = np.asarray(model_ids)
+    if len(model_ids) != self.chunk:
+      raise ValueError(f"expected {self.chunk} model ids in a chunk, got {len(model_ids)}")
+    return self.layout.merge(to_host(self._init_slots(self.layout.split(model_ids), streams)))
+
+  def _init_slots(self, slot_ids: list[np.ndarray], streams: Streams) -> tuple[MemberState, ...]:
+    pretrained = jax.device_put(self.pretrained, self._rep) if self.pretrained else None
+    return tuple(self._init(self._fold(streams.init, ids), pretrained) for ids in slot_ids)
 
   def noise_source(self, x: np.ndarray, sigma: np.ndarray | None, fresh_noise: bool = False) -> str:
     """Where ``train_chunk``'s noise comes from: ``"none"`` (no sigma), ``"noised_copy"`` (each model's noised

@@ -44,7 +44,7 @@ def main() -> None:
   model = models.get_model("mnist_cnn", 2)
   tr = ensemble.EnsembleTrainer(model, (28, 28, 1), ensemble.TrainConfig(1, 8, 1e-3, 12), mesh=mesh8)
   x = rs.rand(10, 28, 28, 1).astype(np.float32)
-  state = tr.train_chunk(np.arange(16), Streams.ensemble(3), x, np.zeros(10, np.int32), None, epochs=0)
+  state = tr.init_chunk(np.arange(16), Streams.ensemble(3))
   sigma = rs.uniform(0.2, 0.8, 10).astype(np.float32)
   chunks = [(np.arange(16), state)]
   mesh1 = sharding.default_mesh(jax.devices()[:1])
