@@ -27,6 +27,9 @@ from certssb_jax.defenses import sigma_search
 from certssb_jax.data import triggers
 from certssb_jax import defenses
 
+# A resolved run config (``resolve``): every field checked and derived, read-only.
+Config = ml_collections.FrozenConfigDict
+
 SIGMA_MODES = ("fixed", "sample_specific")
 TRAIN_SIGMAS = ("base", "search")
 SCORERS = ("pilot", "ensemble")
@@ -262,7 +265,7 @@ def _one_of(value: Any, choices, field: str) -> None:
   _check(value in choices, f"{field} {value!r} is not one of {choices}{did_you_mean(str(value), choices)}")
 
 
-def resolve(config: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDict:
+def resolve(config: ml_collections.ConfigDict) -> Config:
   """Checks the config and fills every derived (``None``) field; returns a frozen copy.
 
   Raises:

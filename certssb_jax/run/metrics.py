@@ -11,7 +11,9 @@ import numpy as np
 import scipy.stats
 
 from certssb_jax.certify import bounds
+from certssb_jax.data.attacked import Attacked
 from certssb_jax.run import config as config_lib
+from certssb_jax.run.config import Config
 from certssb_jax.store import certified as store_lib
 
 logger = logging.getLogger(__name__)
@@ -28,7 +30,7 @@ CHANNEL_AUC = 0.7
 CHANNEL_ASR_GAP = 0.1
 
 
-def margin_ceiling(cfg: Any) -> float:
+def margin_ceiling(cfg: Config) -> float:
   """The largest margin the run's estimation models and alpha allow at all (sigma units)."""
   c = cfg.certify
   m_est = config_lib.num_voters(cfg) - c.holdout_models
@@ -36,7 +38,7 @@ def margin_ceiling(cfg: Any) -> float:
                                num_classes=len(cfg.data.classes))
 
 
-def radius_grid(cfg: Any) -> tuple[float, ...]:
+def radius_grid(cfg: Config) -> tuple[float, ...]:
   """The radii CRA is reported at: ``GRID_UNITS`` times ceiling * sigma_0 (the same grid for RAB and Cert-SSB
   runs of one M, alpha and sigma_0, so their curves compare point by point)."""
   unit = margin_ceiling(cfg) * cfg.sigma.sigma_0
@@ -96,14 +98,14 @@ def answer_poison_budget(answer: store_lib.StoreAnswer, sigma_x: np.ndarray, sig
   return (budget if joint else np.minimum(budget, 0)).astype(np.int64)
 
 
-def certifies_training_perturbations(cfg: Any) -> bool:
+def certifies_training_perturbations(cfg: Config) -> bool:
   """Whether the answers' joint certificates hold: not when the sigmas were searched, since a searched sigma
   (chosen by models trained on the poisoned training set) moves with the training set the certificate holds
   fixed; such a run certifies the test input alone."""
   return not config_lib.searches(cfg)
 
 
-def poison_budgets(cfg: Any, answers: dict[str, store_lib.StoreAnswer], sigma_train: np.ndarray,
+def poison_budgets(cfg: Config, answers: dict[str, store_lib.StoreAnswer], sigma_train: np.ndarray,
                    sigma_test: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """The poison budget of every answer of each split, at the run's trigger norm t = ``attack.delta``."""
   joint = certifies_training_perturbations(cfg)
@@ -111,7 +113,7 @@ def poison_budgets(cfg: Any, answers: dict[str, store_lib.StoreAnswer], sigma_tr
           for s in SPLITS}
 
 
-def poison_budget_grid(cfg: Any, sigma_train: np.ndarray, sigma_test: dict[str, np.ndarray]) -> tuple[int, ...]:
+def poison_budget_grid(cfg: Config, sigma_train: np.ndarray, sigma_test: dict[str, np.ndarray]) -> tuple[int, ...]:
   """The budgets k certified accuracy is reported at: 0, 1, 2, 4, ... up to the first power of 2 that no answer
   of the run can reach (at the margin ceiling and the largest sigma_x), the same for both query orders."""
   ceiling, t = margin_ceiling(cfg), cfg.attack.delta
@@ -123,7 +125,7 @@ def poison_budget_grid(cfg: Any, sigma_train: np.ndarray, sigma_test: dict[str, 
   return bounds.budget_grid(k_max if certifies_training_perturbations(cfg) else min(k_max, 0))
 
 
-def answer_metrics(cfg: Any, attacked: Any, answers: dict[str, store_lib.StoreAnswer],
+def answer_metrics(cfg: Config, attacked: Attacked, answers: dict[str, store_lib.StoreAnswer],
                    sigma_train: np.ndarray | None = None,
                    sigma_test: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
   """Headline metrics of the storage-update answers (the certificates), with aligned / trimmed counts; given the
@@ -143,7 +145,7 @@ def answer_metrics(cfg: Any, attacked: Any, answers: dict[str, store_lib.StoreAn
   return out
 
 
-def majority_metrics(cfg: Any, attacked: Any, votes: dict[str, np.ndarray]) -> dict[str, float]:
+def majority_metrics(cfg: Config, attacked: Attacked, votes: dict[str, np.ndarray]) -> dict[str, float]:
   """Clean accuracy, ERA and ASR of the plain majority vote of the voting models: the smoothed classifier's
   prediction without abstentions (uncertified). With a few dozen models the certificates abstain unless the
   vote is nearly unanimous; the majority vote shows what the smoothed classifier itself does."""
@@ -156,7 +158,7 @@ def majority_metrics(cfg: Any, attacked: Any, votes: dict[str, np.ndarray]) -> d
           "asr": float(np.mean(pred["triggered"] == cfg.attack.target_class))}
 
 
-def certificate_metrics(cfg: Any, attacked: Any, certs: dict[str, bounds.Certificate]) -> dict[str, Any]:
+def certificate_metrics(cfg: Config, attacked: Attacked, certs: dict[str, bounds.Certificate]) -> dict[str, Any]:
   """Headline metrics of the certificates before the storage update."""
   grid = radius_grid(cfg)
   return headline({s: split_metrics(certs[s].pred, certs[s].radius, certs[s].radius_test, attacked.splits[s].y,
@@ -171,7 +173,7 @@ def _ranked_auc(low: np.ndarray, high: np.ndarray) -> float | None:
   return float(u / (len(low) * len(high)))
 
 
-def side_channel_probe(cfg: Any, attacked: Any, votes: dict[str, np.ndarray], sigma_train: np.ndarray,
+def side_channel_probe(cfg: Config, attacked: Attacked, votes: dict[str, np.ndarray], sigma_train: np.ndarray,
                        disagree: np.ndarray | None, sigma_test: dict[str, np.ndarray]) -> dict[str, Any]:
   """Does the noise level carry the attack? (docs/soundness.md, "the noise level as a side channel").
 
@@ -230,7 +232,7 @@ def _majority(preds: np.ndarray, num_classes: int) -> np.ndarray:
   return counts.argmax(axis=1)
 
 
-def reference_numbers(cfg: Any, attacked: Any, votes: dict[str, np.ndarray],
+def reference_numbers(cfg: Config, attacked: Attacked, votes: dict[str, np.ndarray],
                       sigma_test: dict[str, np.ndarray]) -> dict[str, Any]:
   """The reference release's numbers (docs/method.md section 6), recomputed by re-running the ensemble as it
   does: test noise sampled at sigma_0, Hoeffding with M fixed at 1000 and no selection correction, the margin
@@ -263,7 +265,7 @@ def reference_numbers(cfg: Any, attacked: Any, votes: dict[str, np.ndarray],
   }
 
 
-def collect(cfg: Any, attacked: Any, certs: dict[str, bounds.Certificate],
+def collect(cfg: Config, attacked: Attacked, certs: dict[str, bounds.Certificate],
             answers: dict[str, store_lib.StoreAnswer], other_answers: dict[str, store_lib.StoreAnswer],
             other_order: str, votes: dict[str, np.ndarray], sigma_train: np.ndarray, disagree: np.ndarray | None,
             sigma_test: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from certssb_jax.certify import bounds
 from certssb_jax.certify import kernel as certify_lib
 from certssb_jax.run import config as config_lib
 from certssb_jax.data import sources as data_lib
+from certssb_jax.data.attacked import Attacked, Split
 from certssb_jax import defenses
 from certssb_jax.ensemble import trainer as ensemble
 from certssb_jax.run import metrics
@@ -41,7 +42,7 @@ from certssb_jax.run.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
-Config = ml_collections.FrozenConfigDict
+Config = config_lib.Config
 # progress(description, total, unit) -> context manager yielding update(n)
 Progress = Callable[[str, int, str], ContextManager[Callable[[int], None]]]
 SPLITS = ("clean", "triggered")
@@ -174,29 +175,6 @@ def default_progress() -> Progress:
 
 
 # ---------------------------------------------------------------------------------------------- data and attack
-
-
-@dataclasses.dataclass(frozen=True)
-class Split:
-  """A test split: inputs, TRUE labels, their indices in the test set and (triggered) the trigger norms."""
-
-  x: np.ndarray  # (N, H, W, C)
-  y: np.ndarray  # (N,)
-  index: np.ndarray  # (N,)
-  trigger_norm: np.ndarray | None = None  # (N,)
-
-
-@dataclasses.dataclass(frozen=True)
-class Attacked:
-  """The data as the attacker left it: the poisoned training set and the clean and triggered test splits."""
-
-  data: data_lib.Dataset
-  x_train: np.ndarray  # (n, H, W, C) poisoned training inputs
-  y_train: np.ndarray  # (n,) poisoned training labels
-  poison_indices: np.ndarray  # (n_poisoned,)
-  poison_norms: np.ndarray  # (n_poisoned,) effective trigger norms
-  splits: dict[str, Split]
-  model: Any  # the Flax model every member shares
 
 
 def load_data(cfg: Config) -> data_lib.Dataset:

@@ -19,7 +19,10 @@ import numpy as np
 from certssb_jax import files
 from certssb_jax.certify import bounds
 from certssb_jax.certify import kernel as certify_lib
+from certssb_jax.data.attacked import Attacked
+from certssb_jax.defenses.base import Defense
 from certssb_jax.run import config as config_lib
+from certssb_jax.run.config import Config
 from certssb_jax.run import metrics
 from certssb_jax.run import rundir
 
@@ -43,7 +46,7 @@ def versions() -> dict[str, str]:
   return out
 
 
-def warn_if_uncertifiable(cfg: Any) -> float:
+def warn_if_uncertifiable(cfg: Config) -> float:
   """Logs the margin ceiling of the run, or warns (before any work) when it certifies nothing; returns it."""
   c = cfg.certify
   m_est = config_lib.num_voters(cfg) - c.holdout_models
@@ -77,7 +80,7 @@ def sigma_spread(a: np.ndarray, lo: float, hi: float) -> dict[str, Any]:
   return {**_stats(a), "quantiles": q, "iqr": q["0.75"] - q["0.25"], "share_at_lo": at(lo), "share_at_hi": at(hi)}
 
 
-def summarize(cfg: Any, attacked: Any, answers: dict, sigma_train: np.ndarray, sigma_test: dict[str, np.ndarray],
+def summarize(cfg: Config, attacked: Attacked, answers: dict, sigma_train: np.ndarray, sigma_test: dict[str, np.ndarray],
               undefended: dict[str, float] | None, diag: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
   """The content of ``summary.json`` (docs/outputs.md)."""
   c = cfg
@@ -122,7 +125,7 @@ def summarize(cfg: Any, attacked: Any, answers: dict, sigma_train: np.ndarray, s
   return summary
 
 
-def write_outputs(cfg: Any, attacked: Any, certs: dict[str, bounds.Certificate], answers: dict,
+def write_outputs(cfg: Config, attacked: Attacked, certs: dict[str, bounds.Certificate], answers: dict,
                   votes: dict[str, np.ndarray], sigma_train: np.ndarray, sigma_test: dict[str, np.ndarray],
                   undefended: dict[str, float] | None, diag: dict[str, Any], rd: rundir.RunDir) -> dict[str, Any]:
   """Writes every output file of a run and returns the summary."""
@@ -145,7 +148,7 @@ def write_outputs(cfg: Any, attacked: Any, certs: dict[str, bounds.Certificate],
   return summary
 
 
-def _write_csv(path: str, attacked: Any, certs: dict, answers: dict, sigma_test: dict, budgets: dict,
+def _write_csv(path: str, attacked: Attacked, certs: dict, answers: dict, sigma_test: dict, budgets: dict,
                m_est: int) -> None:
   buf = io.StringIO()
   w = csv.writer(buf)
@@ -182,13 +185,13 @@ def cra_curve(radius: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.n
   return xs, ys
 
 
-def run_title(cfg: Any, attacked: Any) -> str:
+def run_title(cfg: Config, attacked: Attacked) -> str:
   return (f"{attacked.data.name} {tuple(attacked.data.classes)}, {cfg.attack.trigger} trigger, "
           f"{MODE_NAMES[cfg.sigma.mode]} sigma_0={cfg.sigma.sigma_0:g}, M={cfg.train.num_models}, "
           f"alpha={cfg.certify.alpha:g} ({cfg.certify.bound})")
 
 
-def plot_certified_accuracy(path: str, cfg: Any, attacked: Any, certs: dict, answers: dict,
+def plot_certified_accuracy(path: str, cfg: Config, attacked: Attacked, certs: dict, answers: dict,
                             summary: dict[str, Any], budgets: dict[str, np.ndarray] | None = None) -> None:
   """CRA(r) against r, exact step curves: left the joint radius, middle the test-input radius; with `budgets`
   (``metrics.poison_budgets``) a third panel, certified accuracy against the number k of poisoned training
@@ -245,7 +248,7 @@ def budget_curve(budget: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, n
   return ks, (counted.size - np.searchsorted(counted, ks, side="left")) / len(budget)
 
 
-def _plot_budget_panel(ax: Any, attacked: Any, answers: dict, budgets: dict[str, np.ndarray], delta: float) -> None:
+def _plot_budget_panel(ax: Any, attacked: Attacked, answers: dict, budgets: dict[str, np.ndarray], delta: float) -> None:
   """Certified accuracy of the answers against k poisoned training images (``bounds.poison_budget``)."""
   curves = {s: budget_curve(budgets[s], answers[s].pred == attacked.splits[s].y) for s in SPLITS}
   right = max(1, *(int(ks[-1]) for ks, _ in curves.values()))
@@ -261,7 +264,7 @@ def _plot_budget_panel(ax: Any, attacked: Any, answers: dict, budgets: dict[str,
   ax.legend(fontsize=7, loc="lower left")
 
 
-def plot_sigma_histogram(path: str, cfg: Any, attacked: Any, sigma_train: np.ndarray,
+def plot_sigma_histogram(path: str, cfg: Config, attacked: Attacked, sigma_train: np.ndarray,
                          sigma_test: dict[str, np.ndarray]) -> None:
   """Counts of the sample-specific sigmas on a log scale: training samples (poisoned ones highlighted) and
   test inputs (clean and triggered), with the search's clip bounds marked."""
@@ -307,7 +310,7 @@ COUNT_CSV_COLUMNS = ("split", "index", "label", "pred", "votes_top", "votes_runn
                      "certified_poisons", "certified_insertions_deletions", "correct")
 
 
-def summarize_counts(cfg: Any, defense: Any, attacked: Any, certs: dict, votes: dict[str, np.ndarray],
+def summarize_counts(cfg: Config, defense: Defense, attacked: Attacked, certs: dict, votes: dict[str, np.ndarray],
                      undefended: dict[str, float] | None, timings: dict[str, float]) -> dict[str, Any]:
   """``summary.json`` of a counting defense (DPA, bagging; docs/outputs.md).
 
@@ -350,7 +353,7 @@ def summarize_counts(cfg: Any, defense: Any, attacked: Any, certs: dict, votes: 
   }
 
 
-def write_count_outputs(cfg: Any, defense: Any, attacked: Any, certs: dict, votes: dict[str, np.ndarray],
+def write_count_outputs(cfg: Config, defense: Defense, attacked: Attacked, certs: dict, votes: dict[str, np.ndarray],
                         undefended: dict[str, float] | None, rd: rundir.RunDir) -> dict[str, Any]:
   """Writes the output files of a counting defense's run and returns its summary."""
   summary = summarize_counts(cfg, defense, attacked, certs, votes, undefended, rd.timings())
@@ -374,7 +377,7 @@ def write_count_outputs(cfg: Any, defense: Any, attacked: Any, certs: dict, vote
   return summary
 
 
-def plot_count_certificates(path: str, cfg: Any, defense: Any, attacked: Any, certs: dict) -> None:
+def plot_count_certificates(path: str, cfg: Config, defense: Defense, attacked: Attacked, certs: dict) -> None:
   """Certified accuracy (clean split) and certified ERA (triggered split) against the number of modified
   training samples, exact step curves."""
   plt = _figure()
