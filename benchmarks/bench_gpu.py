@@ -58,16 +58,17 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from certssb_jax.certify import kernel as certify_lib  # noqa: E402
-from certssb_jax.run import config as config_lib  # noqa: E402
-from certssb_jax.ensemble import trainer as ensemble  # noqa: E402
-from certssb_jax.ensemble import member  # noqa: E402
-from certssb_jax.models import zoo as models_lib  # noqa: E402
-from certssb_jax.models import layers  # noqa: E402
-from certssb_jax.run import pipeline  # noqa: E402
-from certssb_jax.run import report  # noqa: E402
-
 from benchmarks.clock import StepClock  # noqa: E402  pylint: disable=g-bad-import-order
+from certssb_jax.certify import kernel as certify_lib  # noqa: E402
+from certssb_jax.ensemble import member  # noqa: E402
+from certssb_jax.ensemble import trainer as ensemble  # noqa: E402
+from certssb_jax.models import layers  # noqa: E402
+from certssb_jax.models import zoo as models_lib  # noqa: E402
+from certssb_jax.run import config as config_lib  # noqa: E402
+from certssb_jax.run import (
+  pipeline,  # noqa: E402
+  report,  # noqa: E402
+)
 
 # Dense (no sparsity) peak TFLOP/s of NVIDIA's data sheets, by a substring of ``jax.devices()[0].device_kind``,
 # most specific first: {"bfloat16": tensor-core bf16, "float32": TF32 tensor cores}. NVL parts differ from the

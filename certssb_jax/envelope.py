@@ -39,12 +39,10 @@ import numpy as np
 import scipy.special
 import scipy.stats
 
-from certssb_jax import files
-from certssb_jax import sweep
+from certssb_jax import files, sweep
 from certssb_jax.certify import bounds
-from certssb_jax.run import cli
+from certssb_jax.run import cli, report
 from certssb_jax.run import config as config_lib
-from certssb_jax.run import report
 from certssb_jax.store import certified as store_lib
 
 logger = logging.getLogger(__name__)

@@ -29,8 +29,7 @@ import logging
 import os
 import sys
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from certssb_jax.run import cli
 

@@ -12,8 +12,8 @@ import hashlib
 from typing import Any
 
 import jax
-import numpy as np
 from jax.experimental import multihost_utils
+import numpy as np
 
 
 def is_primary() -> bool:

@@ -31,10 +31,9 @@ from absl import flags
 import numpy as np
 
 from certssb_jax import files
-from certssb_jax.run import config as config_lib
 from certssb_jax.ensemble import trainer as ensemble
-from certssb_jax.run import cli
-from certssb_jax.run import rundir
+from certssb_jax.run import cli, rundir
+from certssb_jax.run import config as config_lib
 
 # Radii of the CRA columns, in units u = ceiling * sigma_0: half of RAB's largest certifiable radius, just below
 # it (an input certified at the ceiling counts: CRA counts radius > r) and just below Cert-SSB's largest (at
@@ -201,6 +200,7 @@ def plot(records: list[dict[str, Any]], workdir: str) -> list[str]:
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   from certssb_jax.run import report  # pylint: disable=g-import-not-at-top
 
   colors = {"fixed": "C0", "sample_specific": "C1"}

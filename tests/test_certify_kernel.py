@@ -5,11 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from certssb_jax import rng
 from certssb_jax.certify import kernel as certify
 from certssb_jax.ensemble import trainer as ensemble
-from certssb_jax.models import zoo as models
-from certssb_jax import rng
 from certssb_jax.ensemble.member import MemberState, Streams
+from certssb_jax.models import zoo as models
 
 # The votes must agree exactly; summed probabilities to the backend's default matmul precision (float32 on CPU,
 # TF32 convolutions on recent NVIDIA GPUs: about 1e-4 on these sums).

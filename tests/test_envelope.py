@@ -4,14 +4,13 @@ curves, and an end-to-end run on the built-in digits."""
 import json
 import os
 
+from conftest import write_tiny_config  # pylint: disable=g-bad-import-order
 import numpy as np
 import pytest
 from scipy import stats
 
 from certssb_jax import envelope
 from certssb_jax.store import certified as store_lib
-
-from conftest import write_tiny_config  # pylint: disable=g-bad-import-order
 
 
 def test_expected_radius_equals_a_naive_sum_over_the_posterior():
@@ -82,8 +81,8 @@ def test_the_envelope_is_the_best_rab_at_each_radius():
 def test_the_envelope_command_on_real_digits(tmp_path):
   """RAB at two sigmas and the grid selector on their models: the table, the plots, a selector whose sigma_x
   take both values, answers consistent through one store, and a joint radius of 0 for selected answers."""
-  from certssb_jax.run import pipeline  # pylint: disable=g-import-not-at-top
   from certssb_jax.run import config as config_lib  # pylint: disable=g-import-not-at-top
+  from certssb_jax.run import pipeline  # pylint: disable=g-import-not-at-top
 
   spec = write_tiny_config(tmp_path / "tiny.py", num_models=16, alpha=0.2)
   result = envelope.run_envelope(spec, str(tmp_path / "env"), [0.25, 0.5], [], [4])

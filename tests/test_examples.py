@@ -35,8 +35,8 @@ def test_the_notebook_is_valid_nbformat_4():
 def executed(tmp_path_factory, monkeypatch_module):
   """Every code cell in order, in one namespace, from a temporary folder (the notebook writes into its own
   temporary folder, OUT); what the notebook displays is recorded."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
   from IPython import display  # pylint: disable=g-import-not-at-top
+  import matplotlib  # pylint: disable=g-import-not-at-top
 
   matplotlib.use("Agg")
   shown = []
@@ -73,8 +73,8 @@ def test_the_notebooks_stages_give_the_votes_of_a_naive_recomputation_of_model_0
   """Model 0's votes in the by-hand stages, recomputed with a plain model.apply on x + sigma_x * u_0."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  from certssb_jax.models import zoo as models  # pylint: disable=g-import-not-at-top
   from certssb_jax import rng  # pylint: disable=g-import-not-at-top
+  from certssb_jax.models import zoo as models  # pylint: disable=g-import-not-at-top
 
   ns, _ = executed
   attacked, members, sigma_test = ns["attacked"], ns["members"], ns["sigma_test"]

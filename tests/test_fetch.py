@@ -24,12 +24,12 @@ import tarfile
 import threading
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
-from certssb_jax.run import config as config_lib
-from certssb_jax.data import sources as data
 from certssb_jax.data import fetch
+from certssb_jax.data import sources as data
+from certssb_jax.run import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHIVES = {"cifar10": "cifar-10-python.tar.gz", "imagenette": "imagenette2-320.tgz"}

@@ -7,22 +7,20 @@ import json
 import os
 import pickle
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
-from flax import traverse_util
 from PIL import Image
+import pytest
 
-from certssb_jax.run import config as config_lib
+from certssb_jax.ensemble import member, sharding
 from certssb_jax.ensemble import trainer as ensemble
-from certssb_jax.ensemble import sharding
-from certssb_jax.ensemble import member
-from certssb_jax.models import layers
+from certssb_jax.models import layers, weights
 from certssb_jax.models import zoo as models
+from certssb_jax.run import config as config_lib
 from certssb_jax.run import pipeline
-from certssb_jax.models import weights
 
 # Small inputs each model allows (the ResNets are fully convolutional up to the global pool).
 SHAPES = {"mnist_cnn": (28, 28, 1), "preact_resnet": (32, 32, 3), "resnet18": (32, 32, 3)}

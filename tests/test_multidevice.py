@@ -9,10 +9,10 @@ import filecmp
 import json
 import os
 
+import helpers
 import numpy as np
 import pytest
 
-import helpers
 from certssb_jax.ensemble import sharding
 
 # M = 12 in chunks of 8: two chunks, the second padded (ids 12..15); on 8 devices one model per device and slot,

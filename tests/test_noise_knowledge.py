@@ -15,12 +15,23 @@ import jax
 import numpy as np
 from scipy import stats
 
-from certssb_jax.certify import bounds
-from certssb_jax import rng
-
 # pylint: disable-next=g-bad-import-order
-from test_soundness import (B, PARAMS, SHAPE, W, Linear, acceptance_interval, check, kernel_votes, linear_inputs_at,
-                            violation_count_pmf, wrong_certificate_table)
+from test_soundness import (
+  PARAMS,
+  SHAPE,
+  B,
+  Linear,
+  W,
+  acceptance_interval,
+  check,
+  kernel_votes,
+  linear_inputs_at,
+  violation_count_pmf,
+  wrong_certificate_table,
+)
+
+from certssb_jax import rng
+from certssb_jax.certify import bounds
 
 M, ALPHA, SIGMA, SEEDS = 24, 0.1, 0.5, 40
 SCAN = np.linspace(-3.0, 3.0, 601)  # the attacker's points: signed distance to the hyperplane, in sigma units

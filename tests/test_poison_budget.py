@@ -208,8 +208,9 @@ def test_answer_metrics_report_the_budget_curves_of_a_run_without_a_search():
   is the closed form at s_train = sigma_x = sigma_0, and the grid runs to where the curves are 0."""
   import types  # pylint: disable=g-import-not-at-top
 
-  from certssb_jax.run import metrics  # pylint: disable=g-import-not-at-top
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+
+  from certssb_jax.run import metrics  # pylint: disable=g-import-not-at-top
 
   cfg = config_lib.resolve(tiny_config(**{"sigma.mode": "fixed", "attack.delta": 0.02}))
   ceiling, t, sigma = metrics.margin_ceiling(cfg), 0.02, 0.25

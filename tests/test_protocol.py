@@ -4,21 +4,17 @@ numbers, the sweep table, RAB and Cert-SSB sharing their models."""
 import csv
 import os
 
+from conftest import tiny_config, write_tiny_config  # pylint: disable=g-bad-import-order
 import numpy as np
 import pytest
 from scipy import stats
 
-from certssb_jax import files
-from certssb_jax.run import config as config_lib
-from certssb_jax.ensemble import trainer as ensemble
-from certssb_jax.run import pipeline
-from certssb_jax import rng
-from certssb_jax.run import rundir
-from certssb_jax.ensemble import scorer as scorer_lib
+from certssb_jax import files, rng, sweep
 from certssb_jax.defenses import sigma_search
-from certssb_jax import sweep
-
-from conftest import tiny_config, write_tiny_config  # pylint: disable=g-bad-import-order
+from certssb_jax.ensemble import scorer as scorer_lib
+from certssb_jax.ensemble import trainer as ensemble
+from certssb_jax.run import config as config_lib
+from certssb_jax.run import pipeline, rundir
 
 
 @pytest.mark.slow

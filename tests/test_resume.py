@@ -9,11 +9,10 @@ import signal
 import subprocess
 import time
 
+from conftest import write_tiny_config  # pylint: disable=g-bad-import-order
+import helpers
 import numpy as np
 import pytest
-
-import helpers
-from conftest import write_tiny_config  # pylint: disable=g-bad-import-order
 
 OUTPUTS = ("votes.npz", "sigmas.npz", "per_sample.csv", "store.npz", "poison.npz", "summary.json")
 

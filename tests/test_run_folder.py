@@ -12,14 +12,14 @@ import socket
 import subprocess
 import sys
 
+from conftest import tiny_config, write_tiny_config  # pylint: disable=g-bad-import-order
+import helpers
 import numpy as np
 import pytest
 
-import helpers
 from certssb_jax import files
 from certssb_jax.run import config as config_lib
 from certssb_jax.run import rundir
-from conftest import tiny_config, write_tiny_config  # pylint: disable=g-bad-import-order
 
 SMALL = dict(max_train=128, max_test=32, num_models=4, models_per_chunk=2,
              **{"train.epochs": 1, "undefended.epochs": 1, "train.checkpoint_every_s": 0})

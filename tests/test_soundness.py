@@ -21,13 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import optimize
-from scipy import stats
+from scipy import optimize, stats
 
 from certssb_jax.certify import bounds
 from certssb_jax.certify import kernel as certify
-from certssb_jax.store import certified as store_lib
 from certssb_jax.ensemble.member import MemberState
+from certssb_jax.store import certified as store_lib
 
 W = np.array([0.6, -0.8, 1.2, 0.5], np.float32)
 B = np.float32(0.1)

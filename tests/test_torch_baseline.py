@@ -120,6 +120,7 @@ def test_votes_equal_an_independent_recomputation_from_the_checkpoints(tiny):
 
 def test_parameter_count_matches_the_flax_model():
   import jax  # pylint: disable=g-import-not-at-top
+
   from certssb_jax.models import zoo as models  # pylint: disable=g-import-not-at-top
 
   flax_params = models.MnistCNN(num_outputs=1).init(jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32))

@@ -23,14 +23,14 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from certssb_jax import backend
-from certssb_jax.models import zoo as models_lib
-from certssb_jax import rng
+from certssb_jax import backend, rng
 from certssb_jax.ensemble.member import MemberState, member_logits
 from certssb_jax.ensemble.sharding import ENS, ChunkLayout, default_mesh, fold_keys, per_device, round_up, to_host
+from certssb_jax.models import zoo as models_lib
 
 
 @functools.lru_cache(maxsize=None)

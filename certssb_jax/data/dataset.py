@@ -7,8 +7,8 @@ NaN, fails here rather than certify nonsense.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
+import dataclasses
 
 import numpy as np
 

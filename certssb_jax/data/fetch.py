@@ -22,6 +22,7 @@ whole. Only the standard library is used (``urllib.request``).
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping, Sequence
 import contextlib
 import dataclasses
 import hashlib
@@ -36,7 +37,6 @@ import tempfile
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Mapping, Sequence
 
 from certssb_jax.data import sources as data_lib
 

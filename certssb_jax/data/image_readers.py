@@ -7,9 +7,9 @@ pixels / 255. ``data.SOURCES`` dispatches to them; the fixed-size array formats 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import logging
 import os
-from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image

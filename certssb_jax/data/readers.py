@@ -8,12 +8,12 @@ helpers here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import gzip
 import importlib.util
 import os
 import pickle
 import struct
-from collections.abc import Sequence
 
 import numpy as np
 

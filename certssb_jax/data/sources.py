@@ -35,15 +35,14 @@ randomness: subsampling (``max_train``/``max_test``) keeps the first samples of 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from certssb_jax.data import image_readers
-from certssb_jax.data import readers
+from certssb_jax.data import image_readers, readers
 from certssb_jax.data.dataset import DataError, Dataset, check_classes
 
 logger = logging.getLogger(__name__)

@@ -8,12 +8,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from certssb_jax.models import zoo as models_lib
 from certssb_jax.ensemble.member import member_logits
 from certssb_jax.ensemble.sharding import ENS, round_up
+from certssb_jax.models import zoo as models_lib
 
 
 def ordered_sum(local: jax.Array, valid: jax.Array, num_devices: int) -> jax.Array:

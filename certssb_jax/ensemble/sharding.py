@@ -24,9 +24,9 @@ import math
 from typing import Any, Callable, Sequence
 
 import jax
-import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh
+import numpy as np
 
 ENS = "ens"  # name of the mesh axis the ensemble is sharded over
 MEMBER_MAPS = ("loop", "vmap")

@@ -21,17 +21,25 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from certssb_jax import backend
-from certssb_jax.models import zoo as models_lib
-from certssb_jax.models import weights
-from certssb_jax import rng
+from certssb_jax import backend, rng
 from certssb_jax.ensemble.member import MemberState, Streams, init_member, member_logits, member_step, train_noise
-from certssb_jax.ensemble.sharding import ENS, ChunkLayout, check_member_map, default_mesh, fold_keys, per_device
-from certssb_jax.ensemble.sharding import round_up, to_host
+from certssb_jax.ensemble.sharding import (
+  ENS,
+  ChunkLayout,
+  check_member_map,
+  default_mesh,
+  fold_keys,
+  per_device,
+  round_up,
+  to_host,
+)
+from certssb_jax.models import weights
+from certssb_jax.models import zoo as models_lib
 
 logger = logging.getLogger(__name__)
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 from flax.linen import dtypes as flax_dtypes
+import jax
 from jax import lax
+import jax.numpy as jnp
+
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2 max pooling with stride 2 by reshape-and-max.

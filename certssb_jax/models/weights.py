@@ -6,9 +6,9 @@ import logging
 import os
 from typing import Any, Mapping, Sequence
 
+from flax import traverse_util
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 logger = logging.getLogger(__name__)
 

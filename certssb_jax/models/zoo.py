@@ -37,8 +37,19 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from certssb_jax.models.layers import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, batch_norm, check_conv
-from certssb_jax.models.layers import check_head, conv2d, conv_init, max_pool_2x2, normalize
+from certssb_jax.models.layers import (
+  CIFAR10_MEAN,
+  CIFAR10_STD,
+  IMAGENET_MEAN,
+  IMAGENET_STD,
+  batch_norm,
+  check_conv,
+  check_head,
+  conv2d,
+  conv_init,
+  max_pool_2x2,
+  normalize,
+)
 
 logger = logging.getLogger(__name__)
 

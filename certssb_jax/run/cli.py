@@ -7,8 +7,7 @@ import logging
 import sys
 from typing import Callable, NoReturn
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 USER_ERRORS = (ValueError, FileNotFoundError)  # config, data and run-folder errors are ValueErrors
 

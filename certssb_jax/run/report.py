@@ -22,9 +22,8 @@ from certssb_jax.certify import kernel as certify_lib
 from certssb_jax.data.attacked import Attacked
 from certssb_jax.defenses.base import Defense
 from certssb_jax.run import config as config_lib
+from certssb_jax.run import metrics, rundir
 from certssb_jax.run.config import Config
-from certssb_jax.run import metrics
-from certssb_jax.run import rundir
 
 logger = logging.getLogger(__name__)
 

@@ -60,8 +60,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from certssb_jax import files
-from certssb_jax.store import ball_index
-from certssb_jax.store import distances
+from certssb_jax.store import ball_index, distances
 
 logger = logging.getLogger(__name__)
 

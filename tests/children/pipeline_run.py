@@ -4,10 +4,10 @@ number of devices it saw."""
 import json
 import sys
 
+from conftest import tiny_config
 import jax
 
 from certssb_jax.run import pipeline
-from conftest import tiny_config
 
 
 def main() -> None:

@@ -9,15 +9,14 @@ import json
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
+import numpy as np
 
 from certssb_jax.certify import kernel as certify
+from certssb_jax.ensemble import scorer, sharding
 from certssb_jax.ensemble import trainer as ensemble
-from certssb_jax.models import zoo as models
-from certssb_jax.ensemble import scorer
-from certssb_jax.ensemble import sharding
 from certssb_jax.ensemble.member import Streams
+from certssb_jax.models import zoo as models
 
 
 def main() -> None:
