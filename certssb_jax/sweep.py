@@ -155,7 +155,6 @@ def _cra_from_rows(workdir: str, radii: list[float]) -> dict[str, list[float]]:
 
 def table(records: list[dict[str, Any]]) -> tuple[str, str]:
   """(markdown, csv): one line per row of the grid, RAB and Cert-SSB next to each other."""
-  from certssb_jax.run import report  # pylint: disable=g-import-not-at-top
 
   joint_units = [u for u in TABLE_UNITS if u <= 1.0]
   header = ["data set", "trigger", "sigma_0", "method", "search: training sigmas / class A / rule / [lo, hi] / pilot",
@@ -170,7 +169,7 @@ def table(records: list[dict[str, Any]]) -> tuple[str, str]:
     unit = s["margin_ceiling"] * s["sigma_0"]
     cra = _cra_from_rows(r["workdir"], [u * unit for u in TABLE_UNITS])
     design_ = design(files.load_json(os.path.join(r["workdir"], "config.json")))
-    lines.append([r["dataset"], r["trigger"], f"{r['sigma_0']:g}", report.MODE_NAMES[r["mode"]], design_,
+    lines.append([r["dataset"], r["trigger"], f"{r['sigma_0']:g}", s["method"], design_,
                   str(s["models"]["voting"]), _fmt(m["clean_accuracy"]), _fmt(m["era"]), _fmt(m["asr"]),
                   f"{_fmt(m['abstain_rate'])} / {_fmt(m['abstain_rate_triggered'])}",
                   " / ".join(_fmt(s["majority"][k]) for k in ("clean_accuracy", "era", "asr"))]
@@ -214,7 +213,7 @@ def plot(records: list[dict[str, Any]], workdir: str) -> list[str]:
       clean = _clean_rows(r["workdir"])
       correct = np.array([int(c["pred_stored"]) == int(c["label"]) for c in clean])
       ls = styles[keys.index((r["trigger"], r["sigma_0"])) % len(styles)]
-      label = f"{report.MODE_NAMES[r['mode']]} {r['trigger']} sigma_0={r['sigma_0']:g}"
+      label = f"{r['summary']['method']} {r['trigger']} sigma_0={r['sigma_0']:g}"
       for ax, column in ((axes[0], "radius_stored"), (axes[1], "radius_joint_stored")):
         radius = np.array([float(c[column]) for c in clean])
         ax.step(*report.cra_curve(radius, correct), where="post", color=colors[r["mode"]], ls=ls, label=label)

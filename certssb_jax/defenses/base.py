@@ -53,6 +53,9 @@ class Defense(NamedTuple):
     certify_votes: (config, votes (N, K) int, training-set size) -> CountCertificate (counting family); None for
       smoothing, whose bounds need each query's sigma (``certify.bounds.certify_counts`` through the run).
     describe: config -> the defense's settings as the summary records them.
+    diagnostics: what the run reports beyond the certificates: "sigma_search" (the search settings in the
+      summary), "sigma_histogram" (the plot of the training and test sigmas), "side_channel_probe" (whether
+      sigma_x leaks the trigger, in the summary).
   """
 
   name: str
@@ -60,6 +63,7 @@ class Defense(NamedTuple):
   member_views: Callable[[Any, np.ndarray, np.ndarray], MemberViews] | None
   certify_votes: Callable[[Any, np.ndarray, int], CountCertificate] | None
   describe: Callable[[Any], dict[str, Any]]
+  diagnostics: tuple[str, ...] = ()
 
 
 def top_two(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -20,4 +20,5 @@ def _describe(cfg: Any) -> dict[str, Any]:
 
 
 RAB = Defense(name="RAB", family="smoothing", member_views=None, certify_votes=None, describe=_describe)
-CERT_SSB = Defense(name="Cert-SSB", family="smoothing", member_views=None, certify_votes=None, describe=_describe)
+CERT_SSB = Defense(name="Cert-SSB", family="smoothing", member_views=None, certify_votes=None, describe=_describe,
+                   diagnostics=("sigma_search", "sigma_histogram", "side_channel_probe"))

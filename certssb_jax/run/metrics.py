@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import scipy.stats
 
+from certssb_jax import defenses
 from certssb_jax.certify import bounds
 from certssb_jax.data.attacked import Attacked
 from certssb_jax.run import config as config_lib
@@ -285,7 +286,7 @@ def collect(cfg: Config, attacked: Attacked, certs: dict[str, bounds.Certificate
       "other_order": {"query_order": other_order, **answer_metrics(cfg, attacked, other_answers, sigma_train,
                                                                    sigma_test)},
   }
-  if cfg.sigma.mode == "sample_specific":
+  if "side_channel_probe" in defenses.get(cfg).diagnostics:
     out["probe"] = side_channel_probe(cfg, attacked, votes, sigma_train, disagree, sigma_test)
   if cfg.certify.compat == "reference":
     out["reference_compat"] = reference_numbers(cfg, attacked, votes, sigma_test)

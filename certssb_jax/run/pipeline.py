@@ -142,9 +142,10 @@ def compare_modes(config: ml_collections.ConfigDict, workdir: str, *, progress: 
     c = config.copy_and_resolve_references()
     c.sigma.mode = mode
     d = os.path.join(workdir, mode)
+    resolved = config_lib.resolve(c)
     if previous is not None:
-      rundir.link_trained(previous, d, config_lib.resolve(c))
-    runs[report.MODE_NAMES[mode]] = run(c, d, progress=progress, fresh=fresh)
+      rundir.link_trained(previous, d, resolved)
+    runs[defenses.get(resolved).name] = run(c, d, progress=progress, fresh=fresh)
     previous = d
   return runs
 

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from certssb_jax import files
+from certssb_jax import defenses, files
 from certssb_jax.certify import bounds
 from certssb_jax.certify import kernel as certify_lib
 from certssb_jax.data.attacked import Attacked
@@ -27,7 +27,6 @@ from certssb_jax.run.config import Config
 
 logger = logging.getLogger(__name__)
 
-MODE_NAMES = {"fixed": "RAB", "sample_specific": "Cert-SSB"}
 CSV_COLUMNS = ("split", "index", "label", "pred", "votes_top", "num_models", "p_lower", "sigma", "margin", "radius",
                "radius_test", "correct", "pred_stored", "radius_stored", "radius_joint_stored", "margin_stored",
                "aligned", "trimmed", "poison_budget")
@@ -91,7 +90,7 @@ def summarize(cfg: Config, attacked: Attacked, answers: dict, sigma_train: np.nd
       "n_triggered": int(len(attacked.splits["triggered"].y)), "n_poisoned": int(len(attacked.poison_indices)),
       "trigger": c.attack.trigger, "delta": c.attack.delta, "poison_rate": c.attack.poison_rate,
       "poison_base": c.attack.poison_base, "selection": c.attack.selection, "target_class": c.attack.target_class,
-      "seed": c.seed, "method": MODE_NAMES[c.sigma.mode], "sigma_mode": c.sigma.mode, "sigma_0": c.sigma.sigma_0,
+      "seed": c.seed, "method": defenses.get(c).name, "sigma_mode": c.sigma.mode, "sigma_0": c.sigma.sigma_0,
       "num_models": c.train.num_models,
       "models": {"trained": c.train.num_models, "search": c.train.num_models - voters, "voting": voters,
                  "class_selection": c.certify.holdout_models, "estimating": voters - c.certify.holdout_models},
@@ -118,7 +117,7 @@ def summarize(cfg: Config, attacked: Attacked, answers: dict, sigma_train: np.nd
       "devices": [str(d) for d in jax.devices()],
       "process_count": jax.process_count(),
   }
-  if c.sigma.mode == "sample_specific":
+  if "sigma_search" in defenses.get(c).diagnostics:
     summary["sigma_search"] = {k: c.sigma[k] for k in ("train", "objective", "rule", "scorer", "sigma_lo", "sigma_hi",
                                                        "start", "pilot_sigma", "num_steps")}
   return summary
@@ -140,7 +139,7 @@ def write_outputs(cfg: Config, attacked: Attacked, certs: dict[str, bounds.Certi
                   **{f"{s}_probs_sum": votes[f"{s}_probs_sum"] for s in SPLITS},
                   **{f"{s}_label": attacked.splits[s].y for s in SPLITS})
   plot_certified_accuracy(rd.file("certified_accuracy.png"), cfg, attacked, certs, answers, summary, budgets)
-  if cfg.sigma.mode == "sample_specific":
+  if "sigma_histogram" in defenses.get(cfg).diagnostics:
     plot_sigma_histogram(rd.file("sigma_histogram.png"), cfg, attacked, sigma_train, sigma_test)
   summary["files"] = sorted({f for f in os.listdir(rd.path) if not f.startswith(".")} | {"summary.json"})
   files.save_json(rd.file("summary.json"), summary)
@@ -186,7 +185,7 @@ def cra_curve(radius: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.n
 
 def run_title(cfg: Config, attacked: Attacked) -> str:
   return (f"{attacked.data.name} {tuple(attacked.data.classes)}, {cfg.attack.trigger} trigger, "
-          f"{MODE_NAMES[cfg.sigma.mode]} sigma_0={cfg.sigma.sigma_0:g}, M={cfg.train.num_models}, "
+          f"{defenses.get(cfg).name} sigma_0={cfg.sigma.sigma_0:g}, M={cfg.train.num_models}, "
           f"alpha={cfg.certify.alpha:g} ({cfg.certify.bound})")
 
 
