@@ -60,12 +60,16 @@ import optax  # noqa: E402
 
 from benchmarks.clock import StepClock  # noqa: E402  pylint: disable=g-bad-import-order
 from certssb_jax.certify import kernel as certify_lib  # noqa: E402
-from certssb_jax.ensemble import member  # noqa: E402
-from certssb_jax.ensemble import trainer as ensemble  # noqa: E402
-from certssb_jax.models import layers  # noqa: E402
-from certssb_jax.models import zoo as models_lib  # noqa: E402
-from certssb_jax.run import config as config_lib  # noqa: E402
+from certssb_jax.ensemble import (
+  member,  # noqa: E402
+  trainer as ensemble,  # noqa: E402
+)
+from certssb_jax.models import (
+  layers,  # noqa: E402
+  zoo as models_lib,  # noqa: E402
+)
 from certssb_jax.run import (
+  config as config_lib,  # noqa: E402
   pipeline,  # noqa: E402
   report,  # noqa: E402
 )

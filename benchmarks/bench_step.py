@@ -21,8 +21,7 @@ import optax
 
 from certssb_jax import backend
 from certssb_jax.ensemble import member
-from certssb_jax.models import layers
-from certssb_jax.models import zoo as models
+from certssb_jax.models import layers, zoo as models
 
 SHAPES = {"mnist_cnn": (28, 28, 1), "preact_resnet": (32, 32, 3), "resnet18": (224, 224, 3)}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

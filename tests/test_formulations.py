@@ -16,10 +16,8 @@ import numpy as np
 import optax
 import pytest
 
-from certssb_jax.ensemble import member
-from certssb_jax.ensemble import trainer as ensemble
-from certssb_jax.models import layers
-from certssb_jax.models import zoo as models
+from certssb_jax.ensemble import member, trainer as ensemble
+from certssb_jax.models import layers, zoo as models
 
 # Small inputs and the shallow variants of the ResNets (the same layer kinds: 7x7/2 stem, 3x3 convolutions of
 # stride 1 and 2, 1x1 projections of stride 2), which XLA:CPU compiles in seconds.

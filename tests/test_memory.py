@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 
 from certssb_jax.certify import kernel as certify
-from certssb_jax.ensemble import sharding
-from certssb_jax.ensemble import trainer as ensemble
+from certssb_jax.ensemble import sharding, trainer as ensemble
 from certssb_jax.ensemble.member import Streams
 from certssb_jax.models import zoo as models
 

@@ -15,12 +15,9 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from certssb_jax.ensemble import member, sharding
-from certssb_jax.ensemble import trainer as ensemble
-from certssb_jax.models import layers, weights
-from certssb_jax.models import zoo as models
-from certssb_jax.run import config as config_lib
-from certssb_jax.run import pipeline
+from certssb_jax.ensemble import member, sharding, trainer as ensemble
+from certssb_jax.models import layers, weights, zoo as models
+from certssb_jax.run import config as config_lib, pipeline
 
 # Small inputs each model allows (the ResNets are fully convolutional up to the global pool).
 SHAPES = {"mnist_cnn": (28, 28, 1), "preact_resnet": (32, 32, 3), "resnet18": (32, 32, 3)}

@@ -17,11 +17,9 @@ from scipy import stats
 from certssb_jax import rng
 from certssb_jax.certify import bounds
 from certssb_jax.data import sources as data_lib
-from certssb_jax.ensemble import member
-from certssb_jax.ensemble import trainer as ensemble
+from certssb_jax.ensemble import member, trainer as ensemble
 from certssb_jax.models import zoo as models_lib
-from certssb_jax.run import config as config_lib
-from certssb_jax.run import pipeline, report, rundir
+from certssb_jax.run import config as config_lib, pipeline, report, rundir
 
 # The kernel's summed probabilities against a plain loop: to the backend's default matmul precision (float32 on
 # CPU, TF32 convolutions on recent NVIDIA GPUs), as in tests/test_certify_kernel.py.

@@ -11,10 +11,8 @@ from scipy import stats
 
 from certssb_jax import files, rng, sweep
 from certssb_jax.defenses import sigma_search
-from certssb_jax.ensemble import scorer as scorer_lib
-from certssb_jax.ensemble import trainer as ensemble
-from certssb_jax.run import config as config_lib
-from certssb_jax.run import pipeline, rundir
+from certssb_jax.ensemble import scorer as scorer_lib, trainer as ensemble
+from certssb_jax.run import config as config_lib, pipeline, rundir
 
 
 @pytest.mark.slow

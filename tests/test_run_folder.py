@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 
 from certssb_jax import files
-from certssb_jax.run import config as config_lib
-from certssb_jax.run import rundir
+from certssb_jax.run import config as config_lib, rundir
 
 SMALL = dict(max_train=128, max_test=32, num_models=4, models_per_chunk=2,
              **{"train.epochs": 1, "undefended.epochs": 1, "train.checkpoint_every_s": 0})

@@ -23,8 +23,7 @@ import numpy as np
 import pytest
 from scipy import optimize, stats
 
-from certssb_jax.certify import bounds
-from certssb_jax.certify import kernel as certify
+from certssb_jax.certify import bounds, kernel as certify
 from certssb_jax.ensemble.member import MemberState
 from certssb_jax.store import certified as store_lib
 

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from scipy.spatial import distance
 
-from certssb_jax.store import certified as store_lib
-from certssb_jax.store import distances
+from certssb_jax.store import certified as store_lib, distances
 from certssb_jax.store.certified import CertifiedStore, StoreAnswer
 
 _FIELDS = ("pred", "radius_stored", "radius_joint", "margin_stored", "aligned", "trimmed", "stored", "align_source")

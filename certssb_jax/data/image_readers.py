@@ -14,8 +14,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from certssb_jax.data import dataset as data_lib
-from certssb_jax.data import readers
+from certssb_jax.data import dataset as data_lib, readers
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from certssb_jax import rng
-from certssb_jax.models import weights
-from certssb_jax.models import zoo as models_lib
+from certssb_jax.models import weights, zoo as models_lib
 
 
 class MemberState(NamedTuple):

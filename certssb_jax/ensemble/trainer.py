@@ -21,8 +21,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 import optax
 
@@ -38,8 +37,7 @@ from certssb_jax.ensemble.sharding import (
   round_up,
   to_host,
 )
-from certssb_jax.models import weights
-from certssb_jax.models import zoo as models_lib
+from certssb_jax.models import weights, zoo as models_lib
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +93,11 @@ def _batch_clean(idx, unused, x, y, sigma):
 _NOISE_SOURCES = {"none": _batch_clean, "noised_copy": _batch_noised_copy, "noise_keys": _batch_noise_keys}
 
 
+def _batch_indices(perm: jax.Array, step: jax.Array, batch_size: int) -> jax.Array:
+  """The training-set indices (B,) of batch ``step`` of an epoch in the order ``perm``."""
+  return jax.lax.dynamic_slice_in_dim(perm, step * batch_size, batch_size)
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, batch_size: int, batch_fn: Callable,
                     layout: ChunkLayout, mesh: Mesh) -> Callable:
   """The jitted training step of every model of a chunk, sharded over ``ens``, its batches made by ``batch_fn``.
@@ -105,7 +108,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, batch_si
   """
 
   def one(state, perm, source_m, step, x, y, sigma):
-    idx = jax.lax.dynamic_slice_in_dim(perm, step * batch_size, batch_size)  # (B,)
+    idx = _batch_indices(perm, step, batch_size)
     return member_step(model, tx, state, *batch_fn(idx, source_m, x, y, sigma))
 
   def local(states, perms, step, sources, x, y, sigma):  # inside shard_map: this device's models, slot by slot
@@ -124,7 +127,7 @@ def make_batches(batch_size: int, batch_fn: Callable) -> Callable:
 
   def batches(perms, step, sources, x, y, sigma):
     def one(perm, source_m):
-      idx = jax.lax.dynamic_slice_in_dim(perm, step * batch_size, batch_size)
+      idx = _batch_indices(perm, step, batch_size)
       return (*batch_fn(idx, source_m, x, y, sigma), idx)
 
     return jax.vmap(one)(perms, sources)

@@ -21,11 +21,9 @@ from ml_collections import config_dict
 
 from certssb_jax import defenses
 from certssb_jax.certify import bounds
-from certssb_jax.data import sources as data
-from certssb_jax.data import triggers
+from certssb_jax.data import sources as data, triggers
 from certssb_jax.defenses import sigma_search
-from certssb_jax.models import layers
-from certssb_jax.models import zoo as models
+from certssb_jax.models import layers, zoo as models
 
 # A resolved run config (``resolve``): every field checked and derived, read-only.
 Config = ml_collections.FrozenConfigDict

@@ -21,18 +21,14 @@ import ml_collections
 import numpy as np
 
 from certssb_jax import defenses, multihost, rng
-from certssb_jax.certify import bounds
-from certssb_jax.certify import kernel as certify_lib
-from certssb_jax.data import sources as data_lib
-from certssb_jax.data import triggers
+from certssb_jax.certify import bounds, kernel as certify_lib
+from certssb_jax.data import sources as data_lib, triggers
 from certssb_jax.data.attacked import Attacked, Split
 from certssb_jax.defenses import sigma_search
-from certssb_jax.ensemble import scorer as scorer_lib
-from certssb_jax.ensemble import trainer as ensemble
+from certssb_jax.ensemble import scorer as scorer_lib, trainer as ensemble
 from certssb_jax.ensemble.member import MemberState, Streams, member_logits
 from certssb_jax.models import zoo as models_lib
-from certssb_jax.run import config as config_lib
-from certssb_jax.run import metrics, report, rundir
+from certssb_jax.run import config as config_lib, metrics, report, rundir
 from certssb_jax.run.rundir import RunDir
 from certssb_jax.store import certified as store_lib
 

@@ -17,12 +17,10 @@ import jax
 import numpy as np
 
 from certssb_jax import defenses, files
-from certssb_jax.certify import bounds
-from certssb_jax.certify import kernel as certify_lib
+from certssb_jax.certify import bounds, kernel as certify_lib
 from certssb_jax.data.attacked import Attacked
 from certssb_jax.defenses.base import Defense
-from certssb_jax.run import config as config_lib
-from certssb_jax.run import metrics, rundir
+from certssb_jax.run import config as config_lib, metrics, rundir
 from certssb_jax.run.config import Config
 
 logger = logging.getLogger(__name__)

@@ -13,8 +13,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from certssb_jax.certify import kernel as certify
-from certssb_jax.ensemble import scorer, sharding
-from certssb_jax.ensemble import trainer as ensemble
+from certssb_jax.ensemble import scorer, sharding, trainer as ensemble
 from certssb_jax.ensemble.member import Streams
 from certssb_jax.models import zoo as models
 
