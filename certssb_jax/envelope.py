@@ -41,12 +41,12 @@ import scipy.stats
 
 from certssb_jax import files, sweep
 from certssb_jax.certify import bounds
+from certssb_jax.data.attacked import SPLITS
 from certssb_jax.run import cli, config as config_lib, report
 from certssb_jax.store import certified as store_lib
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("clean", "triggered")
 PAPER_SIGMAS = (0.12, 0.25, 0.5, 1.0)
 RADII = ("joint", "test")
 KINDS = RADII + ("budget",)  # the certified poison budget at the trigger norm: images k, not a radius

@@ -323,16 +323,22 @@ def test_margin_and_abstain():
   assert isinstance(ans, StoreAnswer)
 
 
-def test_kernel_compiles_once_per_shape():
-  """Repeated blocks of the same bucket reuse one compiled kernel, whatever the store size."""
+def test_kernel_compiles_once_per_shape(monkeypatch):
+  """Repeated blocks of the same bucket reuse one compiled kernel, whatever the store size: once the bucket's
+  shape is compiled, the kernel's body (which calls ``_sq_dist``) is never traced again."""
   x, pred, radius, sigma = make_stream(13, 64, 6, 2)
   store = CertifiedStore((6,), chunk_size=8)
   store.certify(x[:34], pred[:34], radius[:34], sigma[:34])
   store.certify(x[34:40], pred[34:40], radius[34:40], sigma[34:40])  # compiles the bucket-8 shape
-  before = distances.chunk_candidates_kernel._cache_size()
+  traces = []
+  real = distances._sq_dist  # pylint: disable=protected-access
+  monkeypatch.setattr(distances, "_sq_dist", lambda *a: traces.append(1) or real(*a))
   for i in range(40, 64, 6):  # blocks of 6 -> bucket 8, store growing over several chunks
     store.certify(x[i:i + 6], pred[i:i + 6], radius[i:i + 6], sigma[i:i + 6])
-  assert distances.chunk_candidates_kernel._cache_size() == before
+  assert not traces
+  distances.chunk_candidates_kernel.clear_cache()  # the counter does see a trace
+  store.certify(x[40:46], pred[40:46], radius[40:46], sigma[40:46])
+  assert traces
 
 
 def test_validation():

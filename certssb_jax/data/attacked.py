@@ -9,6 +9,9 @@ import numpy as np
 
 from certssb_jax.data.dataset import Dataset
 
+# The test splits every run evaluates: clean inputs, and the non-target inputs with the trigger added.
+SPLITS = ("clean", "triggered")
+
 
 @dataclasses.dataclass(frozen=True)
 class Split:

@@ -12,14 +12,13 @@ import scipy.stats
 
 from certssb_jax import defenses
 from certssb_jax.certify import bounds
-from certssb_jax.data.attacked import Attacked
+from certssb_jax.data.attacked import SPLITS, Attacked
 from certssb_jax.run import config as config_lib
 from certssb_jax.run.config import Config
 from certssb_jax.store import certified as store_lib
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("clean", "triggered")
 # Radii of the CRA curves, in units of ceiling * sigma_0: RAB's largest certifiable test-input radius is 1 on
 # this scale, a sample-specific run's sigma_hi / sigma_0 (1.5 by default). CRA counts radius > r, so the grid
 # stops just below those ends (an input certified at the ceiling counts at 0.95 and 1.45).

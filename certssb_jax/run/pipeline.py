@@ -23,7 +23,7 @@ import numpy as np
 from certssb_jax import defenses, multihost, rng
 from certssb_jax.certify import bounds, kernel as certify_lib
 from certssb_jax.data import sources as data_lib, triggers
-from certssb_jax.data.attacked import Attacked, Split
+from certssb_jax.data.attacked import SPLITS, Attacked, Split
 from certssb_jax.defenses import sigma_search
 from certssb_jax.ensemble import scorer as scorer_lib, trainer as ensemble
 from certssb_jax.ensemble.member import MemberState, Streams, member_logits
@@ -37,7 +37,6 @@ logger = logging.getLogger(__name__)
 Config = config_lib.Config
 # progress(description, total, unit) -> context manager yielding update(n)
 Progress = Callable[[str, int, str], ContextManager[Callable[[int], None]]]
-SPLITS = ("clean", "triggered")
 
 
 # ---------------------------------------------------------------------------------------------- the run

@@ -18,7 +18,7 @@ import numpy as np
 
 from certssb_jax import defenses, files
 from certssb_jax.certify import bounds, kernel as certify_lib
-from certssb_jax.data.attacked import Attacked
+from certssb_jax.data.attacked import SPLITS, Attacked
 from certssb_jax.defenses.base import Defense
 from certssb_jax.run import config as config_lib, metrics, rundir
 from certssb_jax.run.config import Config
@@ -29,7 +29,6 @@ CSV_COLUMNS = ("split", "index", "label", "pred", "votes_top", "num_models", "p_
                "radius_test", "correct", "pred_stored", "radius_stored", "radius_joint_stored", "margin_stored",
                "aligned", "trimmed", "poison_budget")
 PACKAGES = ("certssb-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "scipy")
-SPLITS = metrics.SPLITS
 
 
 def versions() -> dict[str, str]:
