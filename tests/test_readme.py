@@ -29,9 +29,23 @@ def test_readme_python_api_runs(tmp_path, monkeypatch):
   assert os.path.exists(tmp_path / "store.npz")
 
 
-def test_the_readme_gives_the_two_commands_ci_runs():
-  text = open(README).read()
-  assert "python -m certssb_jax.launch --config configs/quickstart.py --workdir /tmp/quickstart" in text
-  assert "python -m pytest -q" in text
-  ci = open(os.path.join(os.path.dirname(README), ".ci", "run")).read()
-  assert "python -m pytest -q" in ci
+def _two_commands() -> list[str]:
+  block = re.search(r"## The two commands\n\n```bash\n(.*?)```", open(README).read(), re.S)
+  assert block, "the README has no bash block under '## The two commands'"
+  return [line.split("#")[0].strip() for line in block.group(1).splitlines() if line.split("#")[0].strip()]
+
+
+def test_the_readme_gives_the_two_commands_ci_runs(monkeypatch):
+  """Two commands: a launch of a config that exists and resolves, and the test command CI's script ends with."""
+  from certssb_jax import launch  # pylint: disable=g-import-not-at-top
+  from certssb_jax.run import config as config_lib  # pylint: disable=g-import-not-at-top
+
+  main, tests = _two_commands()
+  words = main.split()
+  assert words[:3] == ["python", "-m", "certssb_jax.launch"], main
+  spec, overrides, rest = launch.split_config_args(words[3:])
+  assert rest[0] == "--workdir" and len(rest) == 2, main
+  monkeypatch.chdir(os.path.dirname(README))  # the commands run from the clone's root
+  config_lib.resolve(config_lib.apply_overrides(config_lib.load_config(spec), overrides))
+  ci = [line.strip() for line in open(os.path.join(os.path.dirname(README), ".ci", "run")) if line.strip()]
+  assert ci[-1] == tests == "python -m pytest -q"
