@@ -162,6 +162,18 @@ def _as_nonneg(x: ArrayLike, name: str) -> np.ndarray:
 # One-sided confidence bounds.
 
 
+def _binomial_args(successes: ArrayLike, trials: ArrayLike, alpha: ArrayLike) -> list[np.ndarray]:
+  """(k, n, alpha) checked (0 <= k <= n, n > 0, alpha in (0, 1)) and broadcast to one shape."""
+  k = _as_counts(successes, "successes")
+  n = _as_counts(trials, "trials")
+  a = _check_alpha(alpha)
+  if np.any(n <= 0):
+    raise ValueError("trials must be > 0.")
+  if np.any(k > n):
+    raise ValueError("successes must not exceed trials.")
+  return np.broadcast_arrays(k, n, a)
+
+
 def clopper_pearson_lower(successes: ArrayLike, trials: ArrayLike, alpha: ArrayLike) -> np.ndarray:
   """Exact one-sided Clopper-Pearson lower confidence bound on a binomial proportion.
 
@@ -176,14 +188,7 @@ def clopper_pearson_lower(successes: ArrayLike, trials: ArrayLike, alpha: ArrayL
   Returns:
     float64 array of the broadcast shape.
   """
-  k = _as_counts(successes, "successes")
-  n = _as_counts(trials, "trials")
-  a = _check_alpha(alpha)
-  if np.any(n <= 0):
-    raise ValueError("trials must be > 0.")
-  if np.any(k > n):
-    raise ValueError("successes must not exceed trials.")
-  k, n, a = np.broadcast_arrays(k, n, a)
+  k, n, a = _binomial_args(successes, trials, alpha)
   safe_k = np.maximum(k, 1)  # Beta(0, .) is undefined; those entries are set to 0 below.
   lower = scipy.stats.beta.ppf(a, safe_k, n - k + 1)
   return np.where(k == 0, 0.0, lower).astype(np.float64)
@@ -202,14 +207,7 @@ def clopper_pearson_upper(successes: ArrayLike, trials: ArrayLike, alpha: ArrayL
   Returns:
     float64 array of the broadcast shape.
   """
-  k = _as_counts(successes, "successes")
-  n = _as_counts(trials, "trials")
-  a = _check_alpha(alpha)
-  if np.any(n <= 0):
-    raise ValueError("trials must be > 0.")
-  if np.any(k > n):
-    raise ValueError("successes must not exceed trials.")
-  k, n, a = np.broadcast_arrays(k, n, a)
+  k, n, a = _binomial_args(successes, trials, alpha)
   safe_b = np.maximum(n - k, 1)  # Beta(., 0) is undefined; those entries are set to 1 below.
   upper = scipy.stats.beta.ppf(1.0 - a, k + 1, safe_b)
   return np.where(k == n, 1.0, upper).astype(np.float64)
