@@ -33,10 +33,7 @@ POISON_GRID = (0, 1, 2, 4, 8, 16, 32)
 
 def run_families(spec: str, workdir: str, counting: dict[str, str], progress: Any) -> list[dict[str, Any]]:
   """Runs (or resumes) the four rows; returns their summaries with the folder of each."""
-  from certssb_jax.run import (
-    config as config_lib,  # pylint: disable=g-import-not-at-top
-    pipeline,  # pylint: disable=g-import-not-at-top
-  )
+  from certssb_jax.run import config as config_lib, pipeline  # pylint: disable=g-import-not-at-top
 
   base = config_lib.load_config(spec)
   pipeline.compare_modes(base, workdir, progress=progress)  # RAB and Cert-SSB share their models

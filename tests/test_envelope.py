@@ -81,10 +81,7 @@ def test_the_envelope_is_the_best_rab_at_each_radius():
 def test_the_envelope_command_on_real_digits(tmp_path):
   """RAB at two sigmas and the grid selector on their models: the table, the plots, a selector whose sigma_x
   take both values, answers consistent through one store, and a joint radius of 0 for selected answers."""
-  from certssb_jax.run import (
-    config as config_lib,  # pylint: disable=g-import-not-at-top
-    pipeline,  # pylint: disable=g-import-not-at-top
-  )
+  from certssb_jax.run import config as config_lib, pipeline  # pylint: disable=g-import-not-at-top
 
   spec = write_tiny_config(tmp_path / "tiny.py", num_models=16, alpha=0.2)
   result = envelope.run_envelope(spec, str(tmp_path / "env"), [0.25, 0.5], [], [4])
