@@ -569,8 +569,8 @@ def main() -> None:
     raise ValueError("--readme needs --results_md (the README links the figure the results page keeps)")
   grids = [_grid(text) for text in f.sigmas] * (len(f.config) if len(f.sigmas) == 1 else 1)
   selector = None if f.selector_models is None else [int(v) for v in f.selector_models if int(v) > 0]
-  sections = [run_envelope(spec, f.workdir, grid, f.design, selector, cli.progress(f.progress))
-              for spec, grid in zip(f.config, grids)]
+  progress = cli.progress(f.progress)
+  sections = [run_envelope(spec, f.workdir, grid, f.design, selector, progress) for spec, grid in zip(f.config, grids)]
   if f.results_md:
     command = "python -m certssb_jax.envelope " + " ".join(
         [f"--config {c}" for c in f.config] + [f"--workdir {f.workdir}"] + [f"--sigmas {g}" for g in f.sigmas]

@@ -29,7 +29,7 @@ import logging
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from certssb_jax.run import cli
 
@@ -161,14 +161,9 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
               jax.local_device_count(), jax.device_count())
 
 
-def main(argv: list[str], spec: str | None, overrides: dict[str, str]) -> None:
-  if len(argv) > 1:
-    raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not _WORKDIR.value:
-    raise UsageError("--workdir is required")
+def main(spec: str | None, overrides: dict[str, str]) -> None:
+  cli.require(workdir=_WORKDIR.value)
   config = load(spec, overrides)
-  logging.getLogger().setLevel(logging.WARNING)  # quiet the libraries (orbax logs every checkpoint at INFO)
-  logging.getLogger("certssb_jax").setLevel(logging.INFO)
   import jax  # pylint: disable=g-import-not-at-top
 
   if _CACHE.value and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
@@ -208,13 +203,7 @@ def run_cli(argv: list[str] | None = None) -> None:
   except UsageError as e:
     cli.fail(e)
 
-  def checked_main(args):
-    try:
-      main(args, spec, overrides)
-    except cli.USER_ERRORS as e:
-      cli.fail(e)
-
-  app.run(checked_main, argv=[argv[0], *rest], flags_parser=cli.parse_flags)
+  cli.run(lambda: main(spec, overrides), argv=[argv[0], *rest])
 
 
 if __name__ == "__main__":
