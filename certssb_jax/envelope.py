@@ -4,12 +4,13 @@ RAB certifies at one noise level; which level is best depends on the radius aske
 (Cohen et al.'s "vary noise" analysis) trains RAB at a grid of sigma and takes, at every radius, the best
 certified accuracy over the grid: the envelope. A sample-specific design helps only where its curve rises above
 the envelope. This program trains (or reuses) RAB at every sigma of the grid and the Cert-SSB runs asked for, on
-the same data and seed, evaluates the grid selector (below) on RAB's trained models, and writes per class pair:
+the same data and seed, evaluates the grid selector (below) on RAB's trained models, and writes per class pair,
+seed and M (``<key>``: ``fashion_mnist_0-1_onepixel_seed0_M64``, say):
 
-* ``envelope_<pair>.png``: certified accuracy against the joint radius and against the test-input radius; RAB's
+* ``envelope_<key>.png``: certified accuracy against the joint radius and against the test-input radius; RAB's
   curves thin, their envelope bold, the designs on top;
-* ``attack_<pair>.png``: clean accuracy, ERA and ASR against sigma, certified and by majority vote;
-* ``envelope_<pair>.md`` / ``.json``: every row's numbers, the radii where each design rises above or falls below
+* ``attack_<key>.png``: clean accuracy, ERA and ASR against sigma, certified and by majority vote;
+* ``envelope_<key>.md`` / ``.json``: every row's numbers, the radii where each design rises above or falls below
   the envelope (and by how much), and the spread of the designs' sigma_x.
 
 The grid selector is the sample-specific design whose voting models are trained for the noise they are queried
@@ -450,14 +451,15 @@ def run_envelope(spec: str, workdir: str, sigmas: list[float], designs: list[str
              f"{len(rab[0].label['clean'])} clean and {len(rab[0].label['triggered'])} triggered test inputs.")
   result.update(title=title, context=context, pair=pair, rab_runs={f"{s:g}": d for s, d in rab_runs.items()})
   md = markdown(title, result, context)
-  name = f"{cfg.data.name}_{pair}_{cfg.attack.trigger}"
+  # one name per pair, seed and M: the figures of another size of the same pair are other files
+  name = f"{cfg.data.name}_{pair}_{cfg.attack.trigger}_seed{cfg.seed}_M{m}"
   paths = [os.path.join(workdir, f"envelope_{name}.png"), os.path.join(workdir, f"attack_{name}.png")]
   plot_envelope(paths[0], title, result)
   plot_attack(paths[1], title, result)
   files.atomic_write_bytes(os.path.join(workdir, f"envelope_{name}.md"), md.encode())
   files.save_json(os.path.join(workdir, f"envelope_{name}.json"), result)
   return {"markdown": md, "json": os.path.join(workdir, f"envelope_{name}.json"), "plots": paths, "result": result,
-          "key": f"{name}_seed{cfg.seed}_M{m}"}
+          "key": name}
 
 
 RESULTS_HEADER = [

@@ -87,6 +87,7 @@ def test_the_envelope_command_on_real_digits(tmp_path):
   result = envelope.run_envelope(spec, str(tmp_path / "env"), [0.25, 0.5], [], [4])
   for path in result["plots"] + [result["json"]]:
     assert os.path.exists(path)
+    assert result["key"].endswith("_M16") and result["key"] in os.path.basename(path)  # another M: other files
   out = json.load(open(result["json"]))
   names = [row["name"] for row in out["rows"]]
   assert names == ["RAB sigma=0.25", "RAB sigma=0.5", f"{envelope.GRID_DESIGN} (M_s = 4)"]
