@@ -163,8 +163,8 @@ def checkpoint_io(cfg: ml_collections.FrozenConfigDict, workdir: str, input_shap
   """
   t = cfg.train
   m = t.num_models
-  trainer = ensemble.trainer_for(models_lib.get_model(cfg.model.name, num_classes), input_shape, cfg,
-                                 models_per_chunk=ensemble.auto_models_per_chunk(t.models_per_chunk, m))
+  trainer = ensemble.Trainers().get(models_lib.get_model(cfg.model.name, num_classes), input_shape, cfg,
+                                    models_per_chunk=ensemble.auto_models_per_chunk(t.models_per_chunk, m))
   t0 = time.perf_counter()
   states = [s for _, s in ensemble.TrainedEnsemble(trainer, m, rundir.RunDir(workdir)).chunks()]
   restore = time.perf_counter() - t0

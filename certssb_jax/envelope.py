@@ -43,6 +43,7 @@ import scipy.stats
 from certssb_jax import files, sweep
 from certssb_jax.certify import bounds
 from certssb_jax.data.attacked import SPLITS
+from certssb_jax.ensemble import trainer as ensemble
 from certssb_jax.run import cli, config as config_lib, report
 from certssb_jax.store import certified as store_lib
 
@@ -424,11 +425,12 @@ def run_envelope(spec: str, workdir: str, sigmas: list[float], designs: list[str
   from certssb_jax.run import pipeline  # pylint: disable=g-import-not-at-top
 
   os.makedirs(workdir, exist_ok=True)
-  records = sweep.run_grid([spec], workdir, None, sigmas, ["fixed"], progress)
+  trainers = ensemble.Trainers()
+  records = sweep.run_grid([spec], workdir, None, sigmas, ["fixed"], progress, trainers)
   for variant in designs:
     base, _, arg = spec.partition(":")
     records += sweep.run_grid([f"{base}:{arg},{variant}" if arg else f"{base}:{variant}"], workdir, None, None,
-                              ["sample_specific"], progress)
+                              ["sample_specific"], progress, trainers)
   rab_runs = {r["sigma_0"]: r["workdir"] for r in records if r["mode"] == "fixed"}
   rab = [answers_of_run(d) for d in rab_runs.values()]
   rows = [answers_of_run(r["workdir"]) for r in records if r["mode"] != "fixed"]

@@ -33,16 +33,17 @@ POISON_GRID = (0, 1, 2, 4, 8, 16, 32)
 
 def run_families(spec: str, workdir: str, counting: dict[str, str], progress: Any) -> list[dict[str, Any]]:
   """Runs (or resumes) the four rows; returns their summaries with the folder of each."""
+  from certssb_jax.ensemble import trainer as ensemble  # pylint: disable=g-import-not-at-top
   from certssb_jax.run import config as config_lib, pipeline  # pylint: disable=g-import-not-at-top
 
-  base = config_lib.load_config(spec)
-  pipeline.compare_modes(base, workdir, progress=progress)  # RAB and Cert-SSB share their models
+  base, trainers = config_lib.load_config(spec), ensemble.Trainers()
+  pipeline.compare_modes(base, workdir, progress=progress, trainers=trainers)  # RAB and Cert-SSB share models
   out = []
   for name, overrides in ROWS:
     d = os.path.join(workdir, name)
     if overrides:
       c = config_lib.apply_overrides(base.copy_and_resolve_references(), {**overrides, **counting})
-      pipeline.run(c, d, progress=progress)
+      pipeline.run(c, d, progress=progress, trainers=trainers)
     out.append({"row": name, "workdir": d, "summary": files.load_json(os.path.join(d, "summary.json"))})
     out[-1]["budgets"] = clean_budgets(out[-1])
   return out

@@ -64,9 +64,10 @@ def row_dir(workdir: str, c: Any) -> str:
 
 
 def run_grid(specs: list[str], workdir: str, triggers: list[str] | None, sigmas: list[float] | None,
-             modes: list[str], progress=None) -> list[dict[str, Any]]:
+             modes: list[str], progress=None, trainers: ensemble.Trainers | None = None) -> list[dict[str, Any]]:
   """Runs (or reuses) every row of the grid; returns one record per row. ``triggers`` / ``sigmas`` None: each
-  config's own. Every config is checked first, so a bad one stops the sweep before any training."""
+  config's own. Every config is checked first, so a bad one stops the sweep before any training. The rows share
+  ``trainers`` (default: new), so rows that agree on the training settings compile their programs once."""
   from certssb_jax.run import pipeline  # pylint: disable=g-import-not-at-top
 
   rows = []
@@ -79,7 +80,7 @@ def run_grid(specs: list[str], workdir: str, triggers: list[str] | None, sigmas:
           c.attack.trigger, c.sigma.sigma_0, c.sigma.mode = trigger, float(sigma_0), mode
           resolved = config_lib.resolve(c)
           rows.append((spec, c, resolved, row_dir(workdir, resolved)))
-  records, trained = [], _finished_rows(workdir)
+  records, trained, trainers = [], _finished_rows(workdir), trainers or ensemble.Trainers()
   for spec, c, resolved, d in rows:
     path = os.path.join(d, "summary.json")
     if os.path.exists(path):  # row_dir found the folder by its config, so a finished run there is this row's
@@ -90,7 +91,7 @@ def run_grid(specs: list[str], workdir: str, triggers: list[str] | None, sigmas:
       if donor is not None:
         rundir.link_trained(donor, d, resolved, any_size=True)
       logging.info("running row %s", d)
-      summary = pipeline.run(c, d, progress=progress)
+      summary = pipeline.run(c, d, progress=progress, trainers=trainers)
     trained.append((config_lib.to_json(resolved), d))
     records.append({"config": spec, "dataset": f"{resolved.data.name} {tuple(resolved.data.classes)}",
                     "trigger": resolved.attack.trigger, "sigma_0": resolved.sigma.sigma_0,

@@ -115,7 +115,7 @@ def test_votes_recounted_model_by_model_from_the_run_folder(tiny_run, tmp_path):
   saved = np.load(os.path.join(workdir, "votes.npz"))
   num_models = cfg.train.num_models
   per_chunk = ensemble.auto_models_per_chunk(cfg.train.models_per_chunk, num_models)  # as train_ensemble saved
-  trainer = ensemble.trainer_for(attacked.model, ds.input_shape, cfg, models_per_chunk=per_chunk)
+  trainer = ensemble.Trainers().get(attacked.model, ds.input_shape, cfg, models_per_chunk=per_chunk)
   preds = {s: np.full((num_models, len(attacked.splits[s].y)), -1) for s in pipeline.SPLITS}
   probs_sum = {s: np.zeros((len(attacked.splits[s].y), ds.num_classes)) for s in pipeline.SPLITS}
   for ids, state in ensemble.TrainedEnsemble(trainer, num_models, rundir.RunDir(workdir)).chunks():
@@ -227,13 +227,12 @@ def test_same_seed_gives_identical_outputs(tiny_run, tmp_path):
 
 def test_a_run_trains_its_own_epochs_after_a_run_with_other_epochs(tmp_path):
   """The trainer (and its compiled step) is shared by runs that differ only in epochs; each run still trains
-  for its own number: a run after a 2-epoch run equals the same run in a fresh trainer cache."""
+  for its own number: a run after a 2-epoch run in the same trainers equals the same run in new ones."""
   overrides = dict(num_models=2, max_train=64, max_test=16, sigma_mode="fixed", **{"undefended.enabled": False})
-  ensemble._TRAINERS.clear()  # pylint: disable=protected-access
   pipeline.run(tiny_config(**overrides, epochs=1), str(tmp_path / "fresh"))
-  ensemble._TRAINERS.clear()  # pylint: disable=protected-access
-  pipeline.run(tiny_config(**overrides, epochs=2), str(tmp_path / "two_epochs"))
-  pipeline.run(tiny_config(**overrides, epochs=1), str(tmp_path / "after"))
+  shared = ensemble.Trainers()
+  pipeline.run(tiny_config(**overrides, epochs=2), str(tmp_path / "two_epochs"), trainers=shared)
+  pipeline.run(tiny_config(**overrides, epochs=1), str(tmp_path / "after"), trainers=shared)
   a, b = np.load(tmp_path / "fresh" / "votes.npz"), np.load(tmp_path / "after" / "votes.npz")
   np.testing.assert_array_equal(a["clean_probs_sum"], b["clean_probs_sum"])
   assert not np.array_equal(a["clean_probs_sum"], np.load(tmp_path / "two_epochs" / "votes.npz")["clean_probs_sum"])
@@ -252,7 +251,7 @@ def test_checkpoint_grouping_and_reading_back_do_not_change_results(tiny_run, tm
   assert filecmp.cmp(os.path.join(workdir, "per_sample.csv"), os.path.join(again, "per_sample.csv"), shallow=False)
   cfg = config_lib.resolve(c)
   from certssb_jax.models import zoo as models  # pylint: disable=g-import-not-at-top
-  trainer = ensemble.trainer_for(models.get_model(cfg.model.name, 2), (28, 28, 1), cfg, models_per_chunk=2)
+  trainer = ensemble.Trainers().get(models.get_model(cfg.model.name, 2), (28, 28, 1), cfg, models_per_chunk=2)
   grouped = list(ensemble.TrainedEnsemble(trainer, 8, rundir.RunDir(workdir)).chunks())
   single = list(ensemble.TrainedEnsemble(trainer, 8, rundir.RunDir(again)).chunks())
   assert [list(ids) for ids, _ in grouped] == [[0, 1], [2, 3], [4, 5], [6, 7]]

@@ -46,7 +46,7 @@ def test_search_models_score_and_never_vote(tmp_path):
   cfg = config_lib.resolve(c)
   from certssb_jax.models import zoo as models  # pylint: disable=g-import-not-at-top
   model = models.get_model("mnist_cnn", 2)
-  trainer = ensemble.trainer_for(model, (28, 28, 1), cfg, models_per_chunk=2)
+  trainer = ensemble.Trainers().get(model, (28, 28, 1), cfg, models_per_chunk=2)
   held_out = ensemble.TrainedEnsemble(trainer, 8, rundir.RunDir(str(tmp_path / "s"))).stacked(np.arange(2))
   score_fn = scorer_lib.EnsembleScorer(model, trainer.mesh, 2)
   attacked = pipeline.poison(cfg, pipeline.load_data(cfg), rundir.RunDir(str(tmp_path / "s")), pipeline.no_progress)

@@ -318,24 +318,27 @@ def auto_models_per_chunk(requested: int | None, num_models: int) -> int:
   return 1 if jax.default_backend() == "cpu" else min(num_models, 256)
 
 
-_TRAINERS: dict[Any, EnsembleTrainer] = {}
+class Trainers:
+  """The trainers a run builds, one per (model, shapes, training settings, chunk, devices), so the undefended,
+  pilot and ensemble models share compiled programs where they agree; a sweep passes one ``Trainers`` to all its
+  rows. The epochs are not part of the key: every caller passes them to ``train_chunk``."""
 
+  def __init__(self):
+    self._built: dict[Any, EnsembleTrainer] = {}
 
-def trainer_for(model: nn.Module, input_shape: Sequence[int], cfg: Any, *, models_per_chunk: int,
-                devices: Sequence[jax.Device] | None = None) -> EnsembleTrainer:
-  """The trainer of a run's models: one per (model, shapes, training settings, chunk, devices), so the
-  undefended, pilot and ensemble models share compiled programs where they agree (the epochs are not part of
-  the key: every caller passes them to ``train_chunk``)."""
-  t = cfg.train
-  key = (model, tuple(input_shape), t.batch_size, t.learning_rate, models_per_chunk, cfg.model.pretrained,
-         tuple(devices) if devices is not None else None)
-  if key not in _TRAINERS:
-    pretrained = weights.read_params(cfg.model.pretrained) if cfg.model.pretrained else None
-    train_config = TrainConfig(epochs=t.epochs, batch_size=t.batch_size, learning_rate=t.learning_rate,
-                               models_per_chunk=models_per_chunk)
-    _TRAINERS[key] = EnsembleTrainer(model, input_shape, train_config, mesh=default_mesh(devices),
-                                     pretrained=pretrained)
-  return _TRAINERS[key]
+  def get(self, model: nn.Module, input_shape: Sequence[int], cfg: Any, *, models_per_chunk: int,
+          devices: Sequence[jax.Device] | None = None) -> EnsembleTrainer:
+    """The trainer of ``model`` under the run config ``cfg`` (its ``train`` and ``model.pretrained``)."""
+    t = cfg.train
+    key = (model, tuple(input_shape), t.batch_size, t.learning_rate, models_per_chunk, cfg.model.pretrained,
+           tuple(devices) if devices is not None else None)
+    if key not in self._built:
+      pretrained = weights.read_params(cfg.model.pretrained) if cfg.model.pretrained else None
+      train_config = TrainConfig(epochs=t.epochs, batch_size=t.batch_size, learning_rate=t.learning_rate,
+                                 models_per_chunk=models_per_chunk)
+      self._built[key] = EnsembleTrainer(model, input_shape, train_config, mesh=default_mesh(devices),
+                                         pretrained=pretrained)
+    return self._built[key]
 
 
 # The whole trained ensemble (params and batch statistics) is also kept in host memory, so certification reads

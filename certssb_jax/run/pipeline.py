@@ -43,7 +43,7 @@ Progress = Callable[[str, int, str], ContextManager[Callable[[int], None]]]
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, progress: Progress | None = None,
-        fresh: bool = False) -> dict[str, Any]:
+        fresh: bool = False, trainers: ensemble.Trainers | None = None) -> dict[str, Any]:
   """Runs (or resumes) the whole experiment and writes every output file into ``workdir``.
 
   Args:
@@ -51,6 +51,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: Progress |
     workdir: output folder; a run already there with the same config is resumed.
     progress: progress-bar factory; default: tqdm bars when a person is watching (a terminal or a notebook).
     fresh: discard the results of a workdir whose config differs instead of refusing.
+    trainers: the compiled training programs to use and add to (shared by the runs of a sweep); default: new.
 
   Returns:
     The summary (also written to ``summary.json``).
@@ -61,29 +62,30 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: Progress |
   ds = load_data(cfg)  # ... and so are data problems, before the folder is touched
   rd = RunDir.open(workdir, cfg, fresh=fresh)
   try:
-    return _run_stages(cfg, ds, rd, progress)
+    return _run_stages(cfg, ds, rd, progress, trainers or ensemble.Trainers())
   finally:
     rd.close()  # the folder's lock ends with the run, also when a stage fails
 
 
-def _run_stages(cfg: Config, ds: data_lib.Dataset, rd: RunDir, progress: Progress) -> dict[str, Any]:
+def _run_stages(cfg: Config, ds: data_lib.Dataset, rd: RunDir, progress: Progress,
+                trainers: ensemble.Trainers) -> dict[str, Any]:
   """The stages of ``run`` in the opened (and locked) run folder ``rd``: those of the defense's family."""
   defense = defenses.get(cfg)
-  return {"smoothing": _smoothing_stages, "counting": _counting_stages}[defense.family](cfg, ds, rd, defense,
-                                                                                         progress)
+  stages = {"smoothing": _smoothing_stages, "counting": _counting_stages}[defense.family]
+  return stages(cfg, ds, rd, defense, progress, trainers)
 
 
 def _smoothing_stages(cfg: Config, ds: data_lib.Dataset, rd: RunDir, defense: defenses.Defense,
-                      progress: Progress) -> dict[str, Any]:
+                      progress: Progress, trainers: ensemble.Trainers) -> dict[str, Any]:
   """RAB and Cert-SSB: training sigmas, the noised ensemble, test sigmas, votes, bounds, the store."""
   del defense  # RAB and Cert-SSB differ by the sigma settings the stages read
   report.warn_if_uncertifiable(cfg)
 
   attacked = poison(cfg, ds, rd, progress)
-  undefended = train_undefended(cfg, attacked, rd, progress) if cfg.undefended.enabled else None
-  pilot = train_pilot(cfg, attacked, rd, progress) if config_lib.uses_pilot(cfg) else None
+  undefended = train_undefended(cfg, attacked, rd, progress, trainers) if cfg.undefended.enabled else None
+  pilot = train_pilot(cfg, attacked, rd, progress, trainers) if config_lib.uses_pilot(cfg) else None
   sigma_train, disagree = training_sigmas(cfg, attacked, pilot, rd, progress)
-  members = train_ensemble(cfg, attacked, sigma_train, rd, progress)
+  members = train_ensemble(cfg, attacked, sigma_train, rd, progress, trainers=trainers)
   sigma_test = test_sigmas(cfg, attacked, pilot, members, rd, progress)
   rd.save_npz("sigmas.npz", train=sigma_train, **{f"test_{s}": sigma_test[s] for s in SPLITS},
               **{f"test_{s}_index": attacked.splits[s].index for s in SPLITS})
@@ -111,13 +113,13 @@ def _smoothing_stages(cfg: Config, ds: data_lib.Dataset, rd: RunDir, defense: de
 
 
 def _counting_stages(cfg: Config, ds: data_lib.Dataset, rd: RunDir, defense: defenses.Defense,
-                     progress: Progress) -> dict[str, Any]:
+                     progress: Progress, trainers: ensemble.Trainers) -> dict[str, Any]:
   """DPA and bagging: members trained without noise on their views (parts, bags), votes on the clean queries,
   certificates that count poisoned training samples."""
   attacked = poison(cfg, ds, rd, progress)
-  undefended = train_undefended(cfg, attacked, rd, progress) if cfg.undefended.enabled else None
+  undefended = train_undefended(cfg, attacked, rd, progress, trainers) if cfg.undefended.enabled else None
   views = defense.member_views(cfg, attacked.x_train, attacked.y_train)
-  members = train_ensemble(cfg, attacked, None, rd, progress, views=views)
+  members = train_ensemble(cfg, attacked, None, rd, progress, views=views, trainers=trainers)
   clean_queries = {s: (attacked.splits[s].x, np.zeros(len(attacked.splits[s].y), np.float32)) for s in SPLITS}
   votes = rd.stage("votes", lambda: run_kernel(cfg, members, clean_queries, progress))
   k = len(cfg.data.classes)
@@ -129,10 +131,10 @@ def _counting_stages(cfg: Config, ds: data_lib.Dataset, rd: RunDir, defense: def
 
 
 def compare_modes(config: ml_collections.ConfigDict, workdir: str, *, progress: Progress | None = None,
-                  fresh: bool = False) -> dict[str, dict[str, Any]]:
+                  fresh: bool = False, trainers: ensemble.Trainers | None = None) -> dict[str, dict[str, Any]]:
   """RAB and Cert-SSB on the same data and seeds, into ``workdir/fixed`` and ``workdir/sample_specific``; the
   models both train (``config.training_key``) are trained once. Returns {"RAB": summary, "Cert-SSB": summary}."""
-  runs, previous = {}, None
+  runs, previous, trainers = {}, None, trainers or ensemble.Trainers()
   for mode in config_lib.SIGMA_MODES:
     c = config.copy_and_resolve_references()
     c.sigma.mode = mode
@@ -140,7 +142,7 @@ def compare_modes(config: ml_collections.ConfigDict, workdir: str, *, progress: 
     resolved = config_lib.resolve(c)
     if previous is not None:
       rundir.link_trained(previous, d, resolved)
-    runs[defenses.get(resolved).name] = run(c, d, progress=progress, fresh=fresh)
+    runs[defenses.get(resolved).name] = run(c, d, progress=progress, fresh=fresh, trainers=trainers)
     previous = d
   return runs
 
@@ -218,14 +220,14 @@ def test_splits(cfg: Config, ds: data_lib.Dataset) -> dict[str, Split]:
 
 
 def single_model(cfg: Config, attacked: Attacked, rd: RunDir, name: str, *, epochs: int, sigma: float | None,
-                 progress: Progress) -> MemberState:
+                 progress: Progress, trainers: ensemble.Trainers | None = None) -> MemberState:
   """The auxiliary model ``name`` (``undefended``, ``pilot`` or ``surrogate``), restored or trained and saved.
 
   It trains on ``attacked``'s training set, with Gaussian augmentation at ``sigma`` re-drawn every epoch
   (pilot) or without noise (``sigma=None``). Returns its state with a leading axis of 1.
   """
-  trainer = ensemble.trainer_for(attacked.model, attacked.data.input_shape, cfg, models_per_chunk=1,
-                                 devices=jax.local_devices()[:1])
+  trainer = (trainers or ensemble.Trainers()).get(attacked.model, attacked.data.input_shape, cfg,
+                                                  models_per_chunk=1, devices=jax.local_devices()[:1])
   if rd.has_model(name):
     return MemberState(*rd.restore_model(name, trainer.abstract_state()))
   n = len(attacked.y_train)
@@ -240,10 +242,11 @@ def single_model(cfg: Config, attacked: Attacked, rd: RunDir, name: str, *, epoc
   return state
 
 
-def train_undefended(cfg: Config, attacked: Attacked, rd: RunDir, progress: Progress) -> dict[str, float]:
+def train_undefended(cfg: Config, attacked: Attacked, rd: RunDir, progress: Progress,
+                     trainers: ensemble.Trainers | None = None) -> dict[str, float]:
   """Clean accuracy, ERA and ASR of one model trained on the poisoned data without noise: what the attack does."""
   state = single_model(cfg, attacked, rd, "undefended", epochs=cfg.undefended.epochs, sigma=None,
-                       progress=progress)
+                       progress=progress, trainers=trainers)
   pred = {s: ensemble.predict_probs(attacked.model, state, attacked.splits[s].x).argmax(-1) for s in SPLITS}
   trig = attacked.splits["triggered"]
   return {"clean_accuracy": float(np.mean(pred["clean"] == attacked.splits["clean"].y)),
@@ -251,11 +254,12 @@ def train_undefended(cfg: Config, attacked: Attacked, rd: RunDir, progress: Prog
           "asr": float(np.mean(pred["triggered"] == cfg.attack.target_class))}
 
 
-def train_pilot(cfg: Config, attacked: Attacked, rd: RunDir, progress: Progress) -> tuple[Any, Any]:
+def train_pilot(cfg: Config, attacked: Attacked, rd: RunDir, progress: Progress,
+                trainers: ensemble.Trainers | None = None) -> tuple[Any, Any]:
   """The pilot model, the default sigma-search scorer: trained on the poisoned data with Gaussian augmentation at
   ``sigma.pilot_sigma`` (2 sigma_0 by default) redrawn every epoch. Returns its (params, batch_stats)."""
   state = single_model(cfg, attacked, rd, "pilot", epochs=cfg.sigma.pilot_epochs, sigma=cfg.sigma.pilot_sigma,
-                       progress=progress)
+                       progress=progress, trainers=trainers)
   return jax.tree.map(lambda a: a[0], (state.params, state.batch_stats))
 
 
@@ -341,7 +345,8 @@ def pilot_score_fn(model) -> Callable[[Any, jax.Array], jax.Array]:
 
 
 def train_ensemble(cfg: Config, attacked: Attacked, sigma_train: np.ndarray | None, rd: RunDir,
-                   progress: Progress, views: ensemble.MemberViews | None = None) -> ensemble.TrainedEnsemble:
+                   progress: Progress, views: ensemble.MemberViews | None = None,
+                   trainers: ensemble.Trainers | None = None) -> ensemble.TrainedEnsemble:
   """Trains the M models chunk by chunk: model m on its own fixed noised copy of the training set (smoothing,
   ``sigma_train`` per sample) or without noise on its view of it (``views``: a part, a bag).
 
@@ -350,8 +355,9 @@ def train_ensemble(cfg: Config, attacked: Attacked, sigma_train: np.ndarray | No
   the background while the next chunk trains. A resumed run trains only the chunks no checkpoint holds.
   """
   t = cfg.train
-  trainer = ensemble.trainer_for(attacked.model, attacked.data.input_shape, cfg,
-                                 models_per_chunk=ensemble.auto_models_per_chunk(t.models_per_chunk, t.num_models))
+  trainer = (trainers or ensemble.Trainers()).get(
+      attacked.model, attacked.data.input_shape, cfg,
+      models_per_chunk=ensemble.auto_models_per_chunk(t.models_per_chunk, t.num_models))
   members = ensemble.TrainedEnsemble(trainer, t.num_models, rd)
   chunks = trainer.chunks(t.num_models)
   done = {c for first, last in rd.saved_chunks() for c in range(first, last + 1)}
