@@ -474,7 +474,8 @@ RESULTS_HEADER = [
     "training images a trigger of the attack's norm may poison with the test input triggered too (docs/method.md "
     "section 3). A Cert-SSB search is named training sigmas / class A / update rule / [sigma_lo, sigma_hi] / pilot "
     "sigma (docs/method.md section 4). A searched sigma_x depends on the poisoned training set, so a searched design "
-    "certifies no joint radius (docs/soundness.md).", ""]
+    "certifies no joint radius (docs/soundness.md). The counting defenses (DPA, bagging) beside RAB and Cert-SSB "
+    "on the main pair: [families.md](families.md) (written by `python -m certssb_jax.families`).", ""]
 SECTION_START, SECTION_END = "<!-- section {} -->", "<!-- end of section {} -->"
 
 
