@@ -106,9 +106,12 @@ def summary_table(summaries: dict[str, dict]) -> str:
           # the smoothed classifier's plain majority: with few models most certificates abstain
           ("majority vote: clean / ERA / ASR", lambda s: " / ".join(
               f"{s['majority'][k]:.3f}" for k in ("clean_accuracy", "era", "asr")))]
-  grid = first.get("radius_grid", [])
+  # three radii of the grid that some run can certify: below the margin ceiling times its largest sigma_x
+  reach = max(s["margin_ceiling"] * ((s.get("sigma_search") or {}).get("sigma_hi") or s["sigma_0"])
+              for s in summaries.values())
+  grid = [r for r in first.get("radius_grid", [])[1:] if r < reach]
   for kind, label in (("cra_test", "test-input"), ("cra", "joint")):
-    for r in grid[1:6:2]:
+    for r in sorted({grid[0], grid[len(grid) // 2], grid[-1]}) if grid else []:
       rows.append((f"CRA({label} radius > {r:g})", lambda s, r=r, kind=kind: s["metrics"][kind].get(str(float(r)))))
   for k in first.get("poison_budget_grid", [])[1:4]:  # certified against k poisoned training images
     rows.append((f"certified accuracy, {k} poisons", lambda s, k=k: s["metrics"]["cra_poison_budget"].get(str(k))))

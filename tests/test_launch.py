@@ -27,6 +27,10 @@ def test_quick_configs_run_through_the_launcher(config, own_cache, tmp_path):
   assert "summary.json" in stdout  # where the files went
   summary = json.load(open(tmp_path / "w" / "summary.json"))
   assert summary["undefended"] is not None
+  # the table's radii are ones the run can certify: below the margin ceiling times its largest sigma
+  radii = [float(l.split(" > ")[1].split(")")[0]) for l in stdout.splitlines() if l.startswith("CRA(")]
+  reach = summary["margin_ceiling"] * (summary["sigma_search"] or {}).get("sigma_hi", summary["sigma_0"])
+  assert len(radii) == 6 and max(radii) < reach, (radii, reach)
 
 
 def _one_error_line(proc, *fragments):
