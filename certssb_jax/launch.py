@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Any
 
 from absl import flags
 
@@ -94,18 +95,67 @@ def load(spec: str | None, overrides: dict[str, str]):
   return config_lib.apply_overrides(config_lib.load_config(spec), overrides)
 
 
-def summary_table(summaries: dict[str, dict]) -> str:
-  """A one-screen table of the headline numbers of one or more runs (columns = runs)."""
-  first = next(iter(summaries.values()))
+def _table(summaries: dict[str, dict], rows: list[tuple[str, Any]]) -> str:
+  """Rows (label, summary -> value) by columns (runs); a row no run has stays out."""
   fmt = lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
-  rows = [("clean accuracy", lambda s: s["metrics"]["clean_accuracy"]),
+  names = list(summaries)
+  width = max(len(r[0]) for r in rows) + 2
+  lines = [f"{'':<{width}}" + "".join(f"{n:>22}" for n in names)]
+  for label, get in rows:
+    vals = []
+    for n in names:
+      try:
+        vals.append(fmt(get(summaries[n])))
+      except (KeyError, TypeError):
+        vals.append("-")
+    if any(v != "-" for v in vals):  # rows of another family's certificate stay out
+      lines.append(f"{label:<{width}}" + "".join(f"{v:>22}" for v in vals))
+  return "\n".join(lines)
+
+
+def _headline_rows() -> list[tuple[str, Any]]:
+  return [("clean accuracy", lambda s: s["metrics"]["clean_accuracy"]),
           ("abstain rate (clean)", lambda s: s["metrics"]["abstain_rate"]),
           ("ERA (triggered, true label)", lambda s: s["metrics"]["era"]),
           ("ASR (triggered -> target)", lambda s: s["metrics"]["asr"]),
           ("abstain rate (triggered)", lambda s: s["metrics"]["abstain_rate_triggered"]),
-          # the smoothed classifier's plain majority: with few models most certificates abstain
+          # the ensemble's plain majority: with few models most certificates abstain
           ("majority vote: clean / ERA / ASR", lambda s: " / ".join(
               f"{s['majority'][k]:.3f}" for k in ("clean_accuracy", "era", "asr")))]
+
+
+def _undefended_rows(first: dict) -> list[tuple[str, Any]]:
+  if not first.get("undefended"):
+    return []
+  return [("undefended clean accuracy", lambda s: s["undefended"]["clean_accuracy"]),
+          ("undefended ASR", lambda s: s["undefended"]["asr"])]
+
+
+def count_table(summaries: dict[str, dict]) -> str:
+  """The headline numbers of counting runs (DPA, bagging): certified accuracy against a few numbers of changed
+  training samples under each threat the defense certifies, the most it can certify at this M, whether the
+  counts are exact, and the time per member."""
+  first = next(iter(summaries.values()))
+  rows = _headline_rows()
+  for threat in first["threats"]:
+    largest = first["largest_certificate"][threat]
+    name = threat.replace("_", "/")
+    powers = [2**i for i in range(max(1, largest).bit_length())]  # the summary's grid: 1, 2, 4, ... <= largest
+    for k in sorted({powers[0], powers[len(powers) // 3], powers[2 * len(powers) // 3], powers[-1]}):
+      # past the grid's end no answer is certified
+      rows.append((f"certified accuracy, {k} {name}", lambda s, k=k, t=threat: s["metrics"][f"cra_{t}"].get(str(k), 0.0)))
+    rows.append((f"largest possible, {name}", lambda s, t=threat: s["largest_certificate"][t]))
+  rows += [("certificates", lambda s: "exact" if s["exact"] else f"each p >= 1 - {s['defense']['alpha']:g}"),
+           ("time per member (s)", lambda s: s["time_per_member_s"])]
+  return _table(summaries, rows + _undefended_rows(first))
+
+
+def summary_table(summaries: dict[str, dict]) -> str:
+  """A one-screen table of the headline numbers of one or more runs (columns = runs)."""
+  first = next(iter(summaries.values()))
+  if first.get("family") == "counting":
+    return count_table(summaries)
+  rows = _headline_rows()
   # three radii of the grid that some run can certify: below the margin ceiling times its largest sigma_x
   reach = max(s["margin_ceiling"] * ((s.get("sigma_search") or {}).get("sigma_hi") or s["sigma_0"])
               for s in summaries.values())
@@ -124,22 +174,7 @@ def summary_table(summaries: dict[str, dict]) -> str:
            ("mean sigma_x (clean / triggered)", lambda s: f"{s['sigma']['clean']['mean']:.3f} / "
                                                           f"{s['sigma']['triggered']['mean']:.3f}"),
            ("side channel flagged", lambda s: s["probe"]["channel"] if "probe" in s else "-")]
-  if first.get("undefended"):
-    rows += [("undefended clean accuracy", lambda s: s["undefended"]["clean_accuracy"]),
-             ("undefended ASR", lambda s: s["undefended"]["asr"])]
-  names = list(summaries)
-  width = max(len(r[0]) for r in rows) + 2
-  lines = [f"{'':<{width}}" + "".join(f"{n:>22}" for n in names)]
-  for label, get in rows:
-    vals = []
-    for n in names:
-      try:
-        vals.append(fmt(get(summaries[n])))
-      except (KeyError, TypeError):
-        vals.append("-")
-    if any(v != "-" for v in vals):  # rows of another family's certificate stay out
-      lines.append(f"{label:<{width}}" + "".join(f"{v:>22}" for v in vals))
-  return "\n".join(lines)
+  return _table(summaries, rows + _undefended_rows(first))
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,

@@ -64,15 +64,17 @@ def row_dir(workdir: str, c: Any) -> str:
 
 
 def run_grid(specs: list[str], workdir: str, triggers: list[str] | None, sigmas: list[float] | None,
-             modes: list[str], progress=None, trainers: ensemble.Trainers | None = None) -> list[dict[str, Any]]:
+             modes: list[str], progress=None, trainers: ensemble.Trainers | None = None,
+             overrides: dict[str, str] | None = None) -> list[dict[str, Any]]:
   """Runs (or reuses) every row of the grid; returns one record per row. ``triggers`` / ``sigmas`` None: each
-  config's own. Every config is checked first, so a bad one stops the sweep before any training. The rows share
-  ``trainers`` (default: new), so rows that agree on the training settings compile their programs once."""
+  config's own; ``overrides`` (field -> value) apply to every config. Every config is checked first, so a bad
+  one stops the sweep before any training. The rows share ``trainers`` (default: new), so rows that agree on the
+  training settings compile their programs once."""
   from certssb_jax.run import pipeline  # pylint: disable=g-import-not-at-top
 
   rows = []
   for spec in specs:
-    base = config_lib.load_config(spec)
+    base = config_lib.apply_overrides(config_lib.load_config(spec), overrides or {})
     for trigger in triggers or [base.attack.trigger]:
       for sigma_0 in sigmas or [base.sigma.sigma_0]:
         for mode in modes:

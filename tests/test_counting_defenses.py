@@ -10,12 +10,11 @@ from conftest import tiny_config  # pylint: disable=g-bad-import-order
 import jax
 import numpy as np
 import pytest
+import scipy.optimize
 
 from certssb_jax import rng
 from certssb_jax.certify import bounds
-from certssb_jax.defenses import bagging, dpa
-from certssb_jax.ensemble import member, trainer as ensemble
-from certssb_jax.models import zoo as models
+from certssb_jax.defenses import INSERTIONS_DELETIONS, MODIFICATIONS, bagging, dpa
 from certssb_jax.run import pipeline
 
 # ---------------------------------------------------------------------------------------------- DPA
@@ -45,10 +44,14 @@ def test_dpa_certificate_equals_the_naive_search_over_changed_votes():
   cases = [rs.multinomial(m, rs.dirichlet(np.ones(k))) for _ in range(40) for m, k in ((7, 2), (6, 3), (5, 4))]
   cases += [np.array(v) for v in ([4, 4], [3, 3, 0], [0, 3, 3], [2, 2, 2], [6, 0], [0, 6, 0])]
   for v in cases:
-    cert = dpa.certificate(v[None])
-    assert cert.pred[0] == _plurality(v)
-    assert cert.certified_insertions[0] == _naive_dpa(v), v
-    assert cert.certified[0] == _naive_dpa(v) // 2  # a modified sample is a deletion and an insertion
+    cert = dpa.certificate(v[None], "sample")
+    assert cert.pred[0] == _plurality(v) and cert.exact
+    # by (image, label): an insertion or deletion changes one member, a modification two
+    assert cert.counts[INSERTIONS_DELETIONS][0] == _naive_dpa(v), v
+    assert cert.counts[MODIFICATIONS][0] == _naive_dpa(v) // 2
+    # by position: a modification changes one member; insertions are not certified at all
+    by_position = dpa.certificate(v[None], "position")
+    assert by_position.counts == {MODIFICATIONS: np.array([_naive_dpa(v)])}
 
 
 def test_dpa_certificate_by_hand():
@@ -56,8 +59,8 @@ def test_dpa_certificate_by_hand():
   votes = np.array([[5, 3, 0], [3, 3, 0], [3, 4, 0], [2, 5, 4], [1, 6, 3], [0, 0, 9], [3, 3, 3]])
   cert = dpa.certificate(votes)
   np.testing.assert_array_equal(cert.pred, [0, 0, 1, 1, 1, 2, 0])
-  np.testing.assert_array_equal(cert.certified_insertions, [1, 0, 0, 0, 1, 4, 0])
-  np.testing.assert_array_equal(cert.certified, [0, 0, 0, 0, 0, 2, 0])
+  np.testing.assert_array_equal(cert.counts[INSERTIONS_DELETIONS], [1, 0, 0, 0, 1, 4, 0])
+  np.testing.assert_array_equal(cert.counts[MODIFICATIONS], [0, 0, 0, 0, 0, 2, 0])
   np.testing.assert_array_equal(cert.votes_runner, [3, 3, 3, 4, 3, 0, 3])
 
 
@@ -79,56 +82,102 @@ def test_a_sample_moves_no_other_sample_between_parts():
   where = lambda ps: {int(j): i for i, p in enumerate(ps) for j in p}
   before, after = where(parts), where(dpa.partition(x2, y2, 5))
   assert all(before[j] == after[j] for j in range(60) if j != 7)
+  # by position, every sample keeps its part whatever it becomes
+  assert where(dpa.partition(x, y, 5, "position")) == where(dpa.partition(x2, y2, 5, "position"))
   views = dpa.views_of_parts(parts)(np.arange(7))  # members 5 and 6 are padding: parts 0 and 1 again
-  assert views.shape == (7, max(len(p) for p in parts))
+  np.testing.assert_array_equal(views.lengths, [len(parts[m % 5]) for m in range(7)])  # unpadded
   for m in range(7):
-    part = parts[m % 5]
-    np.testing.assert_array_equal(views[m], np.resize(part, views.shape[1]))
-
-
-def test_members_trained_on_parts_depend_on_their_part_only():
-  """Changing one training sample changes the member of its part and no other, bit for bit."""
-  rs = np.random.RandomState(2)
-  x = rs.rand(48, 28, 28, 1).astype(np.float32)
-  y = (rs.rand(48) > 0.5).astype(np.int32)
-  tr = ensemble.EnsembleTrainer(models.get_model("mnist_cnn", 2), (28, 28, 1),
-                                ensemble.TrainConfig(epochs=2, batch_size=4, learning_rate=1e-3, models_per_chunk=4))
-  streams = member.Streams.ensemble(0)
-  ids = np.arange(4)
-
-  def train(xs, ys):
-    parts = dpa.partition(xs, ys, 4)
-    return parts, tr.train_chunk(ids, streams, xs, ys, None, views=dpa.views_of_parts(parts))
-
-  parts, a = train(x, y)
-  j = int(parts[2][0])
-  x2 = x.copy()
-  x2[j] = 1.0 - x2[j]  # the sample may move to another part
-  parts2, b = train(x2, y)
-  moved_to = next(i for i, p in enumerate(parts2) if j in p)
-  for m in range(4):
-    same = all(np.array_equal(u[m], v[m]) for u, v in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)))
-    assert same == (m not in (2, moved_to)), m
+    np.testing.assert_array_equal(views.indices[m, :views.lengths[m]], parts[m % 5])
 
 
 # ---------------------------------------------------------------------------------------------- bagging
 
 
-def _naive_bagging(gap, n, s):
+def _naive_bagging(gap, n, s, threat):
+  """The largest r whose every attack passes, counted up from 0 with the paper's condition written out."""
   if gap <= 0:
     return -1
+  shift = {MODIFICATIONS: lambda r: 1 + 1 - 2 * ((n - r) / n) ** s,  # n' = n, e = n - r
+           INSERTIONS_DELETIONS: lambda r: max(1 + ((n + i - (r - i)) / n) ** s - 2 * ((n - (r - i)) / n) ** s
+                                               for i in range(r + 1))}[threat]  # every mix of i + d = r
   r = 0
-  while r + 1 <= n and gap > 2 * (1 - (1 - (r + 1) / n) ** s):
+  while r + 1 <= (n if threat == MODIFICATIONS else 10 * n) and gap > shift(r + 1):
     r += 1
   return r
 
 
-def test_bagging_radius_equals_the_naive_loop():
+def test_bagging_counts_equal_the_naive_loop_over_every_mix():
   rs = np.random.RandomState(3)
   for n, s in ((50, 1), (100, 7), (1000, 30), (12000, 240)):
-    gaps = np.concatenate([rs.uniform(-0.2, 1.0, 60), [0.0, 1e-9, 1.0, 2.0]])
-    got = bagging.certified_modifications(gaps, n, s)
-    np.testing.assert_array_equal(got, [_naive_bagging(g, n, s) for g in gaps])
+    gaps = np.concatenate([rs.uniform(-0.2, 1.0, 25), [0.0, 1e-9, 1.0]])
+    for threat in bagging.COUNTS:
+      got = bagging.certified_count(gaps, n, s, threat)
+      np.testing.assert_array_equal(got, [_naive_bagging(g, n, s, threat) for g in gaps], err_msg=threat)
+
+
+def _worst_gap(p_low, p_high, n, s, inserted, deleted, k):
+  """The smallest P'(A) - P'(rival) the adversary can reach, by a linear program over every bag.
+
+  D holds samples 0..n-1 of which the last ``deleted`` are gone from D'; D' adds ``inserted`` new ones. A bag is
+  a sequence of s samples; a bag drawn from either set that holds only shared samples trains the same member, so
+  its label distribution is one variable for both. The adversary sets every bag's label distribution subject
+  to what the votes on D say (P(A) >= p_low, every rival <= p_high). Independent of the closed form: no
+  grouping of bags, no coupling argument.
+  """
+  shared = n - deleted
+  d_bags = list(itertools.product(range(n), repeat=s))
+  new = list(range(n, n + inserted))
+  p_bags = list(itertools.product(list(range(shared)) + new, repeat=s))
+  bags = {b: i for i, b in enumerate(dict.fromkeys(d_bags + p_bags))}
+  nv = len(bags) * k
+  var = lambda b, l: bags[b] * k + l
+
+  def mean_row(bag_list, label):
+    row = np.zeros(nv)
+    for b in bag_list:
+      row[var(b, label)] += 1.0 / len(bag_list)
+    return row
+
+  a_eq = np.zeros((len(bags), nv))
+  for b, i in bags.items():
+    a_eq[i, [var(b, l) for l in range(k)]] = 1.0
+  a_ub = [-mean_row(d_bags, 0)] + [mean_row(d_bags, l) for l in range(1, k)]
+  b_ub = [-p_low] + [p_high] * (k - 1)
+  worst = np.inf
+  for rival in range(1, k):
+    res = scipy.optimize.linprog(mean_row(p_bags, 0) - mean_row(p_bags, rival), A_ub=np.array(a_ub), b_ub=b_ub,
+                                 A_eq=a_eq, b_eq=np.ones(len(bags)), bounds=(0, 1), method="highs")
+    assert res.status == 0
+    worst = min(worst, res.fun)
+  return worst
+
+
+def test_bagging_counts_equal_brute_force_over_bags_and_attacks():
+  """Every r the certificate reports survives every attack of its threat (insertions, deletions, modifications
+  on tiny sets, by linear programming over every bag), and r + 1 does not: the counts are exact."""
+  rs = np.random.RandomState(4)
+  for n, s, k in ((6, 2, 2), (5, 1, 3), (4, 3, 2)):
+    for _ in range(6):
+      p_low = rs.uniform(0.55, 1.0)
+      # bounds that the votes can meet together (P(A) = p_low with a rival at p_high), where Theorem 1 is tight
+      p_high = rs.uniform((1.0 - p_low) / (k - 1), 1.0 - p_low)
+      attacks = {MODIFICATIONS: lambda r: [(r, r)],
+                 INSERTIONS_DELETIONS: lambda r: [(i, r - i) for i in range(r + 1)]}
+      for threat, mixes in attacks.items():
+        got = int(bagging.certified_count(np.array([p_low - p_high]), n, s, threat)[0])
+        holds = lambda r, mixes=mixes: all(_worst_gap(p_low, p_high, n, s, i, d, k) > 1e-9 for i, d in mixes(r))
+        assert got >= 0 and holds(got), (n, s, k, p_low, p_high, threat, got)
+        if threat == INSERTIONS_DELETIONS or got < n:
+          assert not holds(got + 1), (n, s, k, p_low, p_high, threat, got)
+
+
+def test_bagging_insertions_are_not_twice_the_modifications():
+  """Unanimous votes, n = 12,000, s = n // M, alpha = 0.001: Theorem 1 allows 27 / 61 / 705 insertions and
+  deletions at M = 50 / 100 / 1000, not 2 x 22 / 55 / 659."""
+  for m, insertions, modifications in ((50, 27, 22), (100, 61, 55), (1000, 705, 659)):
+    cert = bagging.certificate(np.array([[m, 0]]), alpha=0.001, n=12000, s=12000 // m)
+    assert cert.counts == {MODIFICATIONS: np.array([modifications]), INSERTIONS_DELETIONS: np.array([insertions])}
+    assert not cert.exact
 
 
 def test_bagging_certificate_uses_clopper_pearson_with_bonferroni():
@@ -139,21 +188,22 @@ def test_bagging_certificate_uses_clopper_pearson_with_bonferroni():
     a = 0.001 / len(v)
     gap = bounds.clopper_pearson_lower(v[order[0]], v.sum(), a) - bounds.clopper_pearson_upper(v[order[1]], v.sum(), a)
     assert cert.pred[0] == order[0]
-    assert cert.certified[0] == _naive_bagging(float(gap), 12000, 240)
+    assert cert.modifications[0] == _naive_bagging(float(gap), 12000, 240, MODIFICATIONS)
   # 50 of 50 votes: pA_low = (alpha / 2)^(1/50), pB_high = 1 - pA_low
   p = (0.0005) ** (1 / 50)
   r_star = 12000 * (1 - (1 - (2 * p - 1) / 2) ** (1 / 240))
-  assert bagging.certificate(np.array([[50, 0]]), alpha=0.001, n=12000, s=240).certified[0] == int(np.ceil(r_star)) - 1
+  assert bagging.certificate(np.array([[50, 0]]), alpha=0.001, n=12000, s=240).modifications[0] == int(np.ceil(r_star)) - 1
 
 
 def test_bags_are_keyed_by_seed_and_member():
   views = bagging.bags(5, 100, 17)
   a = views(np.arange(6))
-  assert a.shape == (6, 17) and a.min() >= 0 and a.max() < 100
-  np.testing.assert_array_equal(views(np.array([4, 2]))[0], a[4])  # the chunk does not matter
+  assert a.indices.shape == (6, 17) and a.indices.min() >= 0 and a.indices.max() < 100
+  assert (a.lengths == 17).all()
+  np.testing.assert_array_equal(views(np.array([4, 2])).indices[0], a.indices[4])  # the chunk does not matter
   expect = jax.random.randint(rng.member_key(5, rng.BAG, 3), (17,), 0, 100)
-  np.testing.assert_array_equal(a[3], np.asarray(expect))
-  assert not np.array_equal(bagging.bags(6, 100, 17)(np.arange(1))[0], a[0])
+  np.testing.assert_array_equal(a.indices[3], np.asarray(expect))
+  assert not np.array_equal(bagging.bags(6, 100, 17)(np.arange(1)).indices[0], a.indices[0])
 
 
 # ---------------------------------------------------------------------------------------------- whole runs
@@ -169,50 +219,61 @@ def test_counting_run_recounts_from_its_votes(tmp_path, name):
   with open(tmp_path / "per_sample.csv") as f:
     rows = list(csv.DictReader(f))
   n = summary["n_train"]
+  recorded = json.loads((tmp_path / "config.json").read_text())["defense"]
+  if name == "bagging":  # the bag size is fixed once and recorded, so a changed training set keeps it
+    assert recorded["bag_size"] == n // 6 and summary["defense"]["bag_size"] == n // 6
   for split in ("clean", "triggered"):
     v = votes[split]
     assert (v.sum(1) == 6).all()
     cert = (dpa.certificate(v) if name == "dpa" else
             bagging.certificate(v, alpha=c.certify.alpha, n=n, s=n // 6))
-    got = np.array([int(r["certified_poisons"]) for r in rows if r["split"] == split])
-    np.testing.assert_array_equal(got, cert.certified)
+    split_rows = [r for r in rows if r["split"] == split]
+    for threat, counts in cert.counts.items():
+      np.testing.assert_array_equal([int(r[f"certified_{threat}"]) for r in split_rows], counts)
     if split == "clean":
       correct = cert.pred == votes["clean_label"]
       for k, acc in summary["metrics"]["cra_poison_budget"].items():
-        assert acc == pytest.approx(np.mean(correct & (cert.certified >= int(k))))
+        assert acc == pytest.approx(np.mean(correct & (cert.modifications >= int(k))))
   again = pipeline.run(c, str(tmp_path))  # resumes: nothing retrained, the same numbers
   assert json.dumps(again["metrics"]) == json.dumps(summary["metrics"])
   assert os.path.exists(tmp_path / "certified_accuracy.png")
 
 
 @pytest.mark.slow
-def test_families_table_counts_from_the_run_folders(tmp_path):
+def test_families_study_counts_from_the_run_folders(tmp_path):
   from certssb_jax import families  # pylint: disable=g-import-not-at-top
-
-  spec = str(tmp_path / "tiny.py")
   from conftest import write_tiny_config  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
-  write_tiny_config(spec, **{"sigma.sigma_hi": None, "train.num_models": 4, "train.epochs": 1})
-  counting = {"train.num_models": "6", "train.epochs": "2", "train.batch_size": "8", "undefended.enabled": "False"}
-  rows = families.run_families(spec, str(tmp_path / "w"), counting, pipeline.no_progress)
-  assert [r["summary"]["method"] for r in rows] == ["RAB", "Cert-SSB", "DPA", "bagging"]
+  spec = write_tiny_config(str(tmp_path / "tiny.py"), **{"sigma.sigma_hi": None, "train.epochs": 1})
+  counting = {"train.epochs": "2", "defense.member_batch_size": "8", "undefended.enabled": "False"}
+  rows = families.run_rows(spec, str(tmp_path / "w"), [4, 6], [0.25, 0.5], [1.0], counting, pipeline.no_progress)
+  assert sorted({(r.method, r.num_models) for r in rows}) == [(m, k) for m in ("DPA", "RAB", "bagging")
+                                                              for k in (4, 6)]
   for r in rows:
-    with open(os.path.join(r["workdir"], "per_sample.csv")) as f:
+    with open(os.path.join(r.workdir, "per_sample.csv")) as f:
       clean = [x for x in csv.DictReader(f) if x["split"] == "clean"]
-    counting_row = r["summary"].get("family") == "counting"
-    budget = np.array([int(x["certified_poisons" if counting_row else "poison_budget"]) for x in clean])
-    right = np.array([x["pred" if counting_row else "pred_stored"] == x["label"] for x in clean])
+    counting_row = r.summary.get("family") == "counting"
+    assert r.summary["num_models"] == r.num_models
+    if counting_row:
+      budget = np.array([int(x["certified_modifications"]) for x in clean])
+      right = np.array([x["pred"] == x["label"] for x in clean])
+    else:  # RAB's poison budget at the attack's norm is what its run reported
+      budget = np.array([int(x["poison_budget"]) for x in clean])
+      right = np.array([x["pred_stored"] == x["label"] for x in clean])
     for k in families.POISON_GRID:
-      assert families._budget_at(r, k) == pytest.approx(np.mean(right & (budget >= k)))  # pylint: disable=protected-access
+      assert r.accuracy(k, r.summary["delta"]) == pytest.approx(np.mean(right & (budget >= k)))
+  # the smaller RAB ensemble reuses the larger one's first models: its folder links them
   page = tmp_path / "families.md"
-  families.write_page(str(page), rows, "python -m certssb_jax.families ...", str(tmp_path / "w"))
+  families.write_page(str(page), rows, (1.0, 0.1), "python -m certssb_jax.families ...", str(tmp_path / "w"))
   text = page.read_text()
-  assert text.count("\n| ") == 5  # the header and four rows and "figures/families_mnist_0-1.png" in text
+  assert "### M = 4" in text and "### M = 6" in text and "figures/families_mnist_0-1.png" in text
+  assert (tmp_path / "figures" / "families_mnist_0-1.png").exists()
 
 
 @pytest.mark.parametrize("args,message", [
     (["--workdir", "W"], "--config is required"),
-    (["--config", "configs/quickstart.py", "--workdir", "W", "--counting_models", "0"], "must be >= 1"),
+    (["--config", "configs/quickstart.py", "--workdir", "W", "--sizes", "0,32"], "must be >= 1"),
+    (["--config", "configs/quickstart.py", "--workdir", "W", "--sigmas", "0.5,big"], "take numbers"),
     (["--config", "configs/quickstart.py", "--workdir", "W", "stray"], "unexpected arguments: stray"),
     (["--config", "configs/quickstart.py", "--workdir", "W", "--counting_model", "3"], "counting_model"),
 ])

@@ -142,7 +142,7 @@ def test_chunks_pad_the_last_chunk():
 def test_train_chunk_rejects_a_too_small_training_set():
   model = models.get_model("mnist_cnn", 2)
   tr = ensemble.EnsembleTrainer(model, (28, 28, 1), ensemble.TrainConfig(1, 64, 1e-3, models_per_chunk=1))
-  with pytest.raises(ValueError, match="fewer than batch_size"):
+  with pytest.raises(ValueError, match="fewer than train.batch_size 64; use train.batch_size=10"):
     tr.train_chunk(np.arange(1), member.Streams.ensemble(0), np.zeros((10, 28, 28, 1)), np.zeros(10), None)
 
 

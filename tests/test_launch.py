@@ -83,3 +83,20 @@ def test_the_sweep_refuses_a_bad_config_before_any_training(tmp_path):
                             "--workdir", str(tmp_path / "s"), "--noprogress")
   _one_error_line(proc, "sigma.sigma_0 must be > 0")
   assert not os.path.exists(tmp_path / "s" / "mnist_0-1")
+
+
+@pytest.mark.parametrize("overrides,method,rows", [
+    ({"sigma.mode": "fixed", "sigma.sigma_hi": None}, "RAB", ["CRA(joint radius", "margin ceiling"]),
+    ({"sigma.sigma_hi": None}, "Cert-SSB", ["CRA(joint radius", "contradictions"]),
+    ({"defense.name": "dpa"}, "DPA", ["certified accuracy, 1 insertions/deletions", "largest possible, modifications"]),
+    ({"defense.name": "bagging", "certify.alpha": 0.001, "train.num_models": 12},
+     "bagging", ["certified accuracy, 1 modifications", "each p >= 1 - 0.001"]),
+])
+def test_every_defense_runs_through_the_launcher_and_prints_its_table(tmp_path, overrides, method, rows):
+  spec = write_tiny_config(tmp_path / "c.py", **{"undefended.enabled": False, "train.num_models": 6, **overrides})
+  stdout = helpers.check(helpers.launch("--config", spec, "--workdir", str(tmp_path / "w")), method)
+  header = stdout.strip().splitlines()[0]
+  assert header.split() == [method], stdout
+  for row in ["clean accuracy", "majority vote: clean / ERA / ASR", *rows]:
+    assert row in stdout, (row, stdout)
+  assert f"{method}: wrote" in stdout

@@ -4,7 +4,7 @@ certificate (``base.Defense``). ``get`` is the one place a run's defense is look
 from typing import Any
 
 from certssb_jax.defenses.bagging import BAGGING
-from certssb_jax.defenses.base import CountCertificate, Defense
+from certssb_jax.defenses.base import INSERTIONS_DELETIONS, MODIFICATIONS, CountCertificate, Defense
 from certssb_jax.defenses.dpa import DPA
 from certssb_jax.defenses.smoothing import CERT_SSB, RAB
 
@@ -20,4 +20,5 @@ def get(cfg: Any) -> Defense:
   return {"dpa": DPA, "bagging": BAGGING}[name]
 
 
-__all__ = ["BAGGING", "CERT_SSB", "CountCertificate", "DPA", "Defense", "NAMES", "RAB", "get"]
+__all__ = ["BAGGING", "CERT_SSB", "CountCertificate", "DPA", "Defense", "INSERTIONS_DELETIONS", "MODIFICATIONS",
+           "NAMES", "RAB", "get"]

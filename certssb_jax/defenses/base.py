@@ -17,8 +17,14 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-# model ids (C,) -> (C, L) indices into the training set (``ensemble.trainer.MemberViews``)
-MemberViews = Callable[[np.ndarray], np.ndarray]
+from certssb_jax.ensemble.views import MemberViews
+
+# The threats a count certifies against (``CountCertificate.counts``):
+MODIFICATIONS = "modifications"  # r training samples changed at will (image and label), the set's size n fixed
+INSERTIONS_DELETIONS = "insertions_deletions"  # r training samples inserted or deleted, in total
+
+THREAT_TEXT = {MODIFICATIONS: "modified training samples (any image and label, n fixed)",
+               INSERTIONS_DELETIONS: "inserted or deleted training samples (in total)"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,17 +35,23 @@ class CountCertificate:
     pred: (N,) the ensemble's class (majority vote, ties to the smaller class).
     votes_top: (N,) votes for ``pred``.
     votes_runner: (N,) votes for the strongest other class.
-    certified: (N,) int64, the number of modified training samples (image and label changed at will) that
-      cannot change ``pred``; -1 where not even the unmodified training set is certified (bagging's bound).
-    certified_insertions: (N,) int64, the same certificate counted in insertions plus deletions (a modified
-      sample is one of each), where the defense states it natively (DPA); else 2 * certified.
+    counts: threat (``MODIFICATIONS``, ``INSERTIONS_DELETIONS``) -> (N,) int64, the largest number of such
+      changes of the training set that cannot change ``pred``; -1 where not even the unchanged training set is
+      certified (bagging's bound). A defense lists only the threats its certificate covers.
+    exact: True when the counts hold with certainty (DPA), False when each holds with probability >= 1 - alpha
+      over the members' training randomness (bagging).
   """
 
   pred: np.ndarray
   votes_top: np.ndarray
   votes_runner: np.ndarray
-  certified: np.ndarray
-  certified_insertions: np.ndarray
+  counts: dict[str, np.ndarray]
+  exact: bool
+
+  @property
+  def modifications(self) -> np.ndarray:
+    """The count every counting defense here states: modified training samples."""
+    return self.counts[MODIFICATIONS]
 
 
 class Defense(NamedTuple):
@@ -48,7 +60,8 @@ class Defense(NamedTuple):
   Attributes:
     name: as reported ("RAB", "Cert-SSB", "DPA", "bagging").
     family: "smoothing" (certifies an l2 trigger radius) or "counting" (certifies a number of poisoned samples).
-    member_views: (config, poisoned training inputs, labels) -> the members' training views; None: every member
+    member_views: (config, poisoned training inputs, labels) -> the members' training views
+      (``ensemble.views.MemberViews``), each a function of the member's own view alone; None: every member
       trains on the whole training set.
     certify_votes: (config, votes (N, K) int, training-set size) -> CountCertificate (counting family); None for
       smoothing, whose bounds need each query's sigma (``certify.bounds.certify_counts`` through the run).
@@ -56,6 +69,7 @@ class Defense(NamedTuple):
     diagnostics: what the run reports beyond the certificates: "sigma_search" (the search settings in the
       summary), "sigma_histogram" (the plot of the training and test sigmas), "side_channel_probe" (whether
       sigma_x leaks the trigger, in the summary).
+    largest_certificate: (config, training-set size) -> {threat: the most any answer can certify} (counting).
   """
 
   name: str
@@ -64,6 +78,7 @@ class Defense(NamedTuple):
   certify_votes: Callable[[Any, np.ndarray, int], CountCertificate] | None
   describe: Callable[[Any], dict[str, Any]]
   diagnostics: tuple[str, ...] = ()
+  largest_certificate: Callable[[Any, int], dict[str, int]] | None = None
 
 
 def top_two(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

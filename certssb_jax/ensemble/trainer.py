@@ -27,6 +27,7 @@ import optax
 
 from certssb_jax import backend, rng
 from certssb_jax.ensemble.member import MemberState, Streams, init_member, member_logits, member_step, train_noise
+from certssb_jax.ensemble import views as views_lib
 from certssb_jax.ensemble.sharding import (
   ENS,
   ChunkLayout,
@@ -37,6 +38,7 @@ from certssb_jax.ensemble.sharding import (
   round_up,
   to_host,
 )
+from certssb_jax.ensemble.views import MemberViews, Views
 from certssb_jax.models import weights, zoo as models_lib
 
 logger = logging.getLogger(__name__)
@@ -64,10 +66,6 @@ class TrainConfig:
   batch_size: int
   learning_rate: float
   models_per_chunk: int
-
-
-# A defense's per-model training view: model ids (C,) -> (C, L) int indices into the training set.
-MemberViews = Callable[[np.ndarray], np.ndarray]
 
 
 def _expand(sigma: jax.Array, ndim: int) -> jax.Array:
@@ -117,6 +115,40 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, batch_si
     return tuple(o[0] for o in outs), tuple(o[1] for o in outs)
 
   step = jax.shard_map(local, mesh=mesh, in_specs=(P(ENS), P(ENS), P(), P(ENS), P(), P(), P()),
+                       out_specs=(P(ENS), P(ENS)), check_vma=False)
+  return backend.jit(step, donate_argnums=0)
+
+
+def make_view_step(model: nn.Module, tx: optax.GradientTransformation, batch_size: int, noised: bool,
+                   layout: ChunkLayout, mesh: Mesh) -> Callable:
+  """The jitted training step of members on views (``views``): step s of a member trains on positions
+  [s B, (s + 1) B) of its own stream and leaves its state untouched once s reaches its own step count.
+
+  With ``noised``, the batch gets Gaussian augmentation ``sigma_j * normal(fold_in(key_m, p))`` at stream position
+  p: fresh at every epoch, and keyed by the member and its own stream, never by a training-set index (which an
+  insertion elsewhere would shift).
+
+  Returns:
+    ``step(states, streams, steps, keys, step, x, y, sigma) -> (states, losses)``, one entry of states, streams,
+    steps, keys and losses per slot of ``layout``; a member's loss is 0 after its last step; states donated.
+  """
+
+  def one(state, stream, steps_m, key_m, step, x, y, sigma):
+    idx = _batch_indices(stream, step, batch_size)
+    xb = x[idx]
+    if noised:
+      xb = xb + _expand(sigma[idx], x.ndim - 1) * train_noise(key_m, step * batch_size + jnp.arange(batch_size),
+                                                               x.shape[1:])
+    new, loss = member_step(model, tx, state, xb, y[idx])
+    active = step < steps_m
+    return jax.tree.map(lambda a, b: jnp.where(active, a, b), new, state), jnp.where(active, loss, 0.0)
+
+  def local(states, streams, steps, keys, step, x, y, sigma):
+    run = per_device(one, layout.per_slot)
+    outs = [run(args, step, x, y, sigma) for args in zip(states, streams, steps, keys)]
+    return tuple(o[0] for o in outs), tuple(o[1] for o in outs)
+
+  step = jax.shard_map(local, mesh=mesh, in_specs=(P(ENS), P(ENS), P(ENS), P(ENS), P(), P(), P(), P()),
                        out_specs=(P(ENS), P(ENS)), check_vma=False)
   return backend.jit(step, donate_argnums=0)
 
@@ -172,10 +204,11 @@ class EnsembleTrainer:
     noised = lambda key_m, x, sigma: x + _expand(sigma, x.ndim - 1) * train_noise(key_m, jnp.arange(len(x)),
                                                                                     x.shape[1:])
     self._noised = backend.jit(jax.vmap(noised, in_axes=(0, None, None)), out_shardings=self._ens)
-    self._through_view = jax.jit(jax.vmap(lambda view, perm: view[perm]), out_shardings=self._ens)
     self._steps = {fn: make_train_step(model, self.tx, config.batch_size, fn, self.layout, self.mesh)
                    for fn in _NOISE_SOURCES.values()}
     self._batches = {fn: make_batches(config.batch_size, fn) for fn in (_batch_noise_keys, _batch_clean)}
+    self._view_steps = {noised: make_view_step(model, self.tx, config.batch_size, noised, self.layout, self.mesh)
+                        for noised in (False, True)}
 
   def chunks(self, num_models: int) -> list[np.ndarray]:
     """Model ids of each chunk; the last chunk is padded with ids >= num_models (trained, then dropped)."""
@@ -193,8 +226,9 @@ class EnsembleTrainer:
       x: (n, H, W, C) training inputs in [0, 1] (possibly poisoned).
       y: (n,) labels.
       sigma: (n,) per-sample noise levels sigma_j, or None to train without noise (undefended model).
-      views: each model's training view, model ids -> (C, L) indices into x (a partition, a bag); an epoch is
-        then a pass over the model's L view positions in its own order. None: every model sees all of x.
+      views: each model's training view (a part, a bag): then every member is a function of its own view
+        alone (``views`` module: its own step count, order and batches; noise, with ``sigma``, is augmentation
+        keyed by its stream position). None: every model sees all of x, ``epochs * (n // batch_size)`` steps.
       fresh_noise: draw new noise every epoch (Gaussian augmentation of the pilot model). False for the
         ensemble: its noise is fixed per (model, sample) across epochs, as the certificate requires.
       epochs: passes over the data (default ``config.epochs``; the compiled step does not depend on it).
@@ -209,35 +243,70 @@ class EnsembleTrainer:
     model_ids = np.asarray(model_ids)
     if len(model_ids) != self.chunk:
       raise ValueError(f"expected {self.chunk} model ids in a chunk, got {len(model_ids)}")
+    epochs = cfg.epochs if epochs is None else epochs
     slot_ids = self.layout.split(model_ids)
-    slot_views = None if views is None else [jax.device_put(np.asarray(views(ids), np.int32), self._ens)
-                                             for ids in slot_ids]
-    n = len(x) if views is None else slot_views[0].shape[1]  # positions an epoch passes over
-    if n < cfg.batch_size:
-      raise ValueError(f"training set has {n} samples, fewer than batch_size {cfg.batch_size}")
     state = self._init_slots(slot_ids, streams)
     data = self._data(x, y, sigma)
-    batch_fn = _NOISE_SOURCES[self.noise_source(x, sigma, fresh_noise)]
-    if batch_fn is _batch_noised_copy:
-      sources = tuple(self._noised(self._fold(streams.noise, ids), data[0], data[2]) for ids in slot_ids)
-    losses = []
-    for epoch in range(cfg.epochs if epochs is None else epochs):
-      per_slot = [self._epoch(ids, streams, epoch, n, fresh_noise) for ids in slot_ids]
-      perms = tuple(e[0] for e in per_slot)
-      if slot_views is not None:  # the epoch's order of view positions, as indices into x
-        perms = tuple(self._through_view(v, p) for v, p in zip(slot_views, perms))
-      if batch_fn is not _batch_noised_copy:
-        sources = tuple(e[1] for e in per_slot)
-      for s in range(n // cfg.batch_size):
-        state, loss = self._steps[batch_fn](state, perms, s, sources, *data)
-        losses.append(loss)
-        if on_step is not None:
-          on_step(1)
+    if views is not None:
+      state, losses = self._train_views(state, model_ids, streams, views(model_ids), sigma is not None, epochs,
+                                        data, on_step)
+    else:
+      state, losses = self._train_whole(state, slot_ids, streams, x, sigma, fresh_noise, epochs, data, on_step)
     state = self.layout.merge(to_host(state))
     if not return_losses:
       return state
     per_step = [self.layout.merge(to_host(l)) for l in losses]  # each (C,)
     return state, np.stack(per_step, axis=1) if per_step else np.zeros((self.chunk, 0), np.float32)
+
+  def _train_whole(self, state, slot_ids, streams, x, sigma, fresh_noise, epochs, data, on_step):
+    """Every model on the whole training set: ``epochs`` passes of ``n // batch_size`` steps, each in the model's
+    own order (the remainder of the order dropped)."""
+    n, batch = len(x), self.config.batch_size
+    if n < batch:
+      raise ValueError(f"training set has {n} samples, fewer than train.batch_size {batch}; use "
+                       f"train.batch_size={max(1, n)} or less")
+    batch_fn = _NOISE_SOURCES[self.noise_source(x, sigma, fresh_noise)]
+    if batch_fn is _batch_noised_copy:
+      sources = tuple(self._noised(self._fold(streams.noise, ids), data[0], data[2]) for ids in slot_ids)
+    losses = []
+    for epoch in range(epochs):
+      per_slot = [self._epoch(ids, streams, epoch, n, fresh_noise) for ids in slot_ids]
+      perms = tuple(e[0] for e in per_slot)
+      if batch_fn is not _batch_noised_copy:
+        sources = tuple(e[1] for e in per_slot)
+      for s in range(n // batch):
+        state, loss = self._steps[batch_fn](state, perms, s, sources, *data)
+        losses.append(loss)
+        if on_step is not None:
+          on_step(1)
+    return state, losses
+
+  def _train_views(self, state, model_ids, streams, views: Views, noised, epochs, data, on_step):
+    """Every member on its own view (``views`` module), for the largest step count of the chunk; a member whose
+    own count is reached is left as it is."""
+    ids = np.asarray(model_ids)
+    steps = views_lib.num_steps(views.lengths, epochs, self.config.batch_size)
+    indices = views_lib.pad_to_bucket(views.indices)  # few shapes, so few compiled programs
+    orders = views_lib.streams(fold_keys(streams.shuffle, ids), indices, views.lengths, epochs)
+    placed = [jax.device_put(slot, self._ens) for slot in self.layout.split((np.asarray(orders), steps.astype(np.int32)))]
+    orders, steps_slots = tuple(p[0] for p in placed), tuple(p[1] for p in placed)
+    keys = tuple(self._fold(streams.noise, slot) for slot in self.layout.split(ids))
+    run = self._view_steps[noised]
+    losses = []
+    for s in range(int(steps.max(initial=0))):
+      state, loss = run(state, orders, steps_slots, keys, s, *data)
+      losses.append(loss)
+      if on_step is not None:
+        on_step(1)
+    return state, losses
+
+  def steps(self, model_ids: np.ndarray, n: int, views: MemberViews | None = None,
+            epochs: int | None = None) -> int:
+    """The number of steps ``train_chunk`` runs for the chunk ``model_ids`` (progress reporting)."""
+    epochs = self.config.epochs if epochs is None else epochs
+    if views is None:
+      return epochs * (n // self.config.batch_size)
+    return int(views_lib.num_steps(views(np.asarray(model_ids)).lengths, epochs, self.config.batch_size).max())
 
   def init_chunk(self, model_ids: np.ndarray, streams: Streams) -> MemberState:
     """The initial state of the models ``model_ids`` (one chunk), stacked, on the host: what ``train_chunk``
@@ -327,14 +396,16 @@ class Trainers:
     self._built: dict[Any, EnsembleTrainer] = {}
 
   def get(self, model: nn.Module, input_shape: Sequence[int], cfg: Any, *, models_per_chunk: int,
-          devices: Sequence[jax.Device] | None = None) -> EnsembleTrainer:
-    """The trainer of ``model`` under the run config ``cfg`` (its ``train`` and ``model.pretrained``)."""
+          devices: Sequence[jax.Device] | None = None, batch_size: int | None = None) -> EnsembleTrainer:
+    """The trainer of ``model`` under the run config ``cfg`` (its ``train`` and ``model.pretrained``), with
+    ``batch_size`` in place of ``train.batch_size`` when given (members on views)."""
     t = cfg.train
-    key = (model, tuple(input_shape), t.batch_size, t.learning_rate, models_per_chunk, cfg.model.pretrained,
+    batch_size = batch_size or t.batch_size
+    key = (model, tuple(input_shape), batch_size, t.learning_rate, models_per_chunk, cfg.model.pretrained,
            tuple(devices) if devices is not None else None)
     if key not in self._built:
       pretrained = weights.read_params(cfg.model.pretrained) if cfg.model.pretrained else None
-      train_config = TrainConfig(epochs=t.epochs, batch_size=t.batch_size, learning_rate=t.learning_rate,
+      train_config = TrainConfig(epochs=t.epochs, batch_size=batch_size, learning_rate=t.learning_rate,
                                  models_per_chunk=models_per_chunk)
       self._built[key] = EnsembleTrainer(model, input_shape, train_config, mesh=default_mesh(devices),
                                          pretrained=pretrained)

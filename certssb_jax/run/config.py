@@ -83,7 +83,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.defense = ml_collections.ConfigDict()
   c.defense.name = "smoothing"  # smoothing (RAB or Cert-SSB, by sigma.mode) | dpa (train.num_models partitions) | bagging
-  c.defense.bag_size = 0  # bagging: training samples per member, drawn with replacement; 0: n // train.num_models
+  c.defense.partition = "sample"  # dpa: sample (hash of image and label: insertions, deletions) | position (n fixed: modifications)
+  c.defense.bag_size = config_dict.placeholder(int)  # bagging: samples per member (with replacement); None: n // M, recorded
+  c.defense.member_batch_size = config_dict.placeholder(int)  # dpa, bagging: a member's batch; None: min(train.batch_size, its view)
 
   c.sigma = ml_collections.ConfigDict()
   c.sigma.mode = "sample_specific"  # sample_specific (Cert-SSB) | fixed (RAB: every sigma = sigma_0)
@@ -316,8 +318,14 @@ def _check_data_attack_training(c: ml_collections.ConfigDict) -> None:
 def _resolve_defense(c: ml_collections.ConfigDict) -> None:
   f, s, cert = c.defense, c.sigma, c.certify
   _one_of(f.name, defenses.NAMES, "defense.name")
-  _check(isinstance(f.bag_size, int) and f.bag_size >= 0, f"defense.bag_size must be an int >= 0, got {f.bag_size!r}")
+  _one_of(f.partition, defenses.dpa.PARTITION_KEYS, "defense.partition")
+  if f.bag_size == 0:  # configs written before the bag size was recorded: 0 meant "derive it"
+    f.bag_size = None
+  for name in ("bag_size", "member_batch_size"):
+    _check(f[name] is None or (isinstance(f[name], int) and f[name] >= 1),
+           f"defense.{name} must be an int >= 1 or None, got {f[name]!r}")
   if f.name == "smoothing":
+    f.partition, f.bag_size, f.member_batch_size = "sample", None, None  # not used: not recorded either
     return
   # a counting defense's members train and vote without noise: the sigma section does not apply (and is not
   # recorded, so that it cannot make two runs of the same defense differ)
@@ -325,6 +333,35 @@ def _resolve_defense(c: ml_collections.ConfigDict) -> None:
   _check(cert.bound == "clopper_pearson" and cert.correction == "bonferroni" and cert.compat == "none",
          f"defense.name={f.name} certifies with its own bound: leave certify.bound, correction and compat at "
          "their defaults")
+
+
+def resolve_for_data(cfg: Config, n_train: int) -> Config:
+  """Fills and checks the fields that depend on the training set's size (a counting defense's bag size and
+  member batch), once the data is loaded and before anything is computed; the run records the result.
+
+  Raises:
+    ValueError: one line naming the field and a value that works.
+  """
+  f, t = cfg.defense, cfg.train
+  _check(t.batch_size <= n_train, f"train.batch_size {t.batch_size} is more than the {n_train} training samples; use "
+                                  f"train.batch_size={n_train} or less")
+  if f.name == "smoothing":
+    return cfg
+  c = ml_collections.ConfigDict(cfg.to_dict(), type_safe=False)
+  k = t.num_models
+  if f.name == "dpa":
+    _check(k <= n_train, f"defense dpa: train.num_models {k} partitions of {n_train} training samples leave parts "
+                         f"empty; use train.num_models={max(1, n_train // 10)} or fewer")
+    view = n_train // k  # the typical part
+  else:
+    c.defense.bag_size = f.bag_size or max(1, n_train // k)
+    view = c.defense.bag_size
+  c.defense.member_batch_size = f.member_batch_size or min(t.batch_size, view)
+  b = c.defense.member_batch_size
+  _check(b <= t.epochs * view, f"defense.member_batch_size {b} is more than train.epochs x the members' view "
+                               f"({t.epochs} x {view}): a member would take no step; use "
+                               f"defense.member_batch_size={min(t.batch_size, view)}")
+  return ml_collections.FrozenConfigDict(c)
 
 
 def _resolve_sigma(c: ml_collections.ConfigDict) -> int:
@@ -445,9 +482,13 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str) -> list[
 
 
 def with_defaults(j: dict[str, Any], defaults: dict[str, Any] | None = None) -> dict[str, Any]:
-  """A JSON config with every field it lacks (one written before the field existed) set to its default."""
+  """A JSON config with every field it lacks (one written before the field existed) set to its default, and the
+  values earlier versions wrote for "derive it" in today's spelling."""
+  top = defaults is None
   defaults = to_json(base_config()) if defaults is None else defaults
   out = dict(j)
+  if top and (out.get("defense") or {}).get("bag_size") == 0:  # 0 meant n // M before the size was recorded
+    out["defense"] = {**out["defense"], "bag_size": None}
   for k, v in defaults.items():
     if k not in out:
       out[k] = v

@@ -27,6 +27,7 @@ from certssb_jax.data.attacked import SPLITS, Attacked, Split
 from certssb_jax.defenses import sigma_search
 from certssb_jax.ensemble import scorer as scorer_lib, trainer as ensemble
 from certssb_jax.ensemble.member import MemberState, Streams, member_logits
+from certssb_jax.ensemble.views import MemberViews
 from certssb_jax.models import zoo as models_lib
 from certssb_jax.run import config as config_lib, metrics, report, rundir
 from certssb_jax.run.rundir import RunDir
@@ -58,8 +59,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: Progress |
   """
   cfg = config_lib.resolve(config)
   progress = progress or default_progress()
-  rundir.check_config(workdir, cfg, fresh=fresh)  # a folder of another run is refused before any work ...
-  ds = load_data(cfg)  # ... and so are data problems, before the folder is touched
+  ds = load_data(cfg)  # data problems, and fields that need the data's size, are refused before any work ...
+  cfg = config_lib.resolve_for_data(cfg, len(ds.y_train))
+  rundir.check_config(workdir, cfg, fresh=fresh)  # ... and so is a folder of another run
   rd = RunDir.open(workdir, cfg, fresh=fresh)
   try:
     return _run_stages(cfg, ds, rd, progress, trainers or ensemble.Trainers())
@@ -116,6 +118,7 @@ def _counting_stages(cfg: Config, ds: data_lib.Dataset, rd: RunDir, defense: def
                      progress: Progress, trainers: ensemble.Trainers) -> dict[str, Any]:
   """DPA and bagging: members trained without noise on their views (parts, bags), votes on the clean queries,
   certificates that count poisoned training samples."""
+  report.warn_if_count_uncertifiable(cfg, defense, len(ds.y_train))
   attacked = poison(cfg, ds, rd, progress)
   undefended = train_undefended(cfg, attacked, rd, progress, trainers) if cfg.undefended.enabled else None
   views = defense.member_views(cfg, attacked.x_train, attacked.y_train)
@@ -345,7 +348,7 @@ def pilot_score_fn(model) -> Callable[[Any, jax.Array], jax.Array]:
 
 
 def train_ensemble(cfg: Config, attacked: Attacked, sigma_train: np.ndarray | None, rd: RunDir,
-                   progress: Progress, views: ensemble.MemberViews | None = None,
+                   progress: Progress, views: MemberViews | None = None,
                    trainers: ensemble.Trainers | None = None) -> ensemble.TrainedEnsemble:
   """Trains the M models chunk by chunk: model m on its own fixed noised copy of the training set (smoothing,
   ``sigma_train`` per sample) or without noise on its view of it (``views``: a part, a bag).
@@ -357,19 +360,19 @@ def train_ensemble(cfg: Config, attacked: Attacked, sigma_train: np.ndarray | No
   t = cfg.train
   trainer = (trainers or ensemble.Trainers()).get(
       attacked.model, attacked.data.input_shape, cfg,
-      models_per_chunk=ensemble.auto_models_per_chunk(t.models_per_chunk, t.num_models))
+      models_per_chunk=ensemble.auto_models_per_chunk(t.models_per_chunk, t.num_models),
+      batch_size=cfg.defense.member_batch_size if views is not None else None)
   members = ensemble.TrainedEnsemble(trainer, t.num_models, rd)
   chunks = trainer.chunks(t.num_models)
   done = {c for first, last in rd.saved_chunks() for c in range(first, last + 1)}
   if done:
     logger.info("ensemble: reusing %d of %d trained chunks", len(done), len(chunks))
-  positions = len(attacked.y_train) if views is None else np.shape(views(np.zeros(1, np.int64)))[1]
-  steps_per_model = t.epochs * (positions // t.batch_size)
+  steps = [trainer.steps(ids, len(attacked.y_train), views, t.epochs) for ids in chunks]
   streams = Streams.ensemble(cfg.seed)
   pending: list[tuple[int, MemberState]] = []
   last_save, t0 = time.monotonic(), time.perf_counter()
-  with progress(f"train ensemble ({t.num_models} models)", len(chunks) * steps_per_model, "step") as update:
-    update(len(done) * steps_per_model)
+  with progress(f"train ensemble ({t.num_models} models)", sum(steps), "step") as update:
+    update(sum(steps[c] for c in done if c < len(chunks)))  # a linked larger ensemble holds more chunks
     for c, ids in enumerate(chunks):
       if c in done:
         continue

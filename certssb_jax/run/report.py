@@ -19,7 +19,7 @@ import numpy as np
 from certssb_jax import defenses, files
 from certssb_jax.certify import bounds, kernel as certify_lib
 from certssb_jax.data.attacked import SPLITS, Attacked
-from certssb_jax.defenses.base import Defense
+from certssb_jax.defenses.base import INSERTIONS_DELETIONS, MODIFICATIONS, THREAT_TEXT, Defense
 from certssb_jax.run import config as config_lib, metrics, rundir
 from certssb_jax.run.config import Config
 
@@ -56,6 +56,22 @@ def warn_if_uncertifiable(cfg: Config) -> float:
     logger.info("margin ceiling for %d estimating models, alpha = %g (%s): %.4f sigma, radius <= %.4f at "
                 "sigma_0 = %g", m_est, c.alpha, c.bound, ceiling, ceiling * cfg.sigma.sigma_0, cfg.sigma.sigma_0)
   return ceiling
+
+
+def warn_if_count_uncertifiable(cfg: Config, defense: Defense, n_train: int) -> None:
+  """Warns (before any work) when even unanimous votes certify nothing: bagging's bound needs enough members
+  for Clopper-Pearson at alpha / K to put the top class above every other."""
+  largest = defense.largest_certificate(cfg, n_train)
+  if min(largest.values()) >= 0:
+    logger.info("%s with %d members certifies at most %s", defense.name, cfg.train.num_models,
+                ", ".join(f"{v} {THREAT_TEXT[t]}" for t, v in largest.items()))
+    return
+  k, a = len(cfg.data.classes), cfg.certify.alpha / len(cfg.data.classes)
+  need = next(m for m in range(cfg.train.num_models + 1, 100_000)
+              if bounds.clopper_pearson_lower(m, m, a) > bounds.clopper_pearson_upper(0, m, a))
+  logger.warning("%s with %d members abstains on every input (unanimous votes certify nothing at alpha = %g over "
+                 "%d classes); use train.num_models=%d or more", defense.name, cfg.train.num_models,
+                 cfg.certify.alpha, k, need)
 
 
 def _stats(a: np.ndarray) -> dict[str, float]:
@@ -302,7 +318,7 @@ def plot_sigma_histogram(path: str, cfg: Config, attacked: Attacked, sigma_train
 # ---------------------------------------------------------------------------------------------- counting defenses
 
 COUNT_CSV_COLUMNS = ("split", "index", "label", "pred", "votes_top", "votes_runner", "num_models",
-                     "certified_poisons", "certified_insertions_deletions", "correct")
+                     "certified_modifications", "certified_insertions_deletions", "correct")
 
 
 def summarize_counts(cfg: Config, defense: Defense, attacked: Attacked, certs: dict, votes: dict[str, np.ndarray],
@@ -311,11 +327,11 @@ def summarize_counts(cfg: Config, defense: Defense, attacked: Attacked, certs: d
 
   ``metrics`` counts a prediction as given where it is certified against 0 poisons (bagging abstains where its
   bound certifies nothing; DPA always answers); ``majority`` is the plain vote. ``cra_poison_budget`` is the
-  certified accuracy against k modified training samples, the same key as a smoothing run's budget.
+  certified accuracy against k modified training samples (the threat every counting defense here covers, the
+  same key as a smoothing run's budget); ``cra_<threat>`` the same for each threat the defense certifies.
   """
   y = {s: attacked.splits[s].y for s in SPLITS}
-  pred = {s: np.where(certs[s].certified >= 0, certs[s].pred, -1) for s in SPLITS}
-  grid = bounds.budget_grid(int(max(certs[s].certified.max(initial=-1) for s in SPLITS)))
+  pred = {s: np.where(certs[s].modifications >= 0, certs[s].pred, -1) for s in SPLITS}
   target = cfg.attack.target_class
   answered = pred["triggered"] != -1
   m = {"clean_accuracy": float(np.mean(pred["clean"] == y["clean"])),
@@ -323,12 +339,18 @@ def summarize_counts(cfg: Config, defense: Defense, attacked: Attacked, certs: d
        "era": float(np.mean(pred["triggered"] == y["triggered"])),
        "asr": float(np.mean(pred["triggered"] == target)) if answered.any() else None,
        "abstain_rate_triggered": float(np.mean(~answered))}
+  grids = {}
+  for threat in certs["clean"].counts:
+    grids[threat] = bounds.budget_grid(int(max(certs[s].counts[threat].max(initial=-1) for s in SPLITS)))
+    m[f"cra_{threat}"] = bounds.certified_accuracy_budget(certs["clean"].counts[threat],
+                                                          certs["clean"].pred == y["clean"], grids[threat])
   for s, key in (("clean", "cra_poison_budget"), ("triggered", "cra_poison_budget_triggered")):
-    m[key] = bounds.certified_accuracy_budget(certs[s].certified, certs[s].pred == y[s], grid)
+    m[key] = bounds.certified_accuracy_budget(certs[s].modifications, certs[s].pred == y[s], grids[MODIFICATIONS])
   majority = {"clean_accuracy": float(np.mean(certs["clean"].pred == y["clean"])),
               "era": float(np.mean(certs["triggered"].pred == y["triggered"])),
               "asr": float(np.mean(certs["triggered"].pred == target))}
   train_s = timings.get("train_ensemble")
+  exact = certs["clean"].exact
   return {
       "dataset": attacked.data.name, "source": attacked.data.source, "classes": list(attacked.data.classes),
       "n_train": int(len(attacked.y_train)), "n_test": int(len(y["clean"])), "n_triggered": int(len(y["triggered"])),
@@ -337,10 +359,12 @@ def summarize_counts(cfg: Config, defense: Defense, attacked: Attacked, certs: d
       "selection": cfg.attack.selection, "target_class": target, "seed": cfg.seed,
       "method": defense.name, "family": defense.family, "defense": defense.describe(cfg),
       "num_models": cfg.train.num_models,
-      "certificates": "exact counts of modified training samples (image and label) that cannot change the vote"
-                      if defense.name == "DPA" else
-                      f"counts of modified training samples, each holding with probability >= 1 - {cfg.certify.alpha:g}",
-      "poison_budget_grid": list(grid),
+      "threats": {threat: THREAT_TEXT[threat] for threat in certs["clean"].counts},
+      "exact": exact,
+      "certificates": ("exact counts (no failure probability)" if exact else
+                       f"counts that each hold with probability >= 1 - {cfg.certify.alpha:g}"),
+      "largest_certificate": defense.largest_certificate(cfg, int(len(attacked.y_train))),
+      "poison_budget_grid": list(grids[MODIFICATIONS]),
       "metrics": m, "majority": majority, "undefended": undefended,
       "time_per_member_s": train_s / cfg.train.num_models if train_s else None,
       "timings_s": timings, "versions": versions(), "devices": [str(d) for d in jax.devices()],
@@ -359,8 +383,10 @@ def write_count_outputs(cfg: Config, defense: Defense, attacked: Attacked, certs
   for split in SPLITS:
     s, c = attacked.splits[split], certs[split]
     for i in range(len(s.y)):
+      insdel = c.counts.get(INSERTIONS_DELETIONS)  # blank where the defense does not certify that threat
       w.writerow([split, int(s.index[i]), int(s.y[i]), int(c.pred[i]), int(c.votes_top[i]), int(c.votes_runner[i]),
-                  cfg.train.num_models, int(c.certified[i]), int(c.certified_insertions[i]), int(c.pred[i] == s.y[i])])
+                  cfg.train.num_models, int(c.modifications[i]), "" if insdel is None else int(insdel[i]),
+                  int(c.pred[i] == s.y[i])])
   files.atomic_write_bytes(rd.file("per_sample.csv"), buf.getvalue().encode())
   files.save_npz(rd.file("votes.npz"),
                  **{s: certify_lib.votes_from_preds(votes[f"{s}_preds"], k) for s in SPLITS},
@@ -377,14 +403,14 @@ def plot_count_certificates(path: str, cfg: Config, defense: Defense, attacked: 
   training samples, exact step curves."""
   plt = _figure()
   fig, ax = plt.subplots(figsize=(6.5, 4.2))
-  curves = {s: budget_curve(certs[s].certified, certs[s].pred == attacked.splits[s].y) for s in SPLITS}
+  curves = {s: budget_curve(certs[s].modifications, certs[s].pred == attacked.splits[s].y) for s in SPLITS}
   right = max(1, *(int(ks[-1]) for ks, _ in curves.values()))
   for split, color, label in (("clean", "C0", "clean: certified accuracy"), ("triggered", "C3", "triggered: certified ERA")):
     ks, acc = curves[split]
     ax.step(np.append(ks, right), np.append(acc, acc[-1]), where="post", color=color, lw=1.4, label=label)
   ax.set_xlim(0, right)
   ax.set_ylim(0, 1.02)
-  ax.set_xlabel("modified training samples (image and label)")
+  ax.set_xlabel(THREAT_TEXT[MODIFICATIONS])
   ax.set_ylabel("certified accuracy")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8, loc="lower left")
