@@ -335,3 +335,46 @@ def load_cifar_pickles(folder: str, classes: Sequence[int], *, name: str = "cifa
     x, y = select_classes(x, y, classes, f"{folder} ({split})")
     arrays += [to_unit(x), y]
   return data_lib.Dataset(*arrays, name=name, classes=classes, source="cifar_pickle")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A user's own arrays, saved as one .npz file.
+# ----------------------------------------------------------------------------------------------------------
+
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def has_npz_file(path: str) -> bool:
+  return os.path.isfile(path) and path.endswith(".npz")
+
+
+def save_npz_data(path: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
+                  y_test: np.ndarray) -> None:
+  """Writes arrays in the layout ``load_npz`` reads (uncompressed, so a run reads them back quickly)."""
+  np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+
+
+def load_npz(path: str, classes: Sequence[int], *, name: str | None = None) -> data_lib.Dataset:
+  """Loads a user's own data from one .npz file holding ``x_train, y_train, x_test, y_test``.
+
+  Images are ``(N, H, W)`` or ``(N, H, W, C)``, either float in [0, 1] or uint8 0..255 (divided by 255); labels
+  are the original integer class ids, of which ``classes`` are kept (new label = position).
+
+  Raises:
+    DataError: a missing file or array, or images off the [0, 1] scale (``Dataset`` validates them).
+  """
+  classes = data_lib.check_classes(classes)
+  if not has_npz_file(path):
+    raise data_lib.DataError(f"npz data file does not exist (or does not end in .npz): {path}")
+  with np.load(path) as f:
+    missing = [k for k in NPZ_KEYS if k not in f.files]
+    if missing:
+      raise data_lib.DataError(f"{path} lacks the array(s) {missing}: save x_train, y_train, x_test, y_test")
+    arrays = []
+    for split in ("train", "test"):
+      x, y = f[f"x_{split}"], f[f"y_{split}"].astype(np.int64)
+      x = x[..., None] if x.ndim == 3 else x
+      x = to_unit(x) if x.dtype == np.uint8 else x.astype(np.float32)
+      arrays += list(select_classes(x, y, classes, f"{path} {split}"))
+  name = name or os.path.splitext(os.path.basename(path))[0]
+  return data_lib.Dataset(*arrays, name=name, classes=classes, source="npz")

@@ -21,6 +21,7 @@ Sources (``load_dataset(source, ...)``; the registry is ``SOURCES``; the readers
 * ``"idx"``: the MNIST/Fashion-MNIST IDX files (raw or gzipped) in a folder.
 * ``"cifar_pickle"``: the ``cifar-10-batches-py`` folder of the CIFAR-10 python release.
 * ``"image_folder"``: an ImageNette-style tree ``folder/{train,val}/<class dir>/<image>``.
+* ``"npz"``: a user's own arrays in one .npz file (``x_train, y_train, x_test, y_test``); ``data_dir`` is the file.
 
 Getting the files of the file sources (checksums verified; see ``certssb_jax/data/fetch.py``)::
 
@@ -145,6 +146,10 @@ SOURCES: dict[str, Source] = {
         lambda *, name, classes, data_dir, image_size, **_: image_readers.load_image_folder(
             data_dir, classes, image_size, name=name),
         needs_data_dir=True, fetches=("imagenette",), has_files=image_readers.has_image_folder),
+    # data_dir is the .npz file itself (``pipeline.run_arrays`` writes one from a user's arrays)
+    "npz": Source(
+        lambda *, name, classes, data_dir, **_: readers.load_npz(data_dir, classes, name=name),
+        needs_data_dir=True, has_files=readers.has_npz_file),
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 import sys
@@ -22,7 +23,7 @@ import numpy as np
 
 from certssb_jax import defenses, multihost, rng
 from certssb_jax.certify import bounds, kernel as certify_lib
-from certssb_jax.data import sources as data_lib, triggers
+from certssb_jax.data import readers, sources as data_lib, triggers
 from certssb_jax.data.attacked import SPLITS, Attacked, Split
 from certssb_jax.defenses import sigma_search
 from certssb_jax.ensemble import scorer as scorer_lib, trainer as ensemble
@@ -67,6 +68,26 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: Progress |
     return _run_stages(cfg, ds, rd, progress, trainers or ensemble.Trainers())
   finally:
     rd.close()  # the folder's lock ends with the run, also when a stage fails
+
+
+def run_arrays(config: ml_collections.ConfigDict, workdir: str, x_train: np.ndarray, y_train: np.ndarray,
+               x_test: np.ndarray, y_test: np.ndarray, *, name: str = "arrays", **kwargs: Any) -> dict[str, Any]:
+  """``run`` on a user's own arrays: images (N, H, W[, C]) in [0, 1] (or uint8 0..255), labels the original class
+  ids, of which ``config.data.classes`` are kept (the first is the label the attacker targets by default).
+
+  The arrays are written once to ``workdir/data_<content hash>.npz`` and the run reads that file (source ``npz``),
+  so ``config.json`` names them and a run resumed with other arrays is refused. ``kwargs`` go to ``run``.
+  """
+  arrays = [np.ascontiguousarray(a) for a in (x_train, y_train, x_test, y_test)]
+  digest = hashlib.sha1(b"".join(a.tobytes() + str((a.shape, a.dtype)).encode() for a in arrays)).hexdigest()[:12]
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(os.path.abspath(workdir), f"data_{digest}.npz")
+  if not os.path.exists(path):
+    readers.save_npz_data(path + ".tmp.npz", *arrays)
+    os.replace(path + ".tmp.npz", path)
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.data.source, c.data.data_dir, c.data.name = "npz", path, name
+  return run(c, workdir, **kwargs)
 
 
 def _run_stages(cfg: Config, ds: data_lib.Dataset, rd: RunDir, progress: Progress,
