@@ -26,6 +26,7 @@ def test_readme_python_api_runs(tmp_path, monkeypatch):
   exec(compile(code, README, "exec"), namespace)  # pylint: disable=exec-used
   assert namespace["summary"]["consistency"]["contradictions"] == 0
   assert namespace["cert"].pred.shape == (200,) and namespace["answer"].pred.shape == (200,)
+  assert namespace["right"].mean() > 0.5  # the example certifies most inputs, as it says in words
   assert os.path.exists(tmp_path / "store.npz")
 
 
