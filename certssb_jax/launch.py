@@ -215,7 +215,7 @@ def main(spec: str | None, overrides: dict[str, str]) -> None:
     logging.getLogger("certssb_jax").setLevel(logging.WARNING)
   from certssb_jax.run import pipeline  # pylint: disable=g-import-not-at-top
 
-  progress = pipeline.tqdm_progress if _PROGRESS.value and primary else pipeline.no_progress
+  progress = cli.progress(_PROGRESS.value and primary)
   workdir = _WORKDIR.value
   runs = {}
   if _COMPARE.value:

@@ -54,7 +54,8 @@ def require(**values: object) -> None:
 
 
 def progress(show: bool):
-  """The pipeline's progress bars, or none."""
-  from certssb_jax.run import pipeline  # pylint: disable=g-import-not-at-top
+  """The pipeline's progress: bars on a terminal, logged lines in a log file (``progress.default_progress``); none
+  without ``show``."""
+  from certssb_jax import progress as progress_lib  # pylint: disable=g-import-not-at-top
 
-  return pipeline.tqdm_progress if show else pipeline.no_progress
+  return progress_lib.default_progress() if show else progress_lib.no_progress

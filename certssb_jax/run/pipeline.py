@@ -8,14 +8,12 @@ what each stage computed, so a run started again with the same config reuses it.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import logging
 import os
-import sys
 import time
-from typing import Any, Callable, ContextManager, Iterator
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -30,6 +28,7 @@ from certssb_jax.ensemble import scorer as scorer_lib, trainer as ensemble
 from certssb_jax.ensemble.member import MemberState, Streams, member_logits
 from certssb_jax.ensemble.views import MemberViews
 from certssb_jax.models import zoo as models_lib
+from certssb_jax.progress import Progress, default_progress, no_progress, tqdm_progress  # noqa: F401
 from certssb_jax.run import config as config_lib, metrics, report, rundir
 from certssb_jax.run.rundir import RunDir
 from certssb_jax.store import certified as store_lib
@@ -37,8 +36,6 @@ from certssb_jax.store import certified as store_lib
 logger = logging.getLogger(__name__)
 
 Config = config_lib.Config
-# progress(description, total, unit) -> context manager yielding update(n)
-Progress = Callable[[str, int, str], ContextManager[Callable[[int], None]]]
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -59,7 +56,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: Progress |
     The summary (also written to ``summary.json``).
   """
   cfg = config_lib.resolve(config)
-  progress = progress or default_progress()
+  progress = progress or default_progress(multihost.is_primary())
   ds = load_data(cfg)  # data problems, and fields that need the data's size, are refused before any work ...
   cfg = config_lib.resolve_for_data(cfg, len(ds.y_train))
   rundir.check_config(workdir, cfg, fresh=fresh)  # ... and so is a folder of another run
@@ -169,27 +166,6 @@ def compare_modes(config: ml_collections.ConfigDict, workdir: str, *, progress: 
     runs[defenses.get(resolved).name] = run(c, d, progress=progress, fresh=fresh, trainers=trainers)
     previous = d
   return runs
-
-
-@contextlib.contextmanager
-def no_progress(desc: str, total: int, unit: str) -> Iterator[Callable[[int], None]]:
-  del desc, total, unit
-  yield lambda n: None
-
-
-@contextlib.contextmanager
-def tqdm_progress(desc: str, total: int, unit: str) -> Iterator[Callable[[int], None]]:
-  """A tqdm bar with rate and ETA (in a notebook, a widget)."""
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-
-  with tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=True) as bar:
-    yield bar.update
-
-
-def default_progress() -> Progress:
-  """tqdm bars where a person is watching (a terminal, or an IPython kernel), none in logs and tests."""
-  watched = sys.stderr.isatty() or "ipykernel" in sys.modules
-  return tqdm_progress if watched and multihost.is_primary() else no_progress
 
 
 # ---------------------------------------------------------------------------------------------- data and attack
