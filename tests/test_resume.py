@@ -117,3 +117,57 @@ def test_a_finished_workdir_is_reused_whole(resumed):
   assert "ensemble: reusing 3 of 3 trained chunks" in log
   for stage in ("sigma_clean", "sigma_triggered", "votes"):
     assert f"reusing stage {stage}" in log, stage
+
+
+@pytest.mark.parametrize("counting", [False, True])
+def test_a_chunk_resumed_from_a_mid_training_checkpoint_ends_bit_identical(counting):
+  """``train_chunk`` from the state a checkpoint saw at step g (mid-epoch) ends where the unbroken training ends:
+  the smoothing ensemble (fixed noise per sample, per-epoch orders) and members on views (their own streams)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from certssb_jax.defenses import dpa  # pylint: disable=g-import-not-at-top
+  from certssb_jax.ensemble import member, trainer as ensemble  # pylint: disable=g-import-not-at-top
+  from certssb_jax.models import zoo as models  # pylint: disable=g-import-not-at-top
+
+  rs = np.random.RandomState(0)
+  x = rs.rand(40, 16, 16, 1).astype(np.float32)
+  y = (rs.rand(40) > 0.5).astype(np.int32)
+  tr = ensemble.EnsembleTrainer(models.get_model("mnist_cnn", 2), (16, 16, 1),
+                                ensemble.TrainConfig(epochs=3, batch_size=8, learning_rate=1e-2, models_per_chunk=2))
+  streams, ids = member.Streams.ensemble(0), np.arange(2)
+  kwargs = dict(views=dpa.views_of_parts(dpa.partition(x, y, 2)), sigma=None) if counting else \
+      dict(sigma=np.full(40, 0.25, np.float32))
+  saved = {}
+  whole = tr.train_chunk(ids, streams, x, y, checkpoint=lambda g, get: saved.setdefault(g, get()), **kwargs)
+  g = 7  # mid-epoch: 5 steps per epoch on the whole set, and the views' streams cross epochs anywhere
+  resumed = tr.train_chunk(ids, streams, x, y, start=(g, saved[g]), **kwargs)
+  for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(resumed.params)):
+    np.testing.assert_array_equal(a, b)
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(whole.params),
+                                                      jax.tree.leaves(saved[g].params)))  # g was mid-training
+
+
+@pytest.mark.slow
+def test_the_quickstart_killed_at_60_percent_of_its_training_keeps_most_of_it(tmp_path):
+  """Killed once 60% of the ensemble's training steps are done (its logged progress says so), the quickstart
+  resumes with at most 0.75 of its training left, and its votes equal an uninterrupted run's."""
+  args = lambda d: ["--config", "configs/quickstart.py:quick,num_models=16", "--workdir", d,
+                    "--config.train.checkpoint_every_s=1"]
+  whole, killed, log = str(tmp_path / "whole"), str(tmp_path / "killed"), tmp_path / "killed.log"
+  helpers.check(helpers.run_module("certssb_jax.launch", *args(whole)), "uninterrupted")
+  with open(log, "w") as f:
+    proc = helpers.start_module("certssb_jax.launch", *args(killed), stdout=f, stderr=f)
+    deadline = time.monotonic() + helpers.TIMEOUT_S
+    while not any(f"train ensemble (16 models): {p}%" in log.read_text() for p in (60, 70, 80)):
+      assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+      time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+  again = helpers.run_module("certssb_jax.launch", *args(killed))
+  helpers.check(again, "resumed")
+  lines = [l for l in again.stderr.splitlines() if "train ensemble (16 models): " in l and "% (" in l]
+  done, total = (int(v) for v in lines[0].split("% (")[1].split(" steps")[0].split(" of "))
+  assert done >= 0.25 * total, lines[:3]  # the first progress line: what the checkpoints kept
+  a, b = np.load(os.path.join(whole, "votes.npz")), np.load(os.path.join(killed, "votes.npz"))
+  for key in a.files:
+    np.testing.assert_array_equal(a[key], b[key])

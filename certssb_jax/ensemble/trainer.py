@@ -167,6 +167,10 @@ def make_batches(batch_size: int, batch_fn: Callable) -> Callable:
   return jax.jit(batches)
 
 
+# After every training step of a chunk: (steps done, a function returning the chunk's training state on the host).
+Checkpoint = Callable[[int, Callable[[], MemberState]], None]
+
+
 class EnsembleTrainer:
   """Trains groups of models as one program over a chunk axis sharded on the mesh axis ``ens``.
 
@@ -217,7 +221,8 @@ class EnsembleTrainer:
   def train_chunk(self, model_ids: np.ndarray, streams: Streams, x: np.ndarray, y: np.ndarray,
                   sigma: np.ndarray | None, *, views: MemberViews | None = None, fresh_noise: bool = False,
                   epochs: int | None = None, on_step: Callable[[int], None] | None = None,
-                  return_losses: bool = False) -> Any:
+                  return_losses: bool = False, start: tuple[int, MemberState] | None = None,
+                  checkpoint: Checkpoint | None = None) -> Any:
     """Trains the models ``model_ids`` (one chunk) and returns their stacked state on the host.
 
     Args:
@@ -233,7 +238,11 @@ class EnsembleTrainer:
         ensemble: its noise is fixed per (model, sample) across epochs, as the certificate requires.
       epochs: passes over the data (default ``config.epochs``; the compiled step does not depend on it).
       on_step: called with the number of steps done after each step (progress reporting).
-      return_losses: also return the losses.
+      return_losses: also return the losses (of the steps this call ran).
+      start: (steps done, the chunk's whole training state then, stacked, opt_state included) to resume from, as
+        ``checkpoint`` saved it; the rest of the training is the same, bit for bit, as without the break.
+      checkpoint: called after every step with (steps done, a function returning the chunk's training state on
+        the host); it decides whether to save (the state is gathered only when it calls the function).
 
     Returns:
       The trained MemberState with a leading axis C, as numpy arrays (on every process); with
@@ -245,45 +254,59 @@ class EnsembleTrainer:
       raise ValueError(f"expected {self.chunk} model ids in a chunk, got {len(model_ids)}")
     epochs = cfg.epochs if epochs is None else epochs
     slot_ids = self.layout.split(model_ids)
-    state = self._init_slots(slot_ids, streams)
+    if start is None:
+      first, state = 0, self._init_slots(slot_ids, streams)
+    else:
+      first, state = start[0], tuple(jax.device_put(s, self._ens) for s in self.layout.split(start[1]))
     data = self._data(x, y, sigma)
+    after_step = self._after_step(on_step, checkpoint)
     if views is not None:
       state, losses = self._train_views(state, model_ids, streams, views(model_ids), sigma is not None, epochs,
-                                        data, on_step)
+                                        data, first, after_step)
     else:
-      state, losses = self._train_whole(state, slot_ids, streams, x, sigma, fresh_noise, epochs, data, on_step)
+      state, losses = self._train_whole(state, slot_ids, streams, x, sigma, fresh_noise, epochs, data, first,
+                                        after_step)
     state = self.layout.merge(to_host(state))
     if not return_losses:
       return state
     per_step = [self.layout.merge(to_host(l)) for l in losses]  # each (C,)
     return state, np.stack(per_step, axis=1) if per_step else np.zeros((self.chunk, 0), np.float32)
 
-  def _train_whole(self, state, slot_ids, streams, x, sigma, fresh_noise, epochs, data, on_step):
+  def _after_step(self, on_step, checkpoint):
+    """What runs after step g (1-based count of steps done) of a chunk: progress, then the checkpoint's choice."""
+    def after(g: int, state: Any) -> None:
+      if on_step is not None:
+        on_step(1)
+      if checkpoint is not None:
+        checkpoint(g, lambda: self.layout.merge(to_host(state)))
+    return after
+
+  def _train_whole(self, state, slot_ids, streams, x, sigma, fresh_noise, epochs, data, first, after_step):
     """Every model on the whole training set: ``epochs`` passes of ``n // batch_size`` steps, each in the model's
-    own order (the remainder of the order dropped)."""
+    own order (the remainder of the order dropped), from step ``first`` on."""
     n, batch = len(x), self.config.batch_size
     if n < batch:
       raise ValueError(f"training set has {n} samples, fewer than train.batch_size {batch}; use "
                        f"train.batch_size={max(1, n)} or less")
+    per_epoch = n // batch
     batch_fn = _NOISE_SOURCES[self.noise_source(x, sigma, fresh_noise)]
     if batch_fn is _batch_noised_copy:
       sources = tuple(self._noised(self._fold(streams.noise, ids), data[0], data[2]) for ids in slot_ids)
     losses = []
-    for epoch in range(epochs):
+    for epoch in range(first // per_epoch, epochs):
       per_slot = [self._epoch(ids, streams, epoch, n, fresh_noise) for ids in slot_ids]
       perms = tuple(e[0] for e in per_slot)
       if batch_fn is not _batch_noised_copy:
         sources = tuple(e[1] for e in per_slot)
-      for s in range(n // batch):
+      for s in range(first - epoch * per_epoch if epoch == first // per_epoch else 0, per_epoch):
         state, loss = self._steps[batch_fn](state, perms, s, sources, *data)
         losses.append(loss)
-        if on_step is not None:
-          on_step(1)
+        after_step(epoch * per_epoch + s + 1, state)
     return state, losses
 
-  def _train_views(self, state, model_ids, streams, views: Views, noised, epochs, data, on_step):
-    """Every member on its own view (``views`` module), for the largest step count of the chunk; a member whose
-    own count is reached is left as it is."""
+  def _train_views(self, state, model_ids, streams, views: Views, noised, epochs, data, first, after_step):
+    """Every member on its own view (``views`` module), for the largest step count of the chunk, from step
+    ``first`` on; a member whose own count is reached is left as it is."""
     ids = np.asarray(model_ids)
     steps = views_lib.num_steps(views.lengths, epochs, self.config.batch_size)
     indices = views_lib.pad_to_bucket(views.indices)  # few shapes, so few compiled programs
@@ -293,11 +316,10 @@ class EnsembleTrainer:
     keys = tuple(self._fold(streams.noise, slot) for slot in self.layout.split(ids))
     run = self._view_steps[noised]
     losses = []
-    for s in range(int(steps.max(initial=0))):
+    for s in range(first, int(steps.max(initial=0))):
       state, loss = run(state, orders, steps_slots, keys, s, *data)
       losses.append(loss)
-      if on_step is not None:
-        on_step(1)
+      after_step(s + 1, state)
     return state, losses
 
   def steps(self, model_ids: np.ndarray, n: int, views: MemberViews | None = None,

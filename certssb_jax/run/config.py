@@ -79,7 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.batch_size = 128
   c.train.learning_rate = 1e-3  # Adam
   c.train.models_per_chunk = config_dict.placeholder(int)  # models per vmapped program; None: 1 on CPU, <= 256 else
-  c.train.checkpoint_every_s = 60.0  # save trained chunks together at most this often (0: every chunk)
+  c.train.checkpoint_every_s = 10.0  # save training at most this often: whole chunks, or a chunk's state mid-training
 
   c.defense = ml_collections.ConfigDict()
   c.defense.name = "smoothing"  # smoothing (RAB or Cert-SSB, by sigma.mode) | dpa (train.num_models partitions) | bagging

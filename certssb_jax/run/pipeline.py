@@ -351,8 +351,10 @@ def train_ensemble(cfg: Config, attacked: Attacked, sigma_train: np.ndarray | No
   ``sigma_train`` per sample) or without noise on its view of it (``views``: a part, a bag).
 
   Trained chunks are saved together once ``train.checkpoint_every_s`` seconds have passed since the last save
-  (0: every chunk), after the first chunk (so an early kill loses little), and at the end; each save runs in
-  the background while the next chunk trains. A resumed run trains only the chunks no checkpoint holds.
+  (0: every chunk), after the first chunk and at the end; each save runs in the background while the next chunk
+  trains. A chunk still training saves its whole training state at a step once that time has passed, so a kill
+  loses at most about ``checkpoint_every_s`` of training however long a chunk is. A resumed run trains only what
+  no checkpoint holds, from the last saved step, with the same results bit for bit.
   """
   t = cfg.train
   trainer = (trainers or ensemble.Trainers()).get(
@@ -368,14 +370,35 @@ def train_ensemble(cfg: Config, attacked: Attacked, sigma_train: np.ndarray | No
   streams = Streams.ensemble(cfg.seed)
   pending: list[tuple[int, MemberState]] = []
   last_save, t0 = time.monotonic(), time.perf_counter()
+  template = trainer.abstract_state()._asdict()
   with progress(f"train ensemble ({t.num_models} models)", sum(steps), "step") as update:
     update(sum(steps[c] for c in done if c < len(chunks)))  # a linked larger ensemble holds more chunks
     for c, ids in enumerate(chunks):
       if c in done:
         continue
+      start = rd.restore_partial(c, template)
+      if start is not None:
+        start = (start[0], MemberState(**start[1]))
+        update(start[0])
+
+      def checkpoint(steps_done: int, host_state: Callable[[], MemberState], c: int = c) -> None:
+        """Mid-chunk: the whole training state once ``checkpoint_every_s`` has passed (the finished chunk is
+        saved below instead); the finished chunks waiting for a save go first, so the saved chunks stay
+        consecutive."""
+        nonlocal pending, last_save
+        due = t.checkpoint_every_s > 0 and time.monotonic() - last_save >= t.checkpoint_every_s  # 0: whole chunks
+        if steps_done == steps[c] or not multihost.agree(due):
+          return
+        if pending:
+          members.save(pending)
+          pending = []
+        rd.save_partial(c, steps_done, host_state()._asdict())
+        last_save = time.monotonic()
+
       # the epochs are passed: the shared trainer may have been built by a run with other epochs
       state, losses = trainer.train_chunk(ids, streams, attacked.x_train, attacked.y_train, sigma_train,
-                                          views=views, epochs=t.epochs, on_step=update, return_losses=True)
+                                          views=views, epochs=t.epochs, on_step=update, return_losses=True,
+                                          start=start, checkpoint=checkpoint)
       ensemble.check_losses(losses, ids)
       pending.append((c, members.keep(c, state)))
       due = time.monotonic() - last_save >= t.checkpoint_every_s or c == 0
@@ -383,6 +406,7 @@ def train_ensemble(cfg: Config, attacked: Attacked, sigma_train: np.ndarray | No
         members.save(pending)
         pending, last_save = [], time.monotonic()
     rd.wait()
+    rd.drop_partials()
   rd.record_time("train_ensemble", time.perf_counter() - t0)
   return members
 

@@ -34,6 +34,7 @@ from certssb_jax.run import config as config_lib
 logger = logging.getLogger(__name__)
 
 _ENSEMBLE_CHECKPOINT = re.compile(r"^chunks_(\d{5})-(\d{5})$")  # chunks first..last (inclusive) of the ensemble
+_PARTIAL_CHECKPOINT = re.compile(r"^partial_(\d{5})_step(\d{8})$")  # chunk c part-trained, after that many steps
 _RESULTS = ("stages", "ensemble", "pilot", "undefended", "surrogate")  # what --fresh discards
 LOCK_FILE = "run.lock"
 
@@ -431,6 +432,41 @@ class RunDir:
 
   def wait(self) -> None:
     self._checkpointer.wait_until_finished()
+
+  def _partials(self, chunk: int) -> list[tuple[int, str]]:
+    """(steps, path) of every complete part-trained checkpoint of ``chunk``, the most advanced last."""
+    folder = self.file("ensemble")
+    found = [(int(m.group(2)), os.path.join(folder, m.group(0))) for m in map(_PARTIAL_CHECKPOINT.match,
+             sorted(os.listdir(folder)) if os.path.isdir(folder) else []) if m and int(m.group(1)) == chunk]
+    return sorted(found)
+
+  def save_partial(self, chunk: int, steps: int, tree: Any) -> None:
+    """Saves a part-trained chunk (its whole training state after ``steps`` steps) and then drops the chunk's
+    older ones; written before it returns, so a kill right after it loses nothing."""
+    older = self._partials(chunk) if multihost.is_primary() else []
+    self._checkpointer.wait_until_finished()
+    self._checkpointer.save(self.file(os.path.join("ensemble", f"partial_{chunk:05d}_step{steps:08d}")), tree)
+    self._checkpointer.wait_until_finished()
+    for _, path in older:
+      _remove(path)
+
+  def restore_partial(self, chunk: int, template: Any) -> tuple[int, Any] | None:
+    """(steps, training state) of the most advanced part-trained checkpoint of ``chunk``, or None."""
+    partials = self._partials(chunk) if multihost.is_primary() else []
+    found = multihost.broadcast_exact(np.asarray(partials[-1][0] if partials else -1, np.int64))
+    if int(found) < 0:
+      return None
+    path = self.file(os.path.join("ensemble", f"partial_{chunk:05d}_step{int(found):08d}"))
+    logger.info("chunk %d resumes after %d training steps", chunk, int(found))
+    return int(found), self._restore(path, template, f"chunk {chunk} part-trained", "train that chunk again")
+
+  def drop_partials(self) -> None:
+    """Removes every part-trained checkpoint (once their chunks are saved whole)."""
+    folder = self.file("ensemble")
+    if multihost.is_primary() and os.path.isdir(folder):
+      for name in os.listdir(folder):
+        if _PARTIAL_CHECKPOINT.match(name):
+          _remove(os.path.join(folder, name))
 
   def restore_chunks(self, first: int, last: int, template: Any, model_ids: Sequence[int] = ()) -> Any:
     """Chunks ``first..last``, holding the models ``model_ids`` (named when the checkpoint cannot be read).
