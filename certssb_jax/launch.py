@@ -145,6 +145,12 @@ def count_table(summaries: dict[str, dict]) -> str:
       # past the grid's end no answer is certified
       rows.append((f"certified accuracy, {k} {name}", lambda s, k=k, t=threat: s["metrics"][f"cra_{t}"].get(str(k), 0.0)))
     rows.append((f"largest possible, {name}", lambda s, t=threat: s["largest_certificate"][t]))
+  if first.get("trigger_norm") is not None:  # counts that hold together with a test trigger of that norm
+    rows.append((f"largest modifications r with a test trigger < {first['trigger_norm']:g}: median / max",
+                 lambda s: "{} / {}".format(*s["metrics"]["largest_at_trigger_norm"].values())))
+    for t in ("0", f"{first['trigger_norm']:g}"):
+      rows.append((f"certified accuracy, 0 changes, test trigger < {t}",
+                   lambda s, t=t: s["metrics"]["cra_at_norm"][t]["modifications"].get("0", 0.0)))
   rows += [("certificates", lambda s: "exact" if s["exact"] else f"each p >= 1 - {s['defense']['alpha']:g}"),
            ("time per member (s)", lambda s: s["time_per_member_s"])]
   return _table(summaries, rows + _undefended_rows(first))

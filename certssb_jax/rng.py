@@ -23,6 +23,8 @@ DROPOUT = 8  # dropout of member m (models that use it)
 TRIGGER = 9  # fixed random trigger patterns (blending)
 SURROGATE = 10  # the adaptive attacker's surrogate model
 BAG = 11  # the bag (training indices drawn with replacement) of bagging member m
+DRAW_MEMBERS = 12  # the member of each i.i.d. draw of a test-time smoothed partition ensemble
+DRAW_NOISE = 13  # the noise of draw j on query q of that ensemble
 
 
 def stream(seed: int | jax.Array, tag: int) -> jax.Array:

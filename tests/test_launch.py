@@ -91,6 +91,9 @@ def test_the_sweep_refuses_a_bad_config_before_any_training(tmp_path):
     ({"defense.name": "dpa"}, "DPA", ["certified accuracy, 1 insertions/deletions", "largest possible, modifications"]),
     ({"defense.name": "bagging", "certify.alpha": 0.001, "train.num_models": 12},
      "bagging", ["certified accuracy, 1 modifications", "each p >= 1 - 0.001"]),
+    ({"defense.name": "dpa_smoothing", "sigma.sigma_0": 0.5, "sigma.sigma_hi": None, "certify.draws": 32},
+     "DPA+smoothing", ["largest modifications r with a test trigger < 1: median / max",
+                       "certified accuracy, 0 changes, test trigger < 1"]),
 ])
 def test_every_defense_runs_through_the_launcher_and_prints_its_table(tmp_path, overrides, method, rows):
   spec = write_tiny_config(tmp_path / "c.py", **{"undefended.enabled": False, "train.num_models": 6, **overrides})

@@ -1,15 +1,19 @@
 """Defenses: how each member's training view is made, at which noise it trains and votes, and how votes become a
-certificate (``base.Defense``). ``get`` is the one place a run's defense is looked up."""
+certificate (``base.Defense``). ``get`` is the one place a run's defense is looked up; adding a defense is its
+module and one line in ``COUNTING``."""
 
 from typing import Any
 
 from certssb_jax.defenses.bagging import BAGGING
 from certssb_jax.defenses.base import INSERTIONS_DELETIONS, MODIFICATIONS, CountCertificate, Defense
 from certssb_jax.defenses.dpa import DPA
+from certssb_jax.defenses.dpa_smoothing import DPA_SMOOTHING
 from certssb_jax.defenses.smoothing import CERT_SSB, RAB
 
-# defense.name -> the defense; "smoothing" is RAB or Cert-SSB by sigma.mode
-NAMES = ("smoothing", "dpa", "bagging")
+# defense.name -> a defense that counts poisoned training samples
+COUNTING = {"dpa": DPA, "bagging": BAGGING, "dpa_smoothing": DPA_SMOOTHING}
+# every defense.name; "smoothing" is RAB or Cert-SSB by sigma.mode
+NAMES = ("smoothing", *COUNTING)
 
 
 def get(cfg: Any) -> Defense:
@@ -17,8 +21,8 @@ def get(cfg: Any) -> Defense:
   name = cfg.defense.name
   if name == "smoothing":
     return RAB if cfg.sigma.mode == "fixed" else CERT_SSB
-  return {"dpa": DPA, "bagging": BAGGING}[name]
+  return COUNTING[name]
 
 
-__all__ = ["BAGGING", "CERT_SSB", "CountCertificate", "DPA", "Defense", "INSERTIONS_DELETIONS", "MODIFICATIONS",
-           "NAMES", "RAB", "get"]
+__all__ = ["BAGGING", "CERT_SSB", "COUNTING", "CountCertificate", "DPA", "DPA_SMOOTHING", "Defense",
+           "INSERTIONS_DELETIONS", "MODIFICATIONS", "NAMES", "RAB", "get"]

@@ -112,8 +112,14 @@ def largest_certificate(cfg: Any, n: int) -> dict[str, int]:
   return {threat: int(v[0]) for threat, v in unanimous.counts.items()}
 
 
+def view_size(c: Any, n: int) -> int:
+  """The bag size s, fixed once: ``defense.bag_size`` or n // M, recorded in the config."""
+  c.defense.bag_size = c.defense.bag_size or max(1, n // c.train.num_models)
+  return c.defense.bag_size
+
+
 BAGGING = Defense(name="bagging", family="counting", member_views=member_views, certify_votes=certify_votes,
                   describe=lambda cfg: {"bag_size": cfg.defense.bag_size, "with_replacement": True,
                                         "alpha": cfg.certify.alpha, "correction": "bonferroni",
                                         "threats": list(COUNTS)},
-                  largest_certificate=largest_certificate)
+                  largest_certificate=largest_certificate, view_size=view_size)

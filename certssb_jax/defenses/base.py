@@ -39,7 +39,12 @@ class CountCertificate:
       changes of the training set that cannot change ``pred``; -1 where not even the unchanged training set is
       certified (bagging's bound). A defense lists only the threats its certificate covers.
     exact: True when the counts hold with certainty (DPA), False when each holds with probability >= 1 - alpha
-      over the members' training randomness (bagging).
+      (bagging: over the members' training; a test-time smoothed ensemble: over its draws).
+    bounds: (p_low of the class, p_high of the strongest rival), (N,) each, where the certificate comes from
+      bounds on vote probabilities that the run reports per query; else None.
+    trigger_norm: where the counts hold together with any change of the test input of l2 norm below this (a
+      test-time smoothed ensemble), else None (the test input as given).
+    at_norm: trigger norm t -> the counts at t instead (same threats), where ``trigger_norm`` is set.
   """
 
   pred: np.ndarray
@@ -47,6 +52,9 @@ class CountCertificate:
   votes_runner: np.ndarray
   counts: dict[str, np.ndarray]
   exact: bool
+  bounds: tuple[np.ndarray, np.ndarray] | None = None
+  trigger_norm: float | None = None
+  at_norm: Callable[[float], dict[str, np.ndarray]] | None = None
 
   @property
   def modifications(self) -> np.ndarray:
@@ -70,6 +78,11 @@ class Defense(NamedTuple):
       summary), "sigma_histogram" (the plot of the training and test sigmas), "side_channel_probe" (whether
       sigma_x leaks the trigger, in the summary).
     largest_certificate: (config, training-set size) -> {threat: the most any answer can certify} (counting).
+    view_size: (mutable config, training-set size) -> the typical member view's length, after filling and
+      checking the defense's fields that depend on that size (counting; raises ValueError naming the field).
+    train_sigma: config -> the Gaussian augmentation its members train with, None for none (counting).
+    query_votes: (config, trained ensemble, queries, progress) -> vote counts (N, K); None: every member's vote
+      on the clean query (counting).
   """
 
   name: str
@@ -79,6 +92,9 @@ class Defense(NamedTuple):
   describe: Callable[[Any], dict[str, Any]]
   diagnostics: tuple[str, ...] = ()
   largest_certificate: Callable[[Any, int], dict[str, int]] | None = None
+  view_size: Callable[[Any, int], int] | None = None
+  train_sigma: Callable[[Any], float | None] = lambda cfg: None
+  query_votes: Callable[[Any, Any, np.ndarray, Any], np.ndarray] | None = None
 
 
 def top_two(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -100,10 +100,19 @@ def largest_certificate(cfg: Any, n: int) -> dict[str, int]:
   return {INSERTIONS_DELETIONS: r, MODIFICATIONS: r // 2} if cfg.defense.partition == "sample" else {MODIFICATIONS: r}
 
 
-def _describe(cfg: Any) -> dict[str, Any]:
+def view_size(c: Any, n: int) -> int:
+  """k <= n (no part empty by construction of the count); the typical part holds n // k samples."""
+  k = c.train.num_models
+  if k > n:
+    raise ValueError(f"invalid config: defense {c.defense.name}: train.num_models {k} partitions of {n} training "
+                     f"samples leave parts empty; use train.num_models={max(1, n // 10)} or fewer")
+  return n // k
+
+
+def describe(cfg: Any) -> dict[str, Any]:
   hashed = {"sample": "sha256(image, label) mod k", "position": "sha256(position) mod k"}[cfg.defense.partition]
   return {"partitions": cfg.train.num_models, "partition": hashed, "threats": list(THREATS[cfg.defense.partition])}
 
 
 DPA = Defense(name="DPA", family="counting", member_views=member_views, certify_votes=certify_votes,
-              describe=_describe, largest_certificate=largest_certificate)
+              describe=describe, largest_certificate=largest_certificate, view_size=view_size)

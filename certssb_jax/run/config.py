@@ -117,6 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.certify.models_per_chunk = config_dict.placeholder(int)  # models per kernel call; None: train's chunk
   c.certify.query_order = "clean_first"  # order of the queries through the one store of the run
   c.certify.compat = "none"  # none | reference: also report the reference release's (unsound) numbers
+  c.certify.draws = 1000  # dpa_smoothing: i.i.d. (member, noise) draws per query
 
   c.undefended = ml_collections.ConfigDict()
   c.undefended.enabled = True  # also train one model on the poisoned data without noise
@@ -327,9 +328,11 @@ def _resolve_defense(c: ml_collections.ConfigDict) -> None:
   if f.name == "smoothing":
     f.partition, f.bag_size, f.member_batch_size = "sample", None, None  # not used: not recorded either
     return
-  # a counting defense's members train and vote without noise: the sigma section does not apply (and is not
-  # recorded, so that it cannot make two runs of the same defense differ)
+  # a counting defense searches no noise level: of the sigma section only sigma_0 may apply (the members'
+  # augmentation and the queries' noise of dpa_smoothing); the rest is not recorded, so that it cannot make two
+  # runs of the same defense differ
   s.mode, s.sigma_lo, s.sigma_hi, s.search_models = "fixed", None, None, None
+  _check(isinstance(cert.draws, int) and cert.draws >= 1, f"certify.draws must be an int >= 1, got {cert.draws!r}")
   _check(cert.bound == "clopper_pearson" and cert.correction == "bonferroni" and cert.compat == "none",
          f"defense.name={f.name} certifies with its own bound: leave certify.bound, correction and compat at "
          "their defaults")
@@ -348,14 +351,7 @@ def resolve_for_data(cfg: Config, n_train: int) -> Config:
   if f.name == "smoothing":
     return cfg
   c = ml_collections.ConfigDict(cfg.to_dict(), type_safe=False)
-  k = t.num_models
-  if f.name == "dpa":
-    _check(k <= n_train, f"defense dpa: train.num_models {k} partitions of {n_train} training samples leave parts "
-                         f"empty; use train.num_models={max(1, n_train // 10)} or fewer")
-    view = n_train // k  # the typical part
-  else:
-    c.defense.bag_size = f.bag_size or max(1, n_train // k)
-    view = c.defense.bag_size
+  view = defenses.get(c).view_size(c, n_train)
   c.defense.member_batch_size = f.member_batch_size or min(t.batch_size, view)
   b = c.defense.member_batch_size
   _check(b <= t.epochs * view, f"defense.member_batch_size {b} is more than train.epochs x the members' view "
@@ -516,6 +512,7 @@ def training_key(j: dict[str, Any], *, num_models: bool = True) -> str:
   if not num_models:
     key["train"].pop("num_models")
   key.update(seed=j["seed"], sigma_0=j["sigma"]["sigma_0"], sigma=None if shared else j["sigma"])
-  if j["defense"]["name"] != "smoothing":  # a counting defense's members see other data, without noise
-    key.update(defense=j["defense"], sigma_0=None, sigma=None)
+  if j["defense"]["name"] != "smoothing":  # a counting defense's members see their views, with its own noise
+    noise = defenses.COUNTING[j["defense"]["name"]].train_sigma(config_dict.ConfigDict(j))
+    key.update(defense=j["defense"], sigma_0=noise, sigma=None)
   return json.dumps(key, sort_keys=True)

@@ -134,21 +134,29 @@ def _smoothing_stages(cfg: Config, ds: data_lib.Dataset, rd: RunDir, defense: de
 
 def _counting_stages(cfg: Config, ds: data_lib.Dataset, rd: RunDir, defense: defenses.Defense,
                      progress: Progress, trainers: ensemble.Trainers) -> dict[str, Any]:
-  """DPA and bagging: members trained without noise on their views (parts, bags), votes on the clean queries,
-  certificates that count poisoned training samples."""
+  """DPA, bagging and DPA with test-time smoothing: members trained on their views (parts, bags), with the
+  defense's augmentation if any; votes on the queries (clean, or the defense's own draws); certificates that
+  count poisoned training samples."""
   report.warn_if_count_uncertifiable(cfg, defense, len(ds.y_train))
   attacked = poison(cfg, ds, rd, progress)
   undefended = train_undefended(cfg, attacked, rd, progress, trainers) if cfg.undefended.enabled else None
   views = defense.member_views(cfg, attacked.x_train, attacked.y_train)
-  members = train_ensemble(cfg, attacked, None, rd, progress, views=views, trainers=trainers)
-  clean_queries = {s: (attacked.splits[s].x, np.zeros(len(attacked.splits[s].y), np.float32)) for s in SPLITS}
-  votes = rd.stage("votes", lambda: run_kernel(cfg, members, clean_queries, progress))
+  noise = defense.train_sigma(cfg)
+  sigma = None if noise is None else np.full(len(attacked.y_train), noise, np.float32)
+  members = train_ensemble(cfg, attacked, sigma, rd, progress, views=views, trainers=trainers)
   k = len(cfg.data.classes)
-  certs = {s: defense.certify_votes(cfg, certify_lib.votes_from_preds(votes[f"{s}_preds"], k),
-                                    len(attacked.y_train)) for s in SPLITS}
+  if defense.query_votes is None:  # every member's vote on the clean query
+    clean_queries = {s: (attacked.splits[s].x, np.zeros(len(attacked.splits[s].y), np.float32)) for s in SPLITS}
+    votes = rd.stage("votes", lambda: run_kernel(cfg, members, clean_queries, progress))
+    counts = {s: certify_lib.votes_from_preds(votes[f"{s}_preds"], k) for s in SPLITS}
+  else:
+    votes = rd.stage("draws", lambda: {f"{s}_votes": defense.query_votes(cfg, members, attacked.splits[s].x, progress)
+                                       for s in SPLITS})
+    counts = {s: votes[f"{s}_votes"] for s in SPLITS}
+  certs = {s: defense.certify_votes(cfg, counts[s], len(attacked.y_train)) for s in SPLITS}
   if not multihost.is_primary():
     return {"process_index": jax.process_index(), "files": []}
-  return report.write_count_outputs(cfg, defense, attacked, certs, votes, undefended, rd)
+  return report.write_count_outputs(cfg, defense, attacked, certs, counts, votes, undefended, rd)
 
 
 def compare_modes(config: ml_collections.ConfigDict, workdir: str, *, progress: Progress | None = None,
@@ -371,6 +379,8 @@ def train_ensemble(cfg: Config, attacked: Attacked, sigma_train: np.ndarray | No
   pending: list[tuple[int, MemberState]] = []
   last_save, t0 = time.monotonic(), time.perf_counter()
   template = trainer.abstract_state()._asdict()
+  if all(c in done for c in range(len(chunks))):
+    return members
   with progress(f"train ensemble ({t.num_models} models)", sum(steps), "step") as update:
     update(sum(steps[c] for c in done if c < len(chunks)))  # a linked larger ensemble holds more chunks
     for c, ids in enumerate(chunks):

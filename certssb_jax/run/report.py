@@ -14,6 +14,7 @@ import platform
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 
 from certssb_jax import defenses, files
@@ -59,19 +60,26 @@ def warn_if_uncertifiable(cfg: Config) -> float:
 
 
 def warn_if_count_uncertifiable(cfg: Config, defense: Defense, n_train: int) -> None:
-  """Warns (before any work) when even unanimous votes certify nothing: bagging's bound needs enough members
-  for Clopper-Pearson at alpha / K to put the top class above every other."""
+  """Warns (before any work) when even unanimous votes certify nothing, with the number of members that would
+  (bagging's Clopper-Pearson bounds need enough members at alpha / K), if some number up to 2^17 would."""
   largest = defense.largest_certificate(cfg, n_train)
   if min(largest.values()) >= 0:
     logger.info("%s with %d members certifies at most %s", defense.name, cfg.train.num_models,
                 ", ".join(f"{v} {THREAT_TEXT[t]}" for t, v in largest.items()))
     return
-  k, a = len(cfg.data.classes), cfg.certify.alpha / len(cfg.data.classes)
-  need = next(m for m in range(cfg.train.num_models + 1, 100_000)
-              if bounds.clopper_pearson_lower(m, m, a) > bounds.clopper_pearson_upper(0, m, a))
-  logger.warning("%s with %d members abstains on every input (unanimous votes certify nothing at alpha = %g over "
-                 "%d classes); use train.num_models=%d or more", defense.name, cfg.train.num_models,
-                 cfg.certify.alpha, k, need)
+
+  def certifies(m: int) -> bool:
+    c = ml_collections.ConfigDict(cfg.to_dict())
+    c.train.num_models = m
+    return min(defense.largest_certificate(c, n_train).values()) >= 0
+
+  need = next((m for m in (2**i for i in range(1, 18)) if m > cfg.train.num_models and certifies(m)), None)
+  if need is not None:  # the smallest that does, between need / 2 and need
+    need = next(m for m in range(max(cfg.train.num_models + 1, need // 2), need + 1) if certifies(m))
+  logger.warning("%s with %d members abstains on every input: unanimous votes certify nothing at alpha = %g; %s",
+                 defense.name, cfg.train.num_models, cfg.certify.alpha,
+                 f"use train.num_models={need} or more" if need else "more members do not change that (see the "
+                 "defense's docs for what its certificate needs)")
 
 
 def _stats(a: np.ndarray) -> dict[str, float]:
@@ -232,7 +240,8 @@ def plot_certified_accuracy(path: str, cfg: Config, attacked: Attacked, certs: d
       marks.append((ceiling * sigma_max, "ceiling x largest sigma_x"))
     for x, label in marks:
       ax.axvline(x, color="0.4", ls=":", lw=1)
-      ax.text(x, 1.0, f" {label}", rotation=90, va="top", ha="right", fontsize=7, color="0.3")
+      ax.text(x, 1.0, f" {label}", rotation=90, va="top", ha="right", fontsize=7, color="0.3",
+              bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none", "pad": 1})  # legible over a curve
     if trig_norm and kind == "test":
       ax.axvline(trig_norm, color="k", ls="-.", lw=1)
       ax.text(trig_norm, 0.02, f" trigger norm {trig_norm:.2f}", rotation=90, va="bottom", ha="right", fontsize=7)
@@ -241,7 +250,8 @@ def plot_certified_accuracy(path: str, cfg: Config, attacked: Attacked, certs: d
     ax.set_xlim(left=0)
     ax.grid(alpha=0.3)
   if budgets is not None:
-    _plot_budget_panel(axes[2], attacked, answers, budgets, cfg.attack.delta)
+    _plot_budget_panel(axes[2], attacked, answers, budgets, cfg.attack.delta, ceiling, sigma_max,
+                       metrics.certifies_training_perturbations(cfg))
   axes[0].set_ylabel("certified robust accuracy")
   axes[0].set_ylim(0, 1.02)
   axes[1].legend(fontsize=7, loc="lower left")
@@ -259,8 +269,33 @@ def budget_curve(budget: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, n
   return ks, (counted.size - np.searchsorted(counted, ks, side="left")) / len(budget)
 
 
-def _plot_budget_panel(ax: Any, attacked: Attacked, answers: dict, budgets: dict[str, np.ndarray], delta: float) -> None:
-  """Certified accuracy of the answers against k poisoned training images (``bounds.poison_budget``)."""
+def budget_note(attacked: Attacked, answers: dict, budgets: dict[str, np.ndarray], delta: float, ceiling: float,
+                sigma_max: float, joint: bool) -> str | None:
+  """Why the poison-budget panel is flat, in a sentence for the panel (None where a curve shows something).
+
+  A correct answer certifies k = 0 (a trigger of norm t on the test input, none on training images) only if its
+  test-input radius exceeds t, and no radius exceeds the margin ceiling times sigma_x; a run that searched its
+  sigmas certifies the test input alone (``metrics.certifies_training_perturbations``).
+  """
+  correct = {s: answers[s].pred == attacked.splits[s].y for s in SPLITS}
+  if not any((budgets[s][correct[s]] >= 0).any() for s in SPLITS):
+    if ceiling * sigma_max <= delta:
+      return (f"no answer certifies a trigger of norm t = {delta:g}, not even on the test input alone:\n"
+              f"the margin ceiling x sigma_x, {ceiling:.2f} x {sigma_max:.3g} = {ceiling * sigma_max:.3g}, is below t\n"
+              "(the ceiling grows with the number of models)")
+    best = max(float(answers[s].radius_stored[correct[s]].max(initial=0.0)) for s in SPLITS)
+    return (f"no correct answer certifies a trigger of norm t = {delta:g}, not even on the test input alone:\n"
+            f"the largest certified test-input radius, {best:.3g}, is below t")
+  if not joint:
+    return ("searched sigma_x: the answers certify the test input alone,\n"
+            "no poisoned training image (k = 0 only)")
+  return None
+
+
+def _plot_budget_panel(ax: Any, attacked: Attacked, answers: dict, budgets: dict[str, np.ndarray], delta: float,
+                       ceiling: float, sigma_max: float, joint: bool) -> None:
+  """Certified accuracy of the answers against k poisoned training images (``bounds.poison_budget``), with a
+  sentence on the panel where it is flat (``budget_note``)."""
   curves = {s: budget_curve(budgets[s], answers[s].pred == attacked.splits[s].y) for s in SPLITS}
   right = max(1, *(int(ks[-1]) for ks, _ in curves.values()))
   for split, color in (("clean", "C0"), ("triggered", "C3")):
@@ -270,17 +305,23 @@ def _plot_budget_panel(ax: Any, attacked: Attacked, answers: dict, budgets: dict
             label=f"{split} (certificates)")
   ax.set_xscale("symlog", linthresh=1.0)  # budgets span 0 to thousands
   ax.set_xlim(0, right)
+  ax.xaxis.set_major_formatter(lambda v, _: f"{v:g}")  # image counts, not powers of ten
   ax.set_xlabel(f"poisoned training images k (trigger norm {delta:g} on each and on the test input)", fontsize=8)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7, loc="lower left")
+  note = budget_note(attacked, answers, budgets, delta, ceiling, sigma_max, joint)
+  if note:
+    ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes, fontsize=8)
 
 
 def plot_sigma_histogram(path: str, cfg: Config, attacked: Attacked, sigma_train: np.ndarray,
                          sigma_test: dict[str, np.ndarray]) -> None:
   """Counts of the sample-specific sigmas on a log scale: training samples (poisoned ones highlighted) and
-  test inputs (clean and triggered), with the search's clip bounds marked."""
+  test inputs (clean and triggered), with the search's clip bounds marked; the legend below each panel, off the
+  bars. A panel whose sigmas are all one value (every sample at sigma_0, Cert-SSB's default) says so in a
+  sentence instead of drawing a single bar."""
   plt = _figure()
-  fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharex=True)
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharex=True)
   lo, hi = cfg.sigma.sigma_lo, cfg.sigma.sigma_hi
   everything = np.concatenate([sigma_train, *sigma_test.values()])
   bins = np.linspace(min(lo, everything.min()), max(min(hi, everything.max() * 1.05), lo * 1.01), 41)
@@ -291,6 +332,16 @@ def plot_sigma_histogram(path: str, cfg: Config, attacked: Attacked, sigma_train
             (axes[1], "test inputs", (("clean", sigma_test["clean"], "C0"),
                                       ("triggered", sigma_test["triggered"], "C3"))))
   for ax, title, parts in groups:
+    group = np.concatenate([v for _, v, _ in parts])
+    if group.size and group.min() == group.max():
+      at = "sigma_0 = " if group[0] == cfg.sigma.sigma_0 else "sigma = "
+      counts = ", ".join(f"{len(v)} {name}" for name, v, _ in parts)
+      ax.text(0.5, 0.5, f"every one of the {title} at {at}{group[0]:g}\n({counts})", ha="center", va="center",
+              transform=ax.transAxes, fontsize=9)
+      ax.set_yticks([])
+      ax.tick_params(axis="x", bottom=False, labelbottom=False)  # per panel: the x axis is shared
+      ax.set_title(title, fontsize=9)
+      continue
     for name, values, color in parts:
       sp = sigma_spread(values, lo, hi)
       label = (f"{name} (n={len(values)}, median {sp['quantiles']['0.5']:.3f}, IQR {sp['iqr']:.3f}, "
@@ -305,10 +356,10 @@ def plot_sigma_histogram(path: str, cfg: Config, attacked: Attacked, sigma_train
       ax.text(x, 0.98, f" {' = '.join(labels)}", transform=ax.get_xaxis_transform(), rotation=90, va="top",
               fontsize=7)
     ax.set_yscale("log")
+    ax.set_ylabel("count (log scale)")
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("sigma")
-    ax.legend(fontsize=7)
-  axes[0].set_ylabel("count (log scale)")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16))  # below the axis, off the bars
   fig.suptitle(run_title(cfg, attacked), fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -317,7 +368,10 @@ def plot_sigma_histogram(path: str, cfg: Config, attacked: Attacked, sigma_train
 
 # ---------------------------------------------------------------------------------------------- counting defenses
 
-COUNT_CSV_COLUMNS = ("split", "index", "label", "pred", "votes_top", "votes_runner", "num_models",
+# trigger norms, in units of the attack's, at which a test-time smoothed count is also reported
+NORM_GRID = np.array([0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0])
+
+COUNT_CSV_COLUMNS = ("split", "index", "label", "pred", "votes_top", "votes_runner", "votes_total",
                      "certified_modifications", "certified_insertions_deletions", "correct")
 
 
@@ -325,13 +379,17 @@ def summarize_counts(cfg: Config, defense: Defense, attacked: Attacked, certs: d
                      undefended: dict[str, float] | None, timings: dict[str, float]) -> dict[str, Any]:
   """``summary.json`` of a counting defense (DPA, bagging; docs/outputs.md).
 
-  ``metrics`` counts a prediction as given where it is certified against 0 poisons (bagging abstains where its
-  bound certifies nothing; DPA always answers); ``majority`` is the plain vote. ``cra_poison_budget`` is the
+  ``metrics`` counts a prediction as given where it is certified against 0 changes of the training set and of the
+  test input (bagging abstains where its bound certifies nothing, a test-time smoothed ensemble where its bounds
+  do not separate the classes; DPA always answers); ``majority`` is the plain vote. ``cra_poison_budget`` is the
   certified accuracy against k modified training samples (the threat every counting defense here covers, the
-  same key as a smoothing run's budget); ``cra_<threat>`` the same for each threat the defense certifies.
+  same key as a smoothing run's budget; with a test-time smoothed ensemble, together with a test trigger of the
+  attack's norm); ``cra_<threat>`` the same for each threat the defense certifies; ``cra_at_norm`` the same at
+  other test-trigger norms, where the defense certifies them.
   """
   y = {s: attacked.splits[s].y for s in SPLITS}
-  pred = {s: np.where(certs[s].modifications >= 0, certs[s].pred, -1) for s in SPLITS}
+  given = {s: (c.at_norm(0.0) if c.at_norm is not None else c.counts)[MODIFICATIONS] >= 0 for s, c in certs.items()}
+  pred = {s: np.where(given[s], certs[s].pred, -1) for s in SPLITS}
   target = cfg.attack.target_class
   answered = pred["triggered"] != -1
   m = {"clean_accuracy": float(np.mean(pred["clean"] == y["clean"])),
@@ -351,6 +409,17 @@ def summarize_counts(cfg: Config, defense: Defense, attacked: Attacked, certs: d
               "asr": float(np.mean(certs["triggered"].pred == target))}
   train_s = timings.get("train_ensemble")
   exact = certs["clean"].exact
+  joint = "" if certs["clean"].trigger_norm is None else \
+      f", together with any change of the test input of l2 norm below {certs['clean'].trigger_norm:g}"
+  if certs["clean"].at_norm is not None:  # certified accuracy against (r, t): r changed samples, test trigger t
+    correct = certs["clean"].pred == y["clean"]
+    widest = {threat: bounds.budget_grid(int(c.max(initial=-1))) for threat, c in certs["clean"].at_norm(0.0).items()}
+    m["cra_at_norm"] = {f"{t:g}": {threat: bounds.certified_accuracy_budget(c, correct, widest[threat])
+                                   for threat, c in certs["clean"].at_norm(t).items()}
+                        for t in NORM_GRID * cfg.attack.delta}
+    largest = certs["clean"].modifications[correct]
+    m["largest_at_trigger_norm"] = {"median": float(np.median(largest)) if largest.size else None,
+                                    "max": int(largest.max(initial=-1))}
   return {
       "dataset": attacked.data.name, "source": attacked.data.source, "classes": list(attacked.data.classes),
       "n_train": int(len(attacked.y_train)), "n_test": int(len(y["clean"])), "n_triggered": int(len(y["triggered"])),
@@ -359,7 +428,8 @@ def summarize_counts(cfg: Config, defense: Defense, attacked: Attacked, certs: d
       "selection": cfg.attack.selection, "target_class": target, "seed": cfg.seed,
       "method": defense.name, "family": defense.family, "defense": defense.describe(cfg),
       "num_models": cfg.train.num_models,
-      "threats": {threat: THREAT_TEXT[threat] for threat in certs["clean"].counts},
+      "threats": {threat: THREAT_TEXT[threat] + joint for threat in certs["clean"].counts},
+      "trigger_norm": certs["clean"].trigger_norm,
       "exact": exact,
       "certificates": ("exact counts (no failure probability)" if exact else
                        f"counts that each hold with probability >= 1 - {cfg.certify.alpha:g}"),
@@ -372,25 +442,31 @@ def summarize_counts(cfg: Config, defense: Defense, attacked: Attacked, certs: d
   }
 
 
-def write_count_outputs(cfg: Config, defense: Defense, attacked: Attacked, certs: dict, votes: dict[str, np.ndarray],
-                        undefended: dict[str, float] | None, rd: rundir.RunDir) -> dict[str, Any]:
-  """Writes the output files of a counting defense's run and returns its summary."""
+def write_count_outputs(cfg: Config, defense: Defense, attacked: Attacked, certs: dict, counts: dict[str, np.ndarray],
+                        votes: dict[str, np.ndarray], undefended: dict[str, float] | None,
+                        rd: rundir.RunDir) -> dict[str, Any]:
+  """Writes the output files of a counting defense's run and returns its summary.
+
+  Args:
+    counts: split -> the vote counts (N, K) the certificates come from.
+    votes: what the run's voting stage saved (every member's vote per split, ``<split>_preds``, where members
+      vote on the clean query).
+  """
   summary = summarize_counts(cfg, defense, attacked, certs, votes, undefended, rd.timings())
-  k = len(cfg.data.classes)
+  with_bounds = certs["clean"].bounds is not None
   buf = io.StringIO()
   w = csv.writer(buf)
-  w.writerow(COUNT_CSV_COLUMNS)
+  w.writerow(COUNT_CSV_COLUMNS + (("p_lower", "p_upper_runner") if with_bounds else ()))
   for split in SPLITS:
     s, c = attacked.splits[split], certs[split]
     for i in range(len(s.y)):
       insdel = c.counts.get(INSERTIONS_DELETIONS)  # blank where the defense does not certify that threat
       w.writerow([split, int(s.index[i]), int(s.y[i]), int(c.pred[i]), int(c.votes_top[i]), int(c.votes_runner[i]),
-                  cfg.train.num_models, int(c.modifications[i]), "" if insdel is None else int(insdel[i]),
-                  int(c.pred[i] == s.y[i])])
+                  int(counts[split][i].sum()), int(c.modifications[i]), "" if insdel is None else int(insdel[i]),
+                  int(c.pred[i] == s.y[i])] + ([repr(float(b[i])) for b in c.bounds] if with_bounds else []))
   files.atomic_write_bytes(rd.file("per_sample.csv"), buf.getvalue().encode())
-  files.save_npz(rd.file("votes.npz"),
-                 **{s: certify_lib.votes_from_preds(votes[f"{s}_preds"], k) for s in SPLITS},
-                 **{f"{s}_preds": votes[f"{s}_preds"].astype(np.int16) for s in SPLITS},
+  files.save_npz(rd.file("votes.npz"), **{s: counts[s] for s in SPLITS},
+                 **{f"{s}_preds": votes[f"{s}_preds"].astype(np.int16) for s in SPLITS if f"{s}_preds" in votes},
                  **{f"{s}_label": attacked.splits[s].y for s in SPLITS})
   plot_count_certificates(rd.file("certified_accuracy.png"), cfg, defense, attacked, certs)
   summary["files"] = sorted({f for f in os.listdir(rd.path) if not f.startswith(".")} | {"summary.json"})
@@ -400,14 +476,23 @@ def write_count_outputs(cfg: Config, defense: Defense, attacked: Attacked, certs
 
 def plot_count_certificates(path: str, cfg: Config, defense: Defense, attacked: Attacked, certs: dict) -> None:
   """Certified accuracy (clean split) and certified ERA (triggered split) against the number of modified
-  training samples, exact step curves."""
+  training samples, exact step curves; for counts that hold with a test trigger, the clean split at several
+  trigger norms too."""
   plt = _figure()
   fig, ax = plt.subplots(figsize=(6.5, 4.2))
-  curves = {s: budget_curve(certs[s].modifications, certs[s].pred == attacked.splits[s].y) for s in SPLITS}
-  right = max(1, *(int(ks[-1]) for ks, _ in curves.values()))
-  for split, color, label in (("clean", "C0", "clean: certified accuracy"), ("triggered", "C3", "triggered: certified ERA")):
-    ks, acc = curves[split]
-    ax.step(np.append(ks, right), np.append(acc, acc[-1]), where="post", color=color, lw=1.4, label=label)
+  correct = {s: certs[s].pred == attacked.splits[s].y for s in SPLITS}
+  t = certs["clean"].trigger_norm
+  at = "" if t is None else f", test trigger < {t:g}"
+  curves = [(budget_curve(certs["clean"].modifications, correct["clean"]), "C0", "-", f"clean: certified accuracy{at}"),
+            (budget_curve(certs["triggered"].modifications, correct["triggered"]), "C3", "-",
+             f"triggered: certified ERA{at}")]
+  if certs["clean"].at_norm is not None:
+    for norm, style in ((0.0, ":"), (t / 2, "--")):
+      curves.append((budget_curve(certs["clean"].at_norm(norm)[MODIFICATIONS], correct["clean"]), "C0", style,
+                     "clean: certified accuracy, " + (f"test trigger < {norm:g}" if norm else "no test trigger")))
+  right = max(1, *(int(ks[-1]) for (ks, _), *_ in curves))
+  for (ks, acc), color, style, label in curves:
+    ax.step(np.append(ks, right), np.append(acc, acc[-1]), where="post", color=color, ls=style, lw=1.4, label=label)
   ax.set_xlim(0, right)
   ax.set_ylim(0, 1.02)
   ax.set_xlabel(THREAT_TEXT[MODIFICATIONS])
