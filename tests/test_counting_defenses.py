@@ -242,29 +242,40 @@ def test_counting_run_recounts_from_its_votes(tmp_path, name):
 @pytest.mark.slow
 def test_families_study_counts_from_the_run_folders(tmp_path):
   from certssb_jax import families  # pylint: disable=g-import-not-at-top
+  from certssb_jax.defenses import dpa_smoothing  # pylint: disable=g-import-not-at-top
   from conftest import write_tiny_config  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
-  spec = write_tiny_config(str(tmp_path / "tiny.py"), **{"sigma.sigma_hi": None, "train.epochs": 1})
+  spec = write_tiny_config(str(tmp_path / "tiny.py"), **{"sigma.sigma_hi": None, "train.epochs": 1,
+                                                         "certify.draws": 32})
   counting = {"train.epochs": "2", "defense.member_batch_size": "8", "undefended.enabled": "False"}
-  rows = families.run_rows(spec, str(tmp_path / "w"), [4, 6], [0.25, 0.5], [1.0], counting, pipeline.no_progress)
-  assert sorted({(r.method, r.num_models) for r in rows}) == [(m, k) for m in ("DPA", "RAB", "bagging")
-                                                              for k in (4, 6)]
+  rows = families.run_rows(spec, str(tmp_path / "w"), [4, 6], [0.25, 0.5], [1.0], [0.5], counting,
+                           pipeline.no_progress)
+  assert sorted({(r.method, r.num_models) for r in rows}) == [(m, k) for m in ("DPA", "DPA+smoothing", "RAB",
+                                                                               "bagging") for k in (4, 6)]
   for r in rows:
     with open(os.path.join(r.workdir, "per_sample.csv")) as f:
       clean = [x for x in csv.DictReader(f) if x["split"] == "clean"]
-    counting_row = r.summary.get("family") == "counting"
     assert r.summary["num_models"] == r.num_models
-    if counting_row:
-      budget = np.array([int(x["certified_modifications"]) for x in clean])
-      right = np.array([x["pred"] == x["label"] for x in clean])
-    else:  # RAB's poison budget at the attack's norm is what its run reported
+    t = r.summary["delta"]
+    if r.method == "RAB":  # its poison budget at the attack's norm is what its run reported; at t = 0 none
       budget = np.array([int(x["poison_budget"]) for x in clean])
       right = np.array([x["pred_stored"] == x["label"] for x in clean])
+      assert r.accuracy(0, 0.0) is None
+    elif r.method == "DPA+smoothing":  # recounted from the run's bounds at the attack's norm
+      budget = dpa_smoothing.largest_changes(np.array([float(x["p_lower"]) for x in clean]),
+                                             np.array([float(x["p_upper_runner"]) for x in clean]), r.num_models,
+                                             0.5, t, per_change=2)
+      np.testing.assert_array_equal(budget, [int(x["certified_modifications"]) for x in clean])
+      right = np.array([x["pred"] == x["label"] for x in clean])
+    else:  # the clean test input only: nothing with a test trigger
+      budget = np.array([int(x["certified_modifications"]) for x in clean])
+      right = np.array([x["pred"] == x["label"] for x in clean])
+      assert r.accuracy(0, t) == 0.0 and r.accuracy(1, 0.0) == pytest.approx(np.mean(right & (budget >= 1)))
+      continue
     for k in families.POISON_GRID:
-      assert r.accuracy(k, r.summary["delta"]) == pytest.approx(np.mean(right & (budget >= k)))
-  # the smaller RAB ensemble reuses the larger one's first models: its folder links them
+      assert r.accuracy(k, t) == pytest.approx(np.mean(right & (budget >= k)))
   page = tmp_path / "families.md"
-  families.write_page(str(page), rows, (1.0, 0.1), "python -m certssb_jax.families ...", str(tmp_path / "w"))
+  families.write_page(str(page), rows, (0.0, 0.1, 1.0), "python -m certssb_jax.families ...", str(tmp_path / "w"))
   text = page.read_text()
   assert "### M = 4" in text and "### M = 6" in text and "figures/families_mnist_0-1.png" in text
   assert (tmp_path / "figures" / "families_mnist_0-1.png").exists()
@@ -273,7 +284,7 @@ def test_families_study_counts_from_the_run_folders(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--workdir", "W"], "--config is required"),
     (["--config", "configs/quickstart.py", "--workdir", "W", "--sizes", "0,32"], "must be >= 1"),
-    (["--config", "configs/quickstart.py", "--workdir", "W", "--sigmas", "0.5,big"], "take numbers"),
+    (["--config", "configs/quickstart.py", "--workdir", "W", "--sigmas", "0.5,big"], "--sigmas takes numbers"),
     (["--config", "configs/quickstart.py", "--workdir", "W", "stray"], "unexpected arguments: stray"),
     (["--config", "configs/quickstart.py", "--workdir", "W", "--counting_model", "3"], "counting_model"),
 ])

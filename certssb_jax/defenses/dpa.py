@@ -111,7 +111,8 @@ def view_size(c: Any, n: int) -> int:
 
 def describe(cfg: Any) -> dict[str, Any]:
   hashed = {"sample": "sha256(image, label) mod k", "position": "sha256(position) mod k"}[cfg.defense.partition]
-  return {"partitions": cfg.train.num_models, "partition": hashed, "threats": list(THREATS[cfg.defense.partition])}
+  return {"partitions": cfg.train.num_models, "key": cfg.defense.partition, "partition": hashed,
+          "threats": list(THREATS[cfg.defense.partition])}
 
 
 DPA = Defense(name="DPA", family="counting", member_views=member_views, certify_votes=certify_votes,
