@@ -391,12 +391,14 @@ def train_ensemble(cfg: Config, attacked: Attacked, sigma_train: np.ndarray | No
         start = (start[0], MemberState(**start[1]))
         update(start[0])
 
-      def checkpoint(steps_done: int, host_state: Callable[[], MemberState], c: int = c) -> None:
-        """Mid-chunk: the whole training state once ``checkpoint_every_s`` has passed (the finished chunk is
-        saved below instead); the finished chunks waiting for a save go first, so the saved chunks stay
-        consecutive."""
+      def checkpoint(steps_done: int, host_state: Callable[[], MemberState], c: int = c,
+                     began: float = time.monotonic()) -> None:
+        """Mid-chunk, in a chunk that has trained for ``checkpoint_every_s`` (short chunks are saved whole, below):
+        its whole training state once that time has passed since the last save; the finished chunks waiting for a
+        save go first, so the saved chunks stay consecutive."""
         nonlocal pending, last_save
-        due = t.checkpoint_every_s > 0 and time.monotonic() - last_save >= t.checkpoint_every_s  # 0: whole chunks
+        now, every = time.monotonic(), t.checkpoint_every_s
+        due = every > 0 and now - last_save >= every and now - began >= every  # 0: whole chunks only
         if steps_done == steps[c] or not multihost.agree(due):
           return
         if pending:

@@ -253,6 +253,7 @@ class RunDir:
     self.path = os.path.abspath(path)
     self._checkpointer = ocp.StandardCheckpointer()
     self._lock: _FolderLock | None = None
+    self._whole = range(0)  # the chunks the save in the background holds whole
 
   @classmethod
   def open(cls, path: str, config: Any, *, fresh: bool = False) -> RunDir:
@@ -426,12 +427,19 @@ class RunDir:
     return [(int(m.group(1)), int(m.group(2))) for m in map(_ENSEMBLE_CHECKPOINT.match, names) if m]
 
   def save_chunks(self, first: int, last: int, tree: Any) -> None:
-    """Starts saving chunks ``first..last`` in the background (after the previous save finished)."""
-    self._checkpointer.wait_until_finished()
+    """Starts saving chunks ``first..last`` in the background (after the previous save finished, whose chunks'
+    part-trained checkpoints are then dropped)."""
+    self.wait()
     self._checkpointer.save(self.chunks_dir(first, last), tree)
+    self._whole = range(first, last + 1)
 
   def wait(self) -> None:
+    """Waits for the save in the background; the part-trained checkpoints of the chunks it saved whole go."""
     self._checkpointer.wait_until_finished()
+    for chunk in self._whole:
+      for _, path in self._partials(chunk) if multihost.is_primary() else ():
+        _remove(path)
+    self._whole = range(0)
 
   def _partials(self, chunk: int) -> list[tuple[int, str]]:
     """(steps, path) of every complete part-trained checkpoint of ``chunk``, the most advanced last."""
@@ -443,8 +451,8 @@ class RunDir:
   def save_partial(self, chunk: int, steps: int, tree: Any) -> None:
     """Saves a part-trained chunk (its whole training state after ``steps`` steps) and then drops the chunk's
     older ones; written before it returns, so a kill right after it loses nothing."""
+    self.wait()
     older = self._partials(chunk) if multihost.is_primary() else []
-    self._checkpointer.wait_until_finished()
     self._checkpointer.save(self.file(os.path.join("ensemble", f"partial_{chunk:05d}_step{steps:08d}")), tree)
     self._checkpointer.wait_until_finished()
     for _, path in older:
