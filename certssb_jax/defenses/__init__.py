@@ -8,10 +8,11 @@ from certssb_jax.defenses.bagging import BAGGING
 from certssb_jax.defenses.base import INSERTIONS_DELETIONS, MODIFICATIONS, CountCertificate, Defense
 from certssb_jax.defenses.dpa import DPA
 from certssb_jax.defenses.dpa_smoothing import DPA_SMOOTHING
+from certssb_jax.defenses.finite_aggregation import FINITE_AGGREGATION
 from certssb_jax.defenses.smoothing import CERT_SSB, RAB
 
 # defense.name -> a defense that counts poisoned training samples
-COUNTING = {"dpa": DPA, "bagging": BAGGING, "dpa_smoothing": DPA_SMOOTHING}
+COUNTING = {"dpa": DPA, "bagging": BAGGING, "dpa_smoothing": DPA_SMOOTHING, "finite_aggregation": FINITE_AGGREGATION}
 # every defense.name; "smoothing" is RAB or Cert-SSB by sigma.mode
 NAMES = ("smoothing", *COUNTING)
 

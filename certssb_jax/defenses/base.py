@@ -71,8 +71,9 @@ class Defense(NamedTuple):
     member_views: (config, poisoned training inputs, labels) -> the members' training views
       (``ensemble.views.MemberViews``), each a function of the member's own view alone; None: every member
       trains on the whole training set.
-    certify_votes: (config, votes (N, K) int, training-set size) -> CountCertificate (counting family); None for
-      smoothing, whose bounds need each query's sigma (``certify.bounds.certify_counts`` through the run).
+    certify_votes: (config, votes (N, K) int, training-set size, every member's vote (M, N) or None where the
+      members do not vote one by one) -> CountCertificate (counting family); None for smoothing, whose bounds need
+      each query's sigma (``certify.bounds.certify_counts`` through the run).
     describe: config -> the defense's settings as the summary records them.
     diagnostics: what the run reports beyond the certificates: "sigma_search" (the search settings in the
       summary), "sigma_histogram" (the plot of the training and test sigmas), "side_channel_probe" (whether
@@ -88,7 +89,7 @@ class Defense(NamedTuple):
   name: str
   family: str
   member_views: Callable[[Any, np.ndarray, np.ndarray], MemberViews] | None
-  certify_votes: Callable[[Any, np.ndarray, int], CountCertificate] | None
+  certify_votes: Callable[[Any, np.ndarray, int, np.ndarray | None], CountCertificate] | None
   describe: Callable[[Any], dict[str, Any]]
   diagnostics: tuple[str, ...] = ()
   largest_certificate: Callable[[Any, int], dict[str, int]] | None = None

@@ -98,8 +98,8 @@ def query_votes(cfg: Any, members: Any, x: np.ndarray, progress: Any) -> np.ndar
                             num_classes=len(cfg.data.classes), batch_size=cfg.certify.batch_size, on_member=update)
 
 
-def certify_votes(cfg: Any, votes: np.ndarray, n_train: int) -> CountCertificate:
-  del n_train
+def certify_votes(cfg: Any, votes: np.ndarray, n_train: int, preds: np.ndarray | None) -> CountCertificate:
+  del n_train, preds
   return certificate(votes, alpha=cfg.certify.alpha, k=cfg.train.num_models, sigma=cfg.sigma.sigma_0,
                      trigger_norm=cfg.attack.delta, partition=cfg.defense.partition)
 

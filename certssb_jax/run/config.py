@@ -84,6 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.defense = ml_collections.ConfigDict()
   c.defense.name = "smoothing"  # smoothing (RAB or Cert-SSB, by sigma.mode) | dpa (train.num_models partitions) | bagging
   c.defense.partition = "sample"  # dpa: sample (hash of image and label: insertions, deletions) | position (n fixed: modifications)
+  c.defense.spread = 1  # finite_aggregation: d, the members each training sample feeds (train.num_models = k x d)
   c.defense.bag_size = config_dict.placeholder(int)  # bagging: samples per member (with replacement); None: n // M, recorded
   c.defense.member_batch_size = config_dict.placeholder(int)  # dpa, bagging: a member's batch; None: min(train.batch_size, its view)
 
@@ -322,6 +323,7 @@ def _resolve_defense(c: ml_collections.ConfigDict) -> None:
   _one_of(f.partition, defenses.dpa.PARTITION_KEYS, "defense.partition")
   if f.bag_size == 0:  # configs written before the bag size was recorded: 0 meant "derive it"
     f.bag_size = None
+  _check(isinstance(f.spread, int) and f.spread >= 1, f"defense.spread must be an int >= 1, got {f.spread!r}")
   for name in ("bag_size", "member_batch_size"):
     _check(f[name] is None or (isinstance(f[name], int) and f[name] >= 1),
            f"defense.{name} must be an int >= 1 or None, got {f[name]!r}")

@@ -149,11 +149,12 @@ def _counting_stages(cfg: Config, ds: data_lib.Dataset, rd: RunDir, defense: def
     clean_queries = {s: (attacked.splits[s].x, np.zeros(len(attacked.splits[s].y), np.float32)) for s in SPLITS}
     votes = rd.stage("votes", lambda: run_kernel(cfg, members, clean_queries, progress))
     counts = {s: certify_lib.votes_from_preds(votes[f"{s}_preds"], k) for s in SPLITS}
+    preds = {s: votes[f"{s}_preds"] for s in SPLITS}
   else:
     votes = rd.stage("draws", lambda: {f"{s}_votes": defense.query_votes(cfg, members, attacked.splits[s].x, progress)
                                        for s in SPLITS})
-    counts = {s: votes[f"{s}_votes"] for s in SPLITS}
-  certs = {s: defense.certify_votes(cfg, counts[s], len(attacked.y_train)) for s in SPLITS}
+    counts, preds = {s: votes[f"{s}_votes"] for s in SPLITS}, dict.fromkeys(SPLITS)
+  certs = {s: defense.certify_votes(cfg, counts[s], len(attacked.y_train), preds[s]) for s in SPLITS}
   if not multihost.is_primary():
     return {"process_index": jax.process_index(), "files": []}
   return report.write_count_outputs(cfg, defense, attacked, certs, counts, votes, undefended, rd)
