@@ -8,7 +8,7 @@ the same data and seed, evaluates the grid selector (below) on RAB's trained mod
 seed and M (``<key>``: ``fashion_mnist_0-1_onepixel_seed0_M64``, say):
 
 * ``envelope_<key>.png``: certified accuracy against the joint radius and against the test-input radius; RAB's
-  curves thin, their envelope bold, the designs on top;
+  curves thin over their envelope (a pale band), the designs on top;
 * ``attack_<key>.png``: clean accuracy, ERA and ASR against sigma, certified and by majority vote;
 * ``envelope_<key>.md`` / ``.json``: every row's numbers, the radii where each design rises above or falls below
   the envelope (and by how much), and the spread of the designs' sigma_x.
@@ -345,10 +345,11 @@ def markdown(title: str, result: dict[str, Any], context: str) -> str:
 
 
 def plot_envelope(path: str, title: str, result: dict[str, Any]) -> None:
-  """Certified accuracy against the joint radius, the test-input radius and the certified poison budget: RAB thin,
-  the envelope bold, the designs on top."""
+  """Certified accuracy against the joint radius, the test-input radius and the certified poison budget: RAB's
+  curves thin, their envelope a wide pale band behind them (so that a RAB curve on the envelope stays in sight),
+  the designs on top; one legend below the panels, off the curves."""
   plt = report._figure()  # pylint: disable=protected-access
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), sharey=True)
   rab = [row for row in result["rows"] if row["sigma"] is not None]
   designs = [row for row in result["rows"] if row["sigma"] is None]
   cmap = plt.get_cmap("viridis")
@@ -357,12 +358,13 @@ def plot_envelope(path: str, title: str, result: dict[str, Any]) -> None:
             "budget": f"poisoned training images k (trigger norm {result['delta']:g} on each and on the test input)"}
   for ax, kind in zip(axes, KINDS):
     r = np.asarray(result["radii"][kind])
-    for i, row in enumerate(rab):
-      ax.step(r, row["cra"][kind], where="post", lw=0.9, color=cmap(i / max(len(rab) - 1, 1)),
+    ax.step(r, result["envelope"][kind]["cra"], where="post", lw=9, color="0.5", alpha=0.3, zorder=1,
+            solid_capstyle="butt", label="RAB envelope (the best RAB at each radius)")
+    for i, row in enumerate(rab):  # viridis up to 0.85: its yellow end is hard to see on white
+      ax.step(r, row["cra"][kind], where="post", lw=1.2, color=cmap(0.85 * i / max(len(rab) - 1, 1)), zorder=2,
               label=row["name"])
-    ax.step(r, result["envelope"][kind]["cra"], where="post", lw=3, color="k", alpha=0.6, label="RAB envelope")
     for i, row in enumerate(designs):
-      ax.step(r, row["cra"][kind], where="post", lw=1.8, color=f"C{3 + i}", label=row["name"])
+      ax.step(r, row["cra"][kind], where="post", lw=1.8, color=f"C{3 + i}", zorder=3, label=row["name"])
     reach = max((r[np.flatnonzero(np.asarray(row["cra"][kind]) > 0).max()] for row in result["rows"]
                  if (np.asarray(row["cra"][kind]) > 0).any()), default=r[-1])
     ax.set_xlim(0, reach * 1.05 + (1 if kind == "budget" else 1e-9))
@@ -373,38 +375,56 @@ def plot_envelope(path: str, title: str, result: dict[str, Any]) -> None:
     ax.grid(alpha=0.3)
   axes[0].set_ylabel("certified accuracy (clean test inputs)")
   axes[0].set_ylim(0, 1.02)
-  axes[1].legend(fontsize=7, loc="lower left")
+  handles, names = axes[1].get_legend_handles_labels()
+  fig.legend(handles, names, fontsize=7, loc="lower center", ncol=min(len(names), 4), frameon=False)
   fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, 0.04 * (1 + (len(names) - 1) // 4) + 0.02, 1, 1))
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
 
 def plot_attack(path: str, title: str, result: dict[str, Any]) -> None:
-  """Clean accuracy, ERA and ASR against sigma (RAB; a design at its median sigma_x): certified solid, majority
-  vote dashed."""
+  """Clean accuracy, ERA and ASR against sigma: the colour is the metric; RAB's certified answers solid with dots,
+  its majority vote dashed; each design a marker shape at its median sigma_x, filled for its certified answers
+  and hollow for its majority vote. The legend, beside the axes, names every colour, line and marker."""
   plt = report._figure()  # pylint: disable=protected-access
-  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top
+
+  fig, ax = plt.subplots(figsize=(10, 4.2))
   rab = sorted((row for row in result["rows"] if row["sigma"] is not None), key=lambda row: row["sigma"])
+  designs = list(zip((row for row in result["rows"] if row["sigma"] is None), result["designs"]))
+  shapes = "*DPs^v"
   sig = [row["sigma"] for row in rab]
-  for key, color in (("clean_accuracy", "C0"), ("era", "C2"), ("asr", "C3")):
-    ax.plot(sig, [np.nan if row[key] is None else row[key] for row in rab], "-o", color=color, label=f"{key} (certified)")
-    ax.plot(sig, [row["majority"][key] for row in rab], "--", color=color, alpha=0.7, label=f"{key} (majority)")
-    for d, spread_ in zip((row for row in result["rows"] if row["sigma"] is None), result["designs"]):
-      at = spread_["spread"]["quantiles"]["0.5"]
-      ax.plot([at], [np.nan if d[key] is None else d[key]], "*", ms=11, color=color)
-      ax.plot([at], [d["majority"][key]], "x", ms=8, color=color)
+  values = (("clean_accuracy", "clean accuracy (clean test inputs)", "C0"),
+            ("era", "ERA: triggered inputs answered with their label", "C2"),
+            ("asr", "ASR: triggered inputs answered as the target", "C3"))
+  for key, _, color in values:
+    ax.plot(sig, [np.nan if row[key] is None else row[key] for row in rab], "-o", color=color)
+    ax.plot(sig, [row["majority"][key] for row in rab], "--", color=color, alpha=0.7)
+    for j, (d, entry) in enumerate(designs):
+      at, shape = entry["spread"]["quantiles"]["0.5"], shapes[j % len(shapes)]
+      ax.plot([at], [np.nan if d[key] is None else d[key]], shape, ms=10, color=color)
+      ax.plot([at], [d["majority"][key]], shape, ms=10, mfc="none", mew=1.4, color=color)
+  handles = [Line2D([], [], color=color, lw=2, label=name) for _, name, color in values]
+  handles += [Line2D([], [], color="0.35", marker="o", label="RAB at each sigma, certified answers"),
+              Line2D([], [], color="0.35", ls="--", label="RAB, majority vote (uncertified)")]
+  for j, (d, _) in enumerate(designs):
+    shape = shapes[j % len(shapes)]
+    handles += [Line2D([], [], color="0.35", ls="none", marker=shape, ms=9, label=f"{d['name']}, certified"),
+                Line2D([], [], color="0.35", ls="none", marker=shape, ms=9, mfc="none", mew=1.4,
+                       label=f"{d['name']}, majority vote")]
   ax.set_xscale("log")
   ax.set_xticks(sig)
   ax.set_xticklabels([f"{s:g}" for s in sig])
   ax.xaxis.set_minor_formatter(plt.NullFormatter())
-  ax.set_xlabel("sigma (RAB); stars and crosses: the designs at their median sigma_x")
+  ax.set_xlabel("sigma (RAB's noise level; a design's markers at its median sigma_x)")
+  ax.set_ylabel("share of the test inputs")
   ax.set_ylim(-0.02, 1.02)
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=7, ncol=2)
+  ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
   ax.set_title(title, fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=110, bbox_inches="tight")  # the legend beside the axes included
   plt.close(fig)
 
 

@@ -1,7 +1,13 @@
 """The example notebook runs: its code cells, in order, in one namespace, in a temporary folder."""
 
+import contextlib
+import csv
+import importlib.util
+import io
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +19,52 @@ NOTEBOOK = os.path.join(ROOT, "examples", "quickstart.ipynb")
 def _load():
   with open(NOTEBOOK) as f:
     return json.load(f)
+
+
+def _code_cells() -> list[str]:
+  return ["".join(c["source"]) for c in _load()["cells"] if c["cell_type"] == "code"]
+
+
+def _install_cell(monkeypatch, folder, source=None, installed=False) -> list[list[str]]:
+  """Runs the notebook's first cell from ``folder``, by default as in a runtime without certssb_jax (Colab);
+  returns the commands it ran instead of running them."""
+  commands = []
+  if not installed:
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "certssb_jax" else find_spec(name, *a))
+  monkeypatch.setattr(subprocess, "check_call", lambda cmd, **kwargs: commands.append(cmd))
+  monkeypatch.chdir(folder)
+  if source is None:
+    monkeypatch.delenv("CERTSSB_JAX_SOURCE", raising=False)
+  else:
+    monkeypatch.setenv("CERTSSB_JAX_SOURCE", source)
+  code = compile(_code_cells()[0], "quickstart.ipynb:code0", "exec")
+  with contextlib.redirect_stdout(io.StringIO()):
+    exec(code, {"__name__": "__main__"})  # pylint: disable=exec-used
+  return commands
+
+
+@pytest.mark.skipif(os.path.isdir("/content"), reason="a Colab runtime: its /content may hold uploads")
+def test_the_first_cell_installs_an_uploaded_wheel_or_archive_else_the_clone(monkeypatch, tmp_path):
+  pip = [sys.executable, "-m", "pip", "install", "-q"]
+  # Colab: the wheel (or a zip of the repository) uploaded next to the notebook; the latest upload wins
+  (tmp_path / "certssb-jax-main.zip").write_bytes(b"")
+  wheel = tmp_path / "certssb_jax-0.1.0-py3-none-any.whl"
+  wheel.write_bytes(b"")
+  os.utime(tmp_path / "certssb-jax-main.zip", (0, 0))
+  assert _install_cell(monkeypatch, tmp_path) == [pip + [str(wheel)]]
+  # a clone: the notebook in examples/
+  assert _install_cell(monkeypatch, os.path.join(ROOT, "examples")) == [pip + [ROOT]]
+  # the variable overrides both
+  assert _install_cell(monkeypatch, tmp_path, "git+https://example.org/certssb-jax") == [
+      pip + ["git+https://example.org/certssb-jax"]]
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(RuntimeError, match="upload its wheel"):
+    _install_cell(monkeypatch, empty)
+  monkeypatch.undo()
+  assert _install_cell(monkeypatch, tmp_path, installed=True) == []  # the package is here: nothing to install
 
 
 def test_the_notebook_is_valid_nbformat_4():
@@ -29,25 +81,35 @@ def test_the_notebook_is_valid_nbformat_4():
       assert cell["outputs"] == [] and cell["execution_count"] is None  # stored without outputs
   kinds = [c["cell_type"] for c in nb["cells"]]
   assert kinds.count("code") >= 6 and kinds[0] == "markdown"
+  # the first cell says how to run it in Colab, where no repository can be cloned: upload a wheel
+  assert "In Colab" in "".join(nb["cells"][0]["source"])
+  assert "python -m pip wheel . --no-deps -w dist" in "".join(nb["cells"][0]["source"])
 
 
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory, monkeypatch_module):
   """Every code cell in order, in one namespace, from a temporary folder (the notebook writes into its own
-  temporary folder, OUT); what the notebook displays is recorded."""
+  temporary folder, OUT); what the notebook displays and prints is recorded."""
   from IPython import display  # pylint: disable=g-import-not-at-top
   import matplotlib  # pylint: disable=g-import-not-at-top
 
+  from certssb_jax.run import pipeline  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
-  shown = []
+  shown, defaults = [], []
   monkeypatch_module.setattr(display, "display", shown.append)
+  # in a notebook the default progress is tqdm's, whose widgets need ipywidgets: the notebook passes its own
+  monkeypatch_module.setattr(pipeline, "default_progress", lambda *a: defaults.append(a) or pipeline.no_progress)
   monkeypatch_module.setattr(display, "Image", lambda path: path)
   folder = tmp_path_factory.mktemp("notebook")
   monkeypatch_module.chdir(folder)
   namespace = {"__name__": "__main__"}
-  for i, cell in enumerate(c for c in _load()["cells"] if c["cell_type"] == "code"):
-    exec(compile("".join(cell["source"]), f"quickstart.ipynb:code{i}", "exec"), namespace)  # pylint: disable=exec-used
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    for i, cell in enumerate(_code_cells()):
+      exec(compile(cell, f"quickstart.ipynb:code{i}", "exec"), namespace)  # pylint: disable=exec-used
   assert not os.listdir(folder)  # nothing written into the working directory
+  namespace["PRINTED"], namespace["DEFAULT_PROGRESS"] = printed.getvalue(), defaults
   return namespace, shown
 
 
@@ -86,3 +148,26 @@ def test_the_notebooks_stages_give_the_votes_of_a_naive_recomputation_of_model_0
   logits = attacked.model.apply({"params": params}, x + sigma_test["clean"].reshape(-1, 1, 1, 1) * u0, train=False)
   np.testing.assert_array_equal(np.asarray(models.logits_to_pred(logits)), ns["votes"]["clean_preds"][0])
   assert ns["answers"]["clean"].pred.shape == (len(x),)
+
+
+@pytest.mark.slow
+def test_the_notebooks_answers_are_the_runs_answers(executed):
+  """The by-hand stages end with the answers the run reports (after the store; a searched answer's joint radius is
+  0), and the notebook prints those, not the certificates before the store."""
+  ns, _ = executed
+  answers, cfg = ns["answers"]["clean"], ns["cfg"]
+  with open(os.path.join(ns["OUT"], "compare", "sample_specific", "per_sample.csv")) as f:
+    rows = [r for r in csv.DictReader(f) if r["split"] == "clean"]
+  np.testing.assert_array_equal(answers.pred, [int(r["pred_stored"]) for r in rows])
+  np.testing.assert_array_equal(answers.radius_stored, [float(r["radius_stored"]) for r in rows])
+  np.testing.assert_array_equal(answers.radius_joint, [float(r["radius_joint_stored"]) for r in rows])
+  assert ns["config_lib"].searches(cfg) and not answers.radius_joint.any()  # searched: test-input radii only
+  i = ns["i"]
+  assert answers.radius_stored[i] == answers.radius_stored.max() > 0
+  assert (f"test-input radius {answers.radius_stored[i]:.3f}, joint radius 0.000" in ns["PRINTED"])
+
+@pytest.mark.slow
+def test_the_notebook_prints_its_progress_as_lines(executed):
+  ns, _ = executed
+  assert not ns["DEFAULT_PROGRESS"]  # every stage got the notebook's progress, no tqdm bar
+  assert "train ensemble (16 models): " in ns["PRINTED"]  # one line per finished stage

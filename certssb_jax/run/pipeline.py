@@ -113,14 +113,7 @@ def _smoothing_stages(cfg: Config, ds: data_lib.Dataset, rd: RunDir, defense: de
   requests = kernel_requests(cfg, attacked, sigma_test)
   votes = rd.stage("votes", lambda: run_kernel(cfg, members, requests, progress))
   t0 = time.perf_counter()
-  sigma_min = {s: bounds.sigma_min_of(sigma_test[s], sigma_train) for s in SPLITS}
-  certs = {s: bound_split(cfg, votes[f"{s}_preds"], votes[f"{s}_probs_sum"], sigma_test[s], sigma_min[s])
-           for s in SPLITS}
-  if config_lib.searches(cfg):
-    # A searched sigma_x is a function of the poisoned training set (a pilot or members trained on it) while the
-    # joint certificate holds sigma_x fixed: a searched answer certifies its test-input radius only.
-    certs = {s: dataclasses.replace(c, radius=np.zeros_like(c.radius)) for s, c in certs.items()}
-    sigma_min = {s: np.zeros_like(v) for s, v in sigma_min.items()}
+  certs, sigma_min = certificates(cfg, votes, sigma_test, sigma_train)
   answers = storage_update(cfg, attacked, certs, sigma_test, sigma_min, cfg.certify.query_order, rd)
   other = "triggered_first" if cfg.certify.query_order == "clean_first" else "clean_first"
   other_answers = storage_update(cfg, attacked, certs, sigma_test, sigma_min, other)
@@ -487,6 +480,23 @@ def bound_split(cfg: Config, preds: np.ndarray, probs_sum: np.ndarray, sigma_x: 
     raise ValueError("hoeffding needs the soft scores of the voting models only; run it without search models")
   return bounds.certify_counts(certify_lib.votes_from_preds(voters, k), soft_sums=probs_sum,
                                num_models=len(voters), **kwargs)
+
+
+def certificates(cfg: Config, votes: dict[str, np.ndarray], sigma_test: dict[str, np.ndarray],
+                 sigma_train: np.ndarray) -> tuple[dict[str, bounds.Certificate], dict[str, np.ndarray]]:
+  """The certificates of both splits before the store, and the sigma_min their joint radii use.
+
+  A searched sigma_x is a function of the poisoned training set (a pilot or members trained on it) while the
+  joint certificate holds sigma_x fixed: a searched answer certifies its test-input radius only, so its joint
+  radius (and sigma_min) is 0.
+  """
+  sigma_min = {s: bounds.sigma_min_of(sigma_test[s], sigma_train) for s in SPLITS}
+  certs = {s: bound_split(cfg, votes[f"{s}_preds"], votes[f"{s}_probs_sum"], sigma_test[s], sigma_min[s])
+           for s in SPLITS}
+  if config_lib.searches(cfg):
+    certs = {s: dataclasses.replace(c, radius=np.zeros_like(c.radius)) for s, c in certs.items()}
+    sigma_min = {s: np.zeros_like(v) for s, v in sigma_min.items()}
+  return certs, sigma_min
 
 
 def storage_update(cfg: Config, attacked: Attacked, certs: dict[str, bounds.Certificate],

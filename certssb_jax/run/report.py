@@ -245,6 +245,10 @@ def plot_certified_accuracy(path: str, cfg: Config, attacked: Attacked, certs: d
     if trig_norm and kind == "test":
       ax.axvline(trig_norm, color="k", ls="-.", lw=1)
       ax.text(trig_norm, 0.02, f" trigger norm {trig_norm:.2f}", rotation=90, va="bottom", ha="right", fontsize=7)
+    if kind == "joint" and not metrics.certifies_training_perturbations(cfg):
+      ax.text(0.5, 0.5, "searched sigma_x: the answers certify their test-input radius only\n"
+                        "(sigma_x depends on the training set), so every joint radius is 0", ha="center",
+              va="center", transform=ax.transAxes, fontsize=8)
     ax.set_xlabel("joint l2 radius (training and test triggers)" if kind == "joint"
                   else "test-input l2 radius (clean training set)")
     ax.set_xlim(left=0)
@@ -334,10 +338,12 @@ def plot_sigma_histogram(path: str, cfg: Config, attacked: Attacked, sigma_train
   for ax, title, parts in groups:
     group = np.concatenate([v for _, v, _ in parts])
     if group.size and group.min() == group.max():
-      at = "sigma_0 = " if group[0] == cfg.sigma.sigma_0 else "sigma = "
+      at, where = next(((name, where) for name, v, where in (
+          ("sigma_0", cfg.sigma.sigma_0, ""), ("sigma_hi", hi, "the top of the search range; "),
+          ("sigma_lo", lo, "the bottom of the search range; ")) if v == group[0]), ("sigma", ""))
       counts = ", ".join(f"{len(v)} {name}" for name, v, _ in parts)
-      ax.text(0.5, 0.5, f"every one of the {title} at {at}{group[0]:g}\n({counts})", ha="center", va="center",
-              transform=ax.transAxes, fontsize=9)
+      ax.text(0.5, 0.5, f"every one of the {title} at {at} = {group[0]:g}\n({where}{counts})", ha="center",
+              va="center", transform=ax.transAxes, fontsize=9)
       ax.set_yticks([])
       ax.tick_params(axis="x", bottom=False, labelbottom=False)  # per panel: the x axis is shared
       ax.set_title(title, fontsize=9)
@@ -354,7 +360,7 @@ def plot_sigma_histogram(path: str, cfg: Config, attacked: Attacked, sigma_train
     for x, labels in marks.items():
       ax.axvline(x, color="k", ls=":", lw=1)
       ax.text(x, 0.98, f" {' = '.join(labels)}", transform=ax.get_xaxis_transform(), rotation=90, va="top",
-              fontsize=7)
+              fontsize=7, bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none", "pad": 1})
     ax.set_yscale("log")
     ax.set_ylabel("count (log scale)")
     ax.set_title(title, fontsize=9)
