@@ -202,26 +202,49 @@ def grid_selector(rab_runs: dict[float, str], x: dict[str, np.ndarray], selector
   if len(keys) != 1 or any(c["sigma"]["mode"] != "fixed" for c in cfgs.values()):
     raise ValueError("the grid selector needs RAB runs that differ in sigma only")
   votes = {s: files.load_npz(os.path.join(d, "votes.npz")) for s, d in rab_runs.items()}
-  num_voting = m - selector_models
+  choose = lambda split: select_sigmas({s: v[f"{split}_preds"][:selector_models] for s, v in votes.items()},
+                                       m - selector_models, alpha, k)
+  return _voters_answers(f"{GRID_DESIGN} (M_s = {selector_models})", votes, x, choose, selector_models, alpha, k,
+                         first["attack"]["delta"], joint=False)
+
+
+def same_voters(rab_runs: dict[float, str], x: dict[str, np.ndarray], selector_models: int) -> list[Answers]:
+  """RAB at every sigma of the grid with the grid selector's voters only (the models from M_s on), from the same
+  votes: the baseline that tells the selector's choice of sigma apart from its smaller number of voters."""
+  out = []
+  for sigma, d in sorted(rab_runs.items()):
+    c = files.load_json(os.path.join(d, "config.json"))
+    votes = {sigma: files.load_npz(os.path.join(d, "votes.npz"))}
+    m, k = c["train"]["num_models"], len(c["data"]["classes"])
+    choose = lambda split, sigma=sigma: np.full(len(x[split]), sigma)
+    out.append(_voters_answers(f"RAB sigma={sigma:g}, {m - selector_models} voters", votes, x, choose,
+                               selector_models, c["certify"]["alpha"], k, c["attack"]["delta"], joint=True,
+                               sigma=sigma))
+  return out
+
+
+def _voters_answers(name: str, votes: dict[float, dict[str, np.ndarray]], x: dict[str, np.ndarray],
+                    choose: Any, first_voter: int, alpha: float, k: int, delta: float, *, joint: bool,
+                    sigma: float | None = None) -> Answers:
+  """The store's answers (clean split first) when each input votes with the models from ``first_voter`` on at the
+  sigma ``choose(split)`` picks for it; ``joint``: whether a joint radius is certified (sigma fixed, not chosen)."""
   st = store_lib.CertifiedStore(x["clean"].shape[1:])
   out: dict[str, dict[str, np.ndarray]] = {f: {} for f in ("pred", "test", "joint", "sigma", "label", "majority")}
   for split in SPLITS:  # clean first: the order of every run's store
-    chosen = select_sigmas({s: v[f"{split}_preds"][:selector_models] for s, v in votes.items()}, num_voting,
-                           alpha, k)
-    n = len(chosen)
-    voters = np.empty((num_voting, n), np.int64)
+    chosen = choose(split)
+    voters = np.empty((len(next(iter(votes.values()))[f"{split}_preds"]) - first_voter, len(chosen)), np.int64)
     for s, v in votes.items():
       at = chosen == s
-      voters[:, at] = v[f"{split}_preds"][selector_models:, at]
+      voters[:, at] = v[f"{split}_preds"][first_voter:, at]
     counts = np.stack([(voters == c).sum(axis=0) for c in range(k)], axis=1)  # (N, K)
     cert = bounds.certify_counts(counts, alpha=alpha, sigma_x=chosen, sigma_min=chosen)
-    ans = st.certify(x[split], cert.pred, cert.radius_test, chosen, sigma_min=0.0)
+    ans = st.certify(x[split], cert.pred, cert.radius_test, chosen, sigma_min=chosen if joint else 0.0)
     out["pred"][split], out["test"][split], out["joint"][split] = ans.pred, ans.radius_stored, ans.radius_joint
     out["sigma"][split], out["majority"][split] = chosen, counts.argmax(axis=1)
     out["label"][split] = next(iter(votes.values()))[f"{split}_label"]
-  return Answers(f"{GRID_DESIGN} (M_s = {selector_models})", None, num_voting, out["pred"], out["test"],
-                 out["joint"], out["sigma"], out["label"], out["majority"], first["attack"]["delta"],
-                 (min(rab_runs), max(rab_runs)))
+  grid = sorted(votes)
+  return Answers(name, sigma, len(voters), out["pred"], out["test"], out["joint"], out["sigma"], out["label"],
+                 out["majority"], delta, (grid[0], grid[-1]))
 
 
 # ---------------------------------------------------------------------------------------------- the comparison
@@ -274,10 +297,12 @@ def spread(a: Answers, grid: list[float]) -> dict[str, Any]:
           "share_per_sigma": {f"{g:g}": float(np.mean(np.isclose(s, g))) for g in grid}}
 
 
-def compare(rab: list[Answers], designs: list[Answers], target_class: int, steps: int = 400) -> dict[str, Any]:
-  """Every row's metrics, and each design against RAB's envelope on both radii."""
+def compare(rab: list[Answers], designs: list[Answers], target_class: int, steps: int = 400,
+            same: list[Answers] = ()) -> dict[str, Any]:
+  """Every row's metrics, and each design against RAB's envelope on both radii; ``same``: RAB with fewer voters
+  (``same_voters``), whose envelope a design with that many voters is compared with too."""
   rab = sorted(rab, key=lambda a: a.sigma)
-  everyone = rab + designs
+  everyone = rab + designs + list(same)
   top = max(float(max(a.radius_test["clean"].max(), a.radius_joint["clean"].max())) for a in everyone)
   r = np.linspace(0.0, top * 1.02 + 1e-9, steps + 1)
   grids = {"joint": r, "test": r, "budget": np.arange(max(int(a.budget().max()) for a in everyone) + 2)}
@@ -286,7 +311,8 @@ def compare(rab: list[Answers], designs: list[Answers], target_class: int, steps
                          "delta": rab[0].delta}
   for a in everyone:
     out["rows"].append({"name": a.name, "sigma": a.sigma, "voting": a.voting, **metrics_of(a, target_class),
-                        "cra": {kind: a.cra(kind, grids[kind]).tolist() for kind in KINDS}})
+                        "cra": {kind: a.cra(kind, grids[kind]).tolist() for kind in KINDS},
+                        "same_voters": any(a is b for b in same)})
   out["envelope"] = {}
   for kind in KINDS:
     best, arg = envelope(rab, kind, grids[kind])
@@ -296,6 +322,10 @@ def compare(rab: list[Answers], designs: list[Answers], target_class: int, steps
     for kind in KINDS:
       diff = a.cra(kind, grids[kind]) - np.asarray(out["envelope"][kind]["cra"])
       entry[kind] = crossings(diff, grids[kind])
+    peers = [b for b in same if b.voting == a.voting]
+    if peers:  # the envelope of RAB with the design's own voters
+      entry["same_voters"] = {"voting": a.voting, **{kind: crossings(
+          a.cra(kind, grids[kind]) - envelope(peers, kind, grids[kind])[0], grids[kind]) for kind in RADII}}
     out["designs"].append(entry)
   return out
 
@@ -332,6 +362,18 @@ def markdown(title: str, result: dict[str, Any], context: str) -> str:
                f"{c['at']:.3f}" for c in d[kind]]
       axis = f"poison budget k (trigger norm {result['delta']:g})" if kind == "budget" else f"{kind} radius"
       lines.append(f"| {d['name']} | {axis} | {'; '.join(parts) or 'equal everywhere'} |")
+  same = [d for d in result["designs"] if "same_voters" in d]
+  if same:
+    lines += ["", "Against the envelope of RAB with the design's own voters (the same votes without the models that "
+                  "choose sigma_x): what remains of a difference once the number of voters is equal:", "",
+              "| design | voters | axis | intervals of r where the design differs from that envelope |",
+              "|---|---|---|---|"]
+    for d in same:
+      for kind in RADII:
+        parts = [f"{'+' if c['sign'] > 0 else '-'} [{c['from']:.3f}, {c['to']:.3f}]: {c['largest']:+.3f} at "
+                 f"{c['at']:.3f}" for c in d["same_voters"][kind]]
+        lines.append(f"| {d['name']} | {d['same_voters']['voting']} | {kind} radius | "
+                     f"{'; '.join(parts) or 'equal everywhere'} |")
   lines += ["", "sigma_x of the designs' clean test inputs:", "",
             "| design | 5% | 25% | median | 75% | 95% | IQR | at lowest | at highest | share per grid sigma |",
             "|" + "---|" * 10]
@@ -350,8 +392,9 @@ def plot_envelope(path: str, title: str, result: dict[str, Any]) -> None:
   the designs on top; one legend below the panels, off the curves."""
   plt = report._figure()  # pylint: disable=protected-access
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), sharey=True)
-  rab = [row for row in result["rows"] if row["sigma"] is not None]
+  rab = [row for row in result["rows"] if row["sigma"] is not None and not row.get("same_voters")]
   designs = [row for row in result["rows"] if row["sigma"] is None]
+  same = [row for row in result["rows"] if row.get("same_voters")]
   cmap = plt.get_cmap("viridis")
   labels = {"joint": "joint l2 radius (training and test triggers)",
             "test": "test-input l2 radius (training set fixed)",
@@ -365,6 +408,9 @@ def plot_envelope(path: str, title: str, result: dict[str, Any]) -> None:
               label=row["name"])
     for i, row in enumerate(designs):
       ax.step(r, row["cra"][kind], where="post", lw=1.8, color=f"C{3 + i}", zorder=3, label=row["name"])
+    if same:  # RAB with the selector's voters: its envelope, to tell the choice of sigma from the voter count
+      ax.step(r, np.max([row["cra"][kind] for row in same], axis=0), where="post", lw=1.2, ls="--", color="0.2",
+              zorder=3, label=f"RAB envelope with {same[0]['voting']} voters (the selector's)")
     reach = max((r[np.flatnonzero(np.asarray(row["cra"][kind]) > 0).max()] for row in result["rows"]
                  if (np.asarray(row["cra"][kind]) > 0).any()), default=r[-1])
     ax.set_xlim(0, reach * 1.05 + (1 if kind == "budget" else 1e-9))
@@ -391,7 +437,8 @@ def plot_attack(path: str, title: str, result: dict[str, Any]) -> None:
   from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top
 
   fig, ax = plt.subplots(figsize=(10, 4.2))
-  rab = sorted((row for row in result["rows"] if row["sigma"] is not None), key=lambda row: row["sigma"])
+  rab = sorted((row for row in result["rows"] if row["sigma"] is not None and not row.get("same_voters")),
+               key=lambda row: row["sigma"])
   designs = list(zip((row for row in result["rows"] if row["sigma"] is None), result["designs"]))
   shapes = "*DPs^v"
   sig = [row["sigma"] for row in rab]
@@ -457,11 +504,14 @@ def run_envelope(spec: str, workdir: str, sigmas: list[float], designs: list[str
   cfg = config_lib.resolve(config_lib.load_config(spec))
   m = cfg.train.num_models
   selector_models = [max(1, m // 8)] if selector_models is None else selector_models
+  same = []
   if selector_models:
     splits = pipeline.test_splits(cfg, pipeline.load_data(cfg))
+    x = {s: splits[s].x for s in SPLITS}
     for m_s in selector_models:
-      rows.append(grid_selector(rab_runs, {s: splits[s].x for s in SPLITS}, m_s))
-  result = compare(rab, rows, cfg.attack.target_class)
+      rows.append(grid_selector(rab_runs, x, m_s))
+      same += same_voters(rab_runs, x, m_s)
+  result = compare(rab, rows, cfg.attack.target_class, same=same)
   pair = "-".join(str(c) for c in cfg.data.classes)
   title = (f"{cfg.data.name} {tuple(cfg.data.classes)}, {cfg.attack.trigger} trigger, seed {cfg.seed}, M = {m}, "
            f"alpha = {cfg.certify.alpha:g}")

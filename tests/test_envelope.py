@@ -90,10 +90,12 @@ def test_the_envelope_command_on_real_digits(tmp_path):
     assert result["key"].endswith("_M16") and result["key"] in os.path.basename(path)  # another M: other files
   out = json.load(open(result["json"]))
   names = [row["name"] for row in out["rows"]]
-  assert names == ["RAB sigma=0.25", "RAB sigma=0.5", f"{envelope.GRID_DESIGN} (M_s = 4)"]
-  grid = out["rows"][-1]
+  assert names == ["RAB sigma=0.25", "RAB sigma=0.5", f"{envelope.GRID_DESIGN} (M_s = 4)",
+                   "RAB sigma=0.25, 12 voters", "RAB sigma=0.5, 12 voters"]  # the same voters as the selector
+  grid = out["rows"][2]
   assert grid["voting"] == 12 and max(grid["cra"]["joint"]) == 0.0
-  assert "Against RAB's envelope" in result["markdown"]
+  assert out["designs"][0]["same_voters"]["voting"] == 12
+  assert "Against RAB's envelope" in result["markdown"] and "with the design's own voters" in result["markdown"]
   rab_runs = {float(k): v for k, v in out["rab_runs"].items()}
   cfg = config_lib.resolve(config_lib.load_config(spec))
   splits = pipeline.test_splits(cfg, pipeline.load_data(cfg))
@@ -113,6 +115,14 @@ def test_the_envelope_command_on_real_digits(tmp_path):
     cert = bounds.certify_counts(counts, alpha=0.2, sigma_x=chosen)
     np.testing.assert_array_equal(cert.pred, ans.pred[split])
     np.testing.assert_allclose(cert.radius_test, ans.radius_test[split], rtol=1e-6, atol=1e-9)
+  # RAB with the selector's voters: the same votes from model 4 on, at one sigma, with its joint radius
+  for same in envelope.same_voters(rab_runs, {s: splits[s].x for s in envelope.SPLITS}, 4):
+    preds = votes[same.sigma]["clean_preds"][4:]
+    counts = np.stack([(preds == c).sum(axis=0) for c in range(2)], axis=1)
+    cert = bounds.certify_counts(counts, alpha=0.2, sigma_x=same.sigma, sigma_min=same.sigma)
+    np.testing.assert_array_equal(cert.pred, same.pred["clean"])
+    assert same.voting == 12 and same.radius_joint["clean"].max() > 0
+    np.testing.assert_allclose(same.radius_joint["clean"], same.radius_test["clean"])  # one sigma everywhere
   with pytest.raises(ValueError, match="selector_models"):
     envelope.grid_selector(rab_runs, {s: splits[s].x for s in envelope.SPLITS}, 16)
 
