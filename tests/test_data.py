@@ -506,10 +506,10 @@ def test_dataset_validates_on_construction():
 
 
 def test_sources_registry_shape():
-  assert set(data.SOURCES) == {"builtin", "tfds", "idx", "cifar_pickle", "image_folder"}
+  assert set(data.SOURCES) == {"builtin", "tfds", "idx", "cifar_pickle", "image_folder", "npz"}
   assert "idx" in data.SOURCES and "hub" not in data.SOURCES
   file_sources = {k for k, v in data.SOURCES.items() if v.needs_data_dir}
-  assert file_sources == {"idx", "cifar_pickle", "image_folder"}
+  assert file_sources == {"idx", "cifar_pickle", "image_folder", "npz"}
   fetched = {n: k for k, v in data.SOURCES.items() for n in v.fetches}
   assert fetched == {"mnist": "idx", "fashion_mnist": "idx", "cifar10": "cifar_pickle", "imagenette": "image_folder"}
   assert all(callable(v.has_files) for k, v in data.SOURCES.items() if k in file_sources)
