@@ -127,9 +127,10 @@ def _smoothing_stages(cfg: Config, ds: data_lib.Dataset, rd: RunDir, defense: de
 
 def _counting_stages(cfg: Config, ds: data_lib.Dataset, rd: RunDir, defense: defenses.Defense,
                      progress: Progress, trainers: ensemble.Trainers) -> dict[str, Any]:
-  """DPA, bagging and DPA with test-time smoothing: members trained on their views (parts, bags), with the
-  defense's augmentation if any; votes on the queries (clean, or the defense's own draws); certificates that
-  count poisoned training samples."""
+  """The defenses that count poisoned samples (DPA, Finite Aggregation, bagging, DPA with test-time smoothing):
+  members trained on their views (parts, unions of buckets, bags), with the defense's augmentation if any; votes
+  on the queries (every member on the clean query, or the defense's own draws); certificates that count changed
+  training samples. The draws of a test-time smoothed ensemble run on every process alike (not sharded)."""
   report.warn_if_count_uncertifiable(cfg, defense, len(ds.y_train))
   attacked = poison(cfg, ds, rd, progress)
   undefended = train_undefended(cfg, attacked, rd, progress, trainers) if cfg.undefended.enabled else None
