@@ -113,8 +113,10 @@ def counting_variants(m: int, n_train: int, bag_fractions: list[float],
 
 
 def run_rows(spec: str, workdir: str, sizes: list[int], sigmas: list[float], bag_fractions: list[float],
-             partition_sigmas: list[float], counting: dict[str, str], progress: Any) -> list[Row]:
-  """Runs (or reuses) every row of the study; returns them, read back from their folders."""
+             partition_sigmas: list[float], counting: dict[str, str], progress: Any,
+             smoothing_sizes: list[int] | None = None) -> list[Row]:
+  """Runs (or reuses) every row of the study; returns them, read back from their folders. RAB runs at the
+  sizes ``smoothing_sizes`` (default: every size), the counting defenses at every size."""
   from certssb_jax import sweep  # pylint: disable=g-import-not-at-top
   from certssb_jax.ensemble import trainer as ensemble  # pylint: disable=g-import-not-at-top
   from certssb_jax.run import config as config_lib, pipeline  # pylint: disable=g-import-not-at-top
@@ -123,7 +125,7 @@ def run_rows(spec: str, workdir: str, sizes: list[int], sigmas: list[float], bag
   n_train = len(pipeline.load_data(config_lib.resolve(config_lib.load_config(spec))).y_train)
   rows = []
   for m in sorted(sizes, reverse=True):  # the largest first: the smaller RAB ensembles reuse its first models
-    if sigmas:
+    if sigmas and (smoothing_sizes is None or m in smoothing_sizes):
       records = sweep.run_grid([spec], os.path.join(workdir, "rab"), None, sigmas, ["fixed"], progress,
                                trainers=trainers, overrides={"train.num_models": str(m)})
       rows += [read_row("RAB", f"sigma={r['sigma_0']:g}", r["workdir"]) for r in records]
@@ -209,6 +211,9 @@ def markdown(rows: list[Row], norms: tuple[float, ...], command: str) -> str:
                 "brackets; -: the family's certificate does not say anything there):", "",
                 "| family | " + " | ".join(f"k={k}" for k in (0, *grid)) + " |", "|" + "---|" * (2 + len(grid))]
       for method in FAMILY_COLORS:
+        if not any(r.method == method and r.num_models == m for r in rows):
+          lines.append(f"| {method} | not run at this M |" + " |" * len(grid))
+          continue
         cells = [best(rows, method, m, k, t) for k in (0, *grid)]
         lines.append(f"| {method} | " + " | ".join("-" if a is None else f"{_fmt(a)} ({s})" for a, s in cells) + " |")
       lines.append("")
@@ -239,17 +244,22 @@ def plot(rows: list[Row], norms: tuple[float, ...], path: str) -> None:
   for j, m in enumerate(sizes):
     for i, t in enumerate(norms):
       ax = axes[i, j]
-      absent = []
+      absent, not_run = [], []
       for method, color in FAMILY_COLORS.items():
+        if not any(r.method == method and r.num_models == m for r in rows):
+          not_run.append(method)
+          continue
         acc = [best(rows, method, m, int(k), t)[0] for k in ks]
         if acc[0] is None or not any(a for a in acc):  # nothing to draw: say why instead of a line at zero
           absent.append(method)
           continue
         ax.step(ks, acc, where="post", color=color, lw=_WIDTHS[method], label=method)
       ax.axvline(s0["n_poisoned"], color="k", ls=":", lw=1.2, label=f"the attack: {s0['n_poisoned']} poisoned")
-      if absent:
-        ax.text(0.98, 0.97, "no certificate here: " + ", ".join(absent), transform=ax.transAxes, ha="right",
-                va="top", fontsize=7, color="0.3")
+      notes = ([f"no certificate here: {', '.join(absent)}"] if absent else []) + \
+          ([f"not run at this M: {', '.join(not_run)}"] if not_run else [])
+      if notes:
+        ax.text(0.98, 0.97, "\n".join(notes), transform=ax.transAxes, ha="right", va="top", fontsize=7,
+                color="0.3")
       ax.set_xscale("symlog", linthresh=1.0)
       ax.set_xlim(0, ks[-1])
       ax.set_ylim(-0.02, 1.02)
@@ -292,6 +302,8 @@ def _define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Folder of every row.")
   flags.DEFINE_list("sizes", ["32", "64", "128"], "Ensemble sizes M (members of every family).")
   flags.DEFINE_list("sigmas", ["0.25", "0.5", "1", "2"], "RAB's sigmas (its envelope); empty: no RAB rows.")
+  flags.DEFINE_list("smoothing_sizes", None, "The sizes of --sizes at which RAB runs (it trains on the whole set at "
+                                             "every sigma, the costly rows); default: all.")
   flags.DEFINE_list("bag_fractions", ["0.5", "1", "2"], "bagging's bag sizes, as fractions of n / M.")
   flags.DEFINE_list("partition_sigmas", ["0.5", "1"], "DPA with smoothing: its sigmas; empty: no such rows.")
   flags.DEFINE_integer("counting_epochs", 50, "Epochs of a counting member (it sees about n / M samples).")
@@ -316,6 +328,9 @@ def main() -> None:
   sizes = _numbers(f.sizes, int, "sizes")
   sigmas, fractions = _numbers(f.sigmas, float, "sigmas"), _numbers(f.bag_fractions, float, "bag_fractions")
   partition_sigmas = _numbers(f.partition_sigmas, float, "partition_sigmas")
+  smoothing_sizes = None if f.smoothing_sizes is None else _numbers(f.smoothing_sizes, int, "smoothing_sizes")
+  if smoothing_sizes is not None and not set(smoothing_sizes) <= set(sizes):
+    raise ValueError(f"--smoothing_sizes must be among --sizes {','.join(f.sizes)}, got {','.join(f.smoothing_sizes)}")
   if not sizes or min(sizes + [f.counting_epochs, f.counting_batch_size]) < 1:
     raise ValueError("--sizes, --counting_epochs and --counting_batch_size must be >= 1 (e.g. --sizes 32,64)")
   if min(sigmas + fractions + partition_sigmas + [f.small_norm]) <= 0:
@@ -323,10 +338,12 @@ def main() -> None:
   counting = {"train.epochs": str(f.counting_epochs), "defense.member_batch_size": str(f.counting_batch_size),
               "undefended.enabled": "False"}
   rows = run_rows(f.config, f.workdir, sizes, sigmas, fractions, partition_sigmas, counting,
-                  cli.progress(f.progress))
+                  cli.progress(f.progress), smoothing_sizes)
   norms = (0.0, f.small_norm, float(rows[0].summary["delta"]))
   command = (f"python -m certssb_jax.families --config {f.config} --workdir {f.workdir} --sizes {','.join(f.sizes)} "
-             f"--sigmas {','.join(f.sigmas)} --bag_fractions {','.join(f.bag_fractions)} --partition_sigmas "
+             f"--sigmas {','.join(f.sigmas)}"
+             + (f" --smoothing_sizes {','.join(f.smoothing_sizes)}" if f.smoothing_sizes is not None else "")
+             + f" --bag_fractions {','.join(f.bag_fractions)} --partition_sigmas "
              f"{','.join(f.partition_sigmas)} --counting_epochs {f.counting_epochs} --counting_batch_size "
              f"{f.counting_batch_size} --small_norm {f.small_norm:g}"
              + (f" --results_md {f.results_md}" if f.results_md else ""))
