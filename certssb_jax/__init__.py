@@ -1,5 +1,6 @@
 """certssb-jax: certified defenses against backdoor (data-poisoning) attacks in JAX/Flax: RAB and Cert-SSB
-(randomized smoothing of training and test inputs), DPA and bagging (certificates that count poisoned samples).
+(randomized smoothing of training and test inputs), DPA, Finite Aggregation and bagging (certificates that count
+poisoned samples) and DPA with test-time smoothing (a count and a test trigger together).
 
 The Python API, the same functions ``python -m certssb_jax.launch`` uses:
 
@@ -9,18 +10,23 @@ The Python API, the same functions ``python -m certssb_jax.launch`` uses:
 
 The layers, bottom to top: ``rng``, ``backend``, ``multihost``, ``files`` (ground floor); ``data``, ``models``;
 ``ensemble`` (members, sharding, training programs); ``certify`` (kernel, bounds); ``store``; ``defenses``;
-``run`` (config, run folder, pipeline, metrics, report); ``launch``, ``sweep``, ``envelope`` on top.
+``run`` (config, run folder, pipeline, metrics, report); ``launch``, ``sweep``, ``envelope``, ``families`` and
+``apidoc`` on top. docs/api.md documents the names below.
 """
 
-from certssb_jax.certify.bounds import Certificate, certify_counts
+from certssb_jax.certify.bounds import Certificate, certify_counts, poison_budget
+from certssb_jax.certify.draws import draw_votes
 from certssb_jax.certify.kernel import certify_inputs
 from certssb_jax.data.sources import load_dataset
+from certssb_jax.defenses import CountCertificate, Defense
 from certssb_jax.ensemble.trainer import EnsembleTrainer, TrainedEnsemble
+from certssb_jax.ensemble.views import Views
 from certssb_jax.run.config import base_config, load_config
-from certssb_jax.run.pipeline import compare_modes, run
+from certssb_jax.run.pipeline import compare_modes, run, run_arrays
 from certssb_jax.store.certified import CertifiedStore, StoreAnswer
 
 __version__ = "0.1.0"
 
-__all__ = ["Certificate", "CertifiedStore", "EnsembleTrainer", "StoreAnswer", "TrainedEnsemble", "base_config",
-           "certify_counts", "certify_inputs", "compare_modes", "load_config", "load_dataset", "run"]
+__all__ = ["Certificate", "CertifiedStore", "CountCertificate", "Defense", "EnsembleTrainer", "StoreAnswer",
+           "TrainedEnsemble", "Views", "base_config", "certify_counts", "certify_inputs", "compare_modes",
+           "draw_votes", "load_config", "load_dataset", "poison_budget", "run", "run_arrays"]
