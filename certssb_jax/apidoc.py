@@ -4,6 +4,7 @@ and docstrings: ``python -m certssb_jax.apidoc --out docs/api.md``."""
 from __future__ import annotations
 
 import inspect
+import re
 
 from absl import flags
 
@@ -21,7 +22,7 @@ def page() -> str:
   for name in sorted(certssb_jax.__all__, key=str.lower):
     obj = getattr(certssb_jax, name)
     try:
-      signature = f"{name}{inspect.signature(obj)}"
+      signature = re.sub(r" at 0x[0-9a-f]+", "", f"{name}{inspect.signature(obj)}")  # defaults' addresses vary
     except (TypeError, ValueError):
       signature = name
     kind = "class" if inspect.isclass(obj) else "function"
