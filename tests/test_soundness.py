@@ -73,6 +73,17 @@ def check(pred, radius, d):
   return (pred != -1) & ((pred != true_class) | (radius > np.abs(d)))
 
 
+def selected_class_tail(votes_top, num_models, radius, sigma):
+  """P[K >= k] for K ~ Bin(M, Phi(radius / sigma)), k the selected class's votes: the probability that the
+  selected class gets as many votes at the position where a linear classifier's boundary lies exactly `radius` away
+  (p = Phi(|d| / sigma), module docstring). A certificate of radius r at k votes is wrong for every position with
+  Phi(|d| / sigma) < Phi(r / sigma), so the supremum over positions of the probability that the selected class's
+  certificate is wrong is this tail at the certificate's own radius, and the Bonferroni bound promises at most
+  alpha / K. Computed with the binomial survival function (scipy.stats.binom), not the Beta quantile the bound
+  inverts."""
+  return stats.binom.sf(np.asarray(votes_top) - 1, num_models, stats.norm.cdf(np.asarray(radius) / sigma))
+
+
 def stacked_params(params, num_models):
   return jax.tree.map(lambda a: np.repeat(np.asarray(a)[None], num_models, axis=0), params)
 
@@ -180,8 +191,12 @@ def test_wrong_certificates_follow_their_exact_distribution(mode):
 
   The design has power: at these inputs the exact probability that radii inflated 1.5x pass is below 1e-12
   (asserted), the plug-in point estimate fails on the same votes (asserted), and the reference release's bug
-  (sampling at sigma_0 while reporting sigma_x * margin) fails the sample-specific case. The storage update can
-  only be wrong where a certificate was: its answers on a seed without a wrong certificate are all right.
+  (sampling at sigma_0 while reporting sigma_x * margin) fails the sample-specific case. The count alone is weak
+  against small inflations: radii inflated 1.1x pass it with probability 0.9988 (fixed) and 0.9983
+  (sample-specific), computed exactly with these functions. So every certificate of every seed is also held to
+  the exact binomial tail at its own radius (``selected_class_tail`` at most alpha / 2), which no inflation above
+  rounding passes. The storage update can only be wrong where a certificate was: its answers on a seed without a
+  wrong certificate are all right.
   """
   x, d, sigma = linear_design(mode)
   t = -d / sigma.astype(np.float64)
@@ -194,6 +209,10 @@ def test_wrong_certificates_follow_their_exact_distribution(mode):
     votes = kernel_votes(Linear(), PARAMS, x, sigma, seed, LIN_M)
     cert = bounds.certify_counts(votes, alpha=LIN_ALPHA, sigma_x=sigma, sigma_min=sigma)
     bad = check(cert.pred, cert.radius_test, d)
+    got = cert.pred >= 0
+    for radius, scale in ((cert.margin, 1.0), (cert.radius_test, sigma), (cert.radius, sigma)):
+      tail = selected_class_tail(cert.votes_top, LIN_M, radius, scale)[got]
+      assert (tail <= LIN_ALPHA / 2 * (1 + 1e-9)).all(), (seed, tail.max())  # the worst position: alpha / 2
     ans = store_lib.CertifiedStore(SHAPE).certify(x, cert.pred, cert.radius_test, sigma)
     bad_stored = check(ans.pred, ans.radius_stored, d)
     assert bad.any() or not bad_stored.any(), f"seed {seed}: the store made a right certificate wrong"
@@ -204,6 +223,30 @@ def test_wrong_certificates_follow_their_exact_distribution(mode):
   assert lo <= wrong <= hi, (f"{wrong} wrong certificates over {LIN_SEEDS} seeds; exact mean "
                              f"{LIN_SEEDS * expected:.1f}, acceptance interval [{lo}, {hi}]")
   assert wrong_plug_in > hi, (wrong_plug_in, hi)  # the same check flags the plug-in estimate
+
+
+@pytest.mark.parametrize("num_models,alpha", [(LIN_M, LIN_ALPHA), (1000, 0.001)])
+def test_the_worst_position_of_a_linear_classifier_is_wrong_with_probability_alpha_over_k(num_models, alpha):
+  """Every vote count through ``bounds.certify_counts``, no sampling: for each certified count k, the exact
+  probability that a linear classifier's input at the worst position gets a wrong certificate from the selected
+  class (``selected_class_tail``) at its margin, its test-input radius (sigma_x) and its joint radius (sigma_min)
+  is alpha / 2 to 1e-9: never above (sound), and reached (the radius is no smaller than Clopper-Pearson allows). A
+  margin or radius inflated 1.1x puts the tail above alpha / 2 at every certified count: by 6.6% (the smallest) to
+  99% (k = M) at M = 32, alpha = 0.1, and by 1.2% to 298 times at M = 1000, alpha = 0.001."""
+  k = np.arange(num_models + 1)
+  votes = np.stack([num_models - k, k], axis=1)  # (M + 1, 2): every split of the votes, either class on top
+  sigma_x = np.linspace(0.25, 1.0, num_models + 1)
+  sigma_min = 0.5 * sigma_x
+  cert = bounds.certify_counts(votes, alpha=alpha, sigma_x=sigma_x, sigma_min=sigma_min)
+  ok = cert.pred >= 0
+  assert ok.sum() >= 10 and (cert.votes_top[ok] == np.maximum(k, num_models - k)[ok]).all()
+  for radius, sigma in ((cert.margin, 1.0), (cert.radius_test, sigma_x), (cert.radius, sigma_min)):
+    tail = selected_class_tail(cert.votes_top, num_models, radius, sigma)[ok]
+    np.testing.assert_allclose(tail, alpha / 2, rtol=1e-9)
+  # the abstention rule: k is certified exactly when an input on the boundary (p = 1/2) reaches k votes with
+  # probability below alpha / 2
+  first = int(k[ok & (k > num_models // 2)].min())
+  assert stats.binom.sf(first - 1, num_models, 0.5) < alpha / 2 <= stats.binom.sf(first - 2, num_models, 0.5)
 
 
 # The ball design: class 1 inside the ball ||x - c|| < rho in D = 4 dimensions; queries along a line through c,
