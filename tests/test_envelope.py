@@ -4,7 +4,7 @@ curves, and an end-to-end run on the built-in digits."""
 import json
 import os
 
-from conftest import write_tiny_config  # pylint: disable=g-bad-import-order
+from conftest import tiny_config, write_tiny_config  # pylint: disable=g-bad-import-order
 import numpy as np
 import pytest
 from scipy import stats
@@ -37,6 +37,58 @@ def test_the_selector_trades_noise_for_agreement():
   assert envelope.select_sigmas({0.25: ones, 0.5: split}, 56, 0.001, 2)[0] == 0.25
   both = envelope.select_sigmas({0.25: np.hstack([ones, ones]), 0.5: np.hstack([ones, split])}, 56, 0.001, 2)
   np.testing.assert_array_equal(both, [0.5, 0.25])
+
+
+def _rab_folder(path, sigma, preds, labels, num_models):
+  """A finished RAB run as the grid selector reads it: config.json (a tiny config at this sigma, trigger norm
+  0.05) and votes.npz with every model's class on each split; ``preds[split]`` is (M, N)."""
+  from certssb_jax import files  # pylint: disable=g-import-not-at-top
+  from certssb_jax.run import config as config_lib  # pylint: disable=g-import-not-at-top
+
+  cfg = tiny_config(**{"sigma.mode": "fixed", "sigma.sigma_0": sigma, "train.num_models": num_models,
+                       "attack.delta": 0.05})
+  os.makedirs(path)
+  files.save_json(os.path.join(path, "config.json"), config_lib.to_json(config_lib.resolve(cfg)))
+  files.save_npz(os.path.join(path, "votes.npz"), **{f"{s}_preds": preds[s] for s in envelope.SPLITS},
+                 **{f"{s}_label": labels for s in envelope.SPLITS})
+  return str(path)
+
+
+def test_the_grid_selector_certifies_the_test_input_radius_and_no_joint_radius(tmp_path):
+  """The grid selector from two hand-made RAB folders (M = 16, M_s = 4, alpha = 0.1 of the tiny config).
+
+  Its sigma_x is chosen by models trained on the (possibly poisoned) training set, so its answers certify no joint
+  radius: exactly 0 (docs/soundness.md), whatever their test-input radius. The test-input radii are the
+  Clopper-Pearson certificates of the 12 voters at the chosen sigma, recomputed with scipy: inputs 10 apart, so
+  the store trims nothing. Unanimous selectors at both sigmas choose 0.5 (the radius scales with sigma); a split
+  at 0.5 keeps 0.25. The poison budget at trigger norm 0.05 is the test trigger alone (0 images) for every answer,
+  where a joint radius equal to the test-input radius would certify dozens of poisoned images."""
+  m, m_s, alpha, n = 16, 4, 0.1, 4
+  labels = np.array([0, 1, 1, 0])
+  voters_for_label = np.array([12, 11, 12, 10])  # voters (ids 4..15) for the label, at either sigma
+  at = {}
+  for sigma in (0.25, 0.5):
+    preds = np.tile(labels, (m, 1))  # (M, N): everyone votes the label ...
+    for i in range(n):
+      preds[m_s + voters_for_label[i]:, i] = 1 - labels[i]  # ... but the last voters of input i
+    if sigma == 0.5:
+      preds[:2, 1] = 1 - labels[1]  # the selectors split on input 1 at 0.5: it keeps 0.25
+    at[sigma] = _rab_folder(tmp_path / str(sigma), sigma, {s: preds for s in envelope.SPLITS}, labels, m)
+  x = {s: np.arange(n)[:, None] * np.full((1, 3), 10.0) + (100.0 if s == "triggered" else 0.0)
+       for s in envelope.SPLITS}
+  ans = envelope.grid_selector(at, x, m_s)
+  chosen = np.array([0.5, 0.25, 0.5, 0.5])
+  p_low = stats.beta.ppf(alpha / 2, voters_for_label, 12 - voters_for_label + 1)
+  want = np.where(p_low > 0.5, chosen * stats.norm.ppf(p_low), 0.0)
+  assert (want > 0).all()
+  for split in envelope.SPLITS:
+    np.testing.assert_array_equal(ans.sigma_x[split], chosen)
+    np.testing.assert_array_equal(ans.pred[split], labels)
+    np.testing.assert_allclose(ans.radius_test[split], want, rtol=1e-8)
+    np.testing.assert_array_equal(ans.radius_joint[split], np.zeros(n))
+  assert ans.voting == 12
+  assert ans.delta == 0.05 and (want > ans.delta).all()
+  np.testing.assert_array_equal(ans.budget("clean"), np.zeros(n))
 
 
 def test_crossings_find_the_intervals_and_the_largest_difference():
