@@ -81,7 +81,8 @@ def test_p_lower_and_margin_equal_an_independent_scipy_recomputation(tiny_run):
 def test_radius_uses_the_sigma_the_kernel_sampled_with(tiny_run):
   """Every row: radius_test = sigma * margin with the sigma in sigmas.npz (the one passed to the kernel), and
   radius = min(sigma_x, min_j sigma_j) * margin, except in a run that searched sigma_x (this one): a searched
-  sigma_x depends on the poisoned training set, so its joint radius is 0 (docs/soundness.md)."""
+  sigma_x depends on the poisoned training set, so its joint radius is 0 (docs/soundness.md), before the store
+  (radius) and in the answer (radius_joint_stored), where the test-input radius stands."""
   c, workdir, _ = tiny_run
   searched = config_lib.searches(config_lib.resolve(c))
   assert searched
@@ -90,12 +91,14 @@ def test_radius_uses_the_sigma_the_kernel_sampled_with(tiny_run):
   for split in ("clean", "triggered"):
     rows = _rows(workdir, split)
     np.testing.assert_array_equal(sig[f"test_{split}_index"], [int(r["index"]) for r in rows])
-    assert any(float(r["margin"]) > 0 for r in rows)
+    assert any(float(r["margin"]) > 0 for r in rows) and any(float(r["radius_stored"]) > 0 for r in rows)
     for r, s in zip(rows, sig[f"test_{split}"]):
       assert float(r["sigma"]) == pytest.approx(float(s), rel=1e-7)
       assert float(r["radius_test"]) == pytest.approx(float(s) * float(r["margin"]), rel=1e-7, abs=1e-12)
       joint_sigma = 0.0 if searched else min(float(s), sigma_train_min)
       assert float(r["radius"]) == pytest.approx(joint_sigma * float(r["margin"]), rel=1e-6, abs=1e-12)
+      if searched:
+        assert float(r["radius_joint_stored"]) == 0.0, r
 
 
 def test_votes_recounted_model_by_model_from_the_run_folder(tiny_run, tmp_path):
