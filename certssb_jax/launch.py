@@ -149,7 +149,7 @@ def count_table(summaries: dict[str, dict]) -> str:
     rows.append((f"largest modifications r with a test trigger < {first['trigger_norm']:g}: median / max",
                  lambda s: "{} / {}".format(*s["metrics"]["largest_at_trigger_norm"].values())))
     for t in ("0", f"{first['trigger_norm']:g}"):
-      rows.append((f"certified accuracy, 0 changes, " + ("no test trigger" if t == "0" else f"test trigger < {t}"),
+      rows.append(("certified accuracy, 0 changes, " + ("no test trigger" if t == "0" else f"test trigger < {t}"),
                    lambda s, t=t: s["metrics"]["cra_at_norm"][t]["modifications"].get("0", 0.0)))
   rows += [("certificates", lambda s: "exact" if s["exact"] else f"each p >= 1 - {s['defense']['alpha']:g}"),
            ("time per member (s)", lambda s: s["time_per_member_s"])]

@@ -241,9 +241,10 @@ def test_counting_run_recounts_from_its_votes(tmp_path, name):
 
 @pytest.mark.slow
 def test_families_study_counts_from_the_run_folders(tmp_path):
+  from conftest import write_tiny_config  # pylint: disable=g-import-not-at-top,g-bad-import-order
+
   from certssb_jax import families  # pylint: disable=g-import-not-at-top
   from certssb_jax.defenses import dpa_smoothing  # pylint: disable=g-import-not-at-top
-  from conftest import write_tiny_config  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
   spec = write_tiny_config(str(tmp_path / "tiny.py"), **{"sigma.sigma_hi": None, "train.epochs": 1,
                                                          "certify.draws": 32})

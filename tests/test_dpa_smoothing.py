@@ -9,7 +9,6 @@ import json
 from conftest import tiny_config  # pylint: disable=g-bad-import-order
 import jax
 import numpy as np
-import pytest
 from scipy import stats
 
 from certssb_jax import rng

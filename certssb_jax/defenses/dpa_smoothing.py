@@ -31,7 +31,6 @@ from certssb_jax.certify import bounds, draws
 from certssb_jax.defenses import dpa
 from certssb_jax.defenses.base import INSERTIONS_DELETIONS, MODIFICATIONS, CountCertificate, Defense, top_two
 
-
 TIE_MARGIN = 1e-12  # p_low - R / k must exceed p_high + R / k by more than float64 rounding
 
 

@@ -26,8 +26,8 @@ import numpy as np
 import optax
 
 from certssb_jax import backend, rng
-from certssb_jax.ensemble.member import MemberState, Streams, init_member, member_logits, member_step, train_noise
 from certssb_jax.ensemble import views as views_lib
+from certssb_jax.ensemble.member import MemberState, Streams, init_member, member_logits, member_step, train_noise
 from certssb_jax.ensemble.sharding import (
   ENS,
   ChunkLayout,
