@@ -37,12 +37,11 @@ from typing import Any
 
 from absl import flags
 import numpy as np
-import scipy.special
-import scipy.stats
 
 from certssb_jax import files, sweep
 from certssb_jax.certify import bounds
 from certssb_jax.data.attacked import SPLITS
+from certssb_jax.defenses import grid_selector as grid_selector_lib
 from certssb_jax.ensemble import trainer as ensemble
 from certssb_jax.run import cli, config as config_lib, report
 from certssb_jax.store import certified as store_lib
@@ -135,53 +134,6 @@ def answers_of_run(workdir: str, name: str | None = None) -> Answers:
 # ---------------------------------------------------------------------------------------------- the grid selector
 
 
-def expected_radius(top_votes: np.ndarray, num_selector: int, num_voting: int, sigma: float, alpha: float,
-                    num_classes: int) -> np.ndarray:
-  """The selector's objective: the expected certified test-input radius at ``sigma``, host-side float64.
-
-  The certificate the voters give is sigma * Phi^-1(pA_low(K)) for K of ``num_voting`` votes on the top class
-  (Clopper-Pearson at alpha / num_classes, 0 when pA_low <= 1/2). The selector's ``top_votes`` of
-  ``num_selector`` votes give a Jeffreys posterior Beta(k + 1/2, M_s - k + 1/2) on the class's probability, so K
-  is beta-binomial; the objective is E[radius].
-
-  Args:
-    top_votes: (N,) the selector models' votes for their top class at ``sigma``.
-    num_selector: M_s.
-    num_voting: the voters' M.
-    sigma: the noise level.
-    alpha, num_classes: the run's alpha and K (Bonferroni).
-
-  Returns:
-    (N,) float64 expected radii.
-  """
-  k = np.arange(num_voting + 1)
-  p_low = bounds.clopper_pearson_lower(k, num_voting, alpha / num_classes)
-  radius = np.where(p_low > 0.5, sigma * scipy.special.ndtri(np.clip(p_low, 0.5, 1 - 1e-16)), 0.0)  # (M + 1,)
-  a = np.asarray(top_votes, np.float64)[:, None] + 0.5
-  pmf = scipy.stats.betabinom.pmf(k[None, :], num_voting, a, num_selector - a + 1.0)  # (N, M + 1)
-  return pmf @ radius
-
-
-def select_sigmas(selector_preds: dict[float, np.ndarray], num_voting: int, alpha: float,
-                  num_classes: int) -> np.ndarray:
-  """sigma_x of every input: the grid sigma of the largest expected radius (ties: the smaller sigma).
-
-  Args:
-    selector_preds: {sigma: (M_s, N) the selector models' classes at that sigma}.
-    num_voting, alpha, num_classes: as in ``expected_radius``.
-
-  Returns:
-    (N,) float64 selected sigmas.
-  """
-  grid = sorted(selector_preds)
-  objective = []
-  for s in grid:
-    preds = selector_preds[s]
-    top = np.stack([(preds == c).sum(axis=0) for c in range(num_classes)], axis=1).max(axis=1)  # (N,)
-    objective.append(expected_radius(top, len(preds), num_voting, s, alpha, num_classes))
-  return np.asarray(grid)[np.argmax(np.stack(objective), axis=0)]  # argmax takes the first, the smallest sigma
-
-
 def grid_selector(rab_runs: dict[float, str], x: dict[str, np.ndarray], selector_models: int) -> Answers:
   """The grid selector's answers (module docstring) from RAB's run folders at every sigma of the grid.
 
@@ -202,7 +154,7 @@ def grid_selector(rab_runs: dict[float, str], x: dict[str, np.ndarray], selector
   if len(keys) != 1 or any(c["sigma"]["mode"] != "fixed" for c in cfgs.values()):
     raise ValueError("the grid selector needs RAB runs that differ in sigma only")
   votes = {s: files.load_npz(os.path.join(d, "votes.npz")) for s, d in rab_runs.items()}
-  choose = lambda split: select_sigmas({s: v[f"{split}_preds"][:selector_models] for s, v in votes.items()},
+  choose = lambda split: grid_selector_lib.select_sigmas({s: v[f"{split}_preds"][:selector_models] for s, v in votes.items()},
                                        m - selector_models, alpha, k)
   return _voters_answers(f"{GRID_DESIGN} (M_s = {selector_models})", votes, x, choose, selector_models, alpha, k,
                          first["attack"]["delta"], joint=False)

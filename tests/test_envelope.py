@@ -10,13 +10,14 @@ import pytest
 from scipy import stats
 
 from certssb_jax import envelope
+from certssb_jax.defenses import grid_selector
 from certssb_jax.store import certified as store_lib
 
 
 def test_expected_radius_equals_a_naive_sum_over_the_posterior():
   """E[sigma * Phi^-1(CP_low(K))+] with K beta-binomial from the Jeffreys posterior, summed term by term."""
   m_s, m_v, alpha, sigma = 6, 20, 0.01, 0.5
-  got = envelope.expected_radius(np.arange(m_s + 1), m_s, m_v, sigma, alpha, 2)
+  got = grid_selector.expected_radius(np.arange(m_s + 1), m_s, m_v, sigma, alpha, 2)
   for k_s in range(m_s + 1):
     total = 0.0
     for k in range(m_v + 1):
@@ -32,10 +33,10 @@ def test_the_selector_trades_noise_for_agreement():
   sigma keeps the small one; inputs are decided one by one."""
   ones = np.ones((8, 1), np.int64)
   split = np.array([[1], [1], [1], [1], [0], [0], [0], [1]])
-  assert envelope.select_sigmas({0.25: ones, 0.5: ones}, 56, 0.001, 2)[0] == 0.5
-  assert envelope.select_sigmas({0.25: split, 0.5: split}, 56, 0.001, 2)[0] == 0.5
-  assert envelope.select_sigmas({0.25: ones, 0.5: split}, 56, 0.001, 2)[0] == 0.25
-  both = envelope.select_sigmas({0.25: np.hstack([ones, ones]), 0.5: np.hstack([ones, split])}, 56, 0.001, 2)
+  assert grid_selector.select_sigmas({0.25: ones, 0.5: ones}, 56, 0.001, 2)[0] == 0.5
+  assert grid_selector.select_sigmas({0.25: split, 0.5: split}, 56, 0.001, 2)[0] == 0.5
+  assert grid_selector.select_sigmas({0.25: ones, 0.5: split}, 56, 0.001, 2)[0] == 0.25
+  both = grid_selector.select_sigmas({0.25: np.hstack([ones, ones]), 0.5: np.hstack([ones, split])}, 56, 0.001, 2)
   np.testing.assert_array_equal(both, [0.5, 0.25])
 
 
