@@ -342,7 +342,7 @@ def plot_envelope(path: str, title: str, result: dict[str, Any]) -> None:
   """Certified accuracy against the joint radius, the test-input radius and the certified poison budget: RAB's
   curves thin, their envelope a wide pale band behind them (so that a RAB curve on the envelope stays in sight),
   the designs on top; one legend below the panels, off the curves."""
-  plt = report._figure()  # pylint: disable=protected-access
+  plt = report.figure()
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), sharey=True)
   rab = [row for row in result["rows"] if row["sigma"] is not None and not row.get("same_voters")]
   designs = [row for row in result["rows"] if row["sigma"] is None]
@@ -385,7 +385,7 @@ def plot_attack(path: str, title: str, result: dict[str, Any]) -> None:
   """Clean accuracy, ERA and ASR against sigma: the colour is the metric; RAB's certified answers solid with dots,
   its majority vote dashed; each design a marker shape at its median sigma_x, filled for its certified answers
   and hollow for its majority vote. The legend, beside the axes, names every colour, line and marker."""
-  plt = report._figure()  # pylint: disable=protected-access
+  plt = report.figure()
   from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top
 
   fig, ax = plt.subplots(figsize=(10, 4.2))

@@ -29,7 +29,7 @@ from certssb_jax.ensemble.member import MemberState, Streams, member_logits
 from certssb_jax.ensemble.views import MemberViews
 from certssb_jax.models import zoo as models_lib
 from certssb_jax.progress import Progress, default_progress, no_progress, tqdm_progress  # noqa: F401
-from certssb_jax.run import config as config_lib, metrics, report, rundir
+from certssb_jax.run import config as config_lib, count_report, metrics, report, rundir
 from certssb_jax.run.rundir import RunDir
 from certssb_jax.store import certified as store_lib
 
@@ -131,7 +131,7 @@ def _counting_stages(cfg: Config, ds: data_lib.Dataset, rd: RunDir, defense: def
   members trained on their views (parts, unions of buckets, bags), with the defense's augmentation if any; votes
   on the queries (every member on the clean query, or the defense's own draws); certificates that count changed
   training samples. The draws of a test-time smoothed ensemble run on every process alike (not sharded)."""
-  report.warn_if_count_uncertifiable(cfg, defense, len(ds.y_train))
+  count_report.warn_if_count_uncertifiable(cfg, defense, len(ds.y_train))
   attacked = poison(cfg, ds, rd, progress)
   undefended = train_undefended(cfg, attacked, rd, progress, trainers) if cfg.undefended.enabled else None
   views = defense.member_views(cfg, attacked.x_train, attacked.y_train)
@@ -151,7 +151,7 @@ def _counting_stages(cfg: Config, ds: data_lib.Dataset, rd: RunDir, defense: def
   certs = {s: defense.certify_votes(cfg, counts[s], len(attacked.y_train), preds[s]) for s in SPLITS}
   if not multihost.is_primary():
     return {"process_index": jax.process_index(), "files": []}
-  return report.write_count_outputs(cfg, defense, attacked, certs, counts, votes, undefended, rd)
+  return count_report.write_count_outputs(cfg, defense, attacked, certs, counts, votes, undefended, rd)
 
 
 def compare_modes(config: ml_collections.ConfigDict, workdir: str, *, progress: Progress | None = None,
