@@ -50,6 +50,7 @@ from benchmarks.clock import StepClock  # noqa: E402  pylint: disable=g-bad-impo
 from certssb_jax.certify import bounds  # noqa: E402
 from certssb_jax.ensemble import (
   member,  # noqa: E402
+  trained,  # noqa: E402
   trainer as ensemble,  # noqa: E402
 )
 from certssb_jax.models import zoo as models_lib  # noqa: E402
@@ -166,7 +167,7 @@ def checkpoint_io(cfg: ml_collections.FrozenConfigDict, workdir: str, input_shap
   trainer = ensemble.Trainers().get(models_lib.get_model(cfg.model.name, num_classes), input_shape, cfg,
                                     models_per_chunk=ensemble.auto_models_per_chunk(t.models_per_chunk, m))
   t0 = time.perf_counter()
-  states = [s for _, s in ensemble.TrainedEnsemble(trainer, m, rundir.RunDir(workdir)).chunks()]
+  states = [s for _, s in trained.TrainedEnsemble(trainer, m, rundir.RunDir(workdir)).chunks()]
   restore = time.perf_counter() - t0
   probe = rundir.RunDir(os.path.join(os.path.abspath(workdir), "_io_probe"))
   t0 = time.perf_counter()

@@ -19,7 +19,8 @@ from certssb_jax.certify.draws import draw_votes
 from certssb_jax.certify.kernel import certify_inputs
 from certssb_jax.data.sources import load_dataset
 from certssb_jax.defenses import CountCertificate, Defense
-from certssb_jax.ensemble.trainer import EnsembleTrainer, TrainedEnsemble
+from certssb_jax.ensemble.trained import TrainedEnsemble
+from certssb_jax.ensemble.trainer import EnsembleTrainer
 from certssb_jax.ensemble.views import Views
 from certssb_jax.run.config import base_config, load_config
 from certssb_jax.run.pipeline import compare_modes, run, run_arrays

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from certssb_jax import rng
-from certssb_jax.ensemble import member, trainer as ensemble
+from certssb_jax.ensemble import member, trained, trainer as ensemble
 from certssb_jax.models import weights, zoo as models
 
 
@@ -127,7 +127,7 @@ def test_training_reduces_the_loss_and_learns(data):
   tr = ensemble.EnsembleTrainer(model, (28, 28, 1),
                                 ensemble.TrainConfig(epochs=5, batch_size=16, learning_rate=1e-3, models_per_chunk=2))
   state = tr.train_chunk(np.arange(2), member.Streams.ensemble(0), x, y, np.full(64, 0.1, np.float32))
-  logits = ensemble.predict_logits(model, state, x)  # (2, 64, 1)
+  logits = trained.predict_logits(model, state, x)  # (2, 64, 1)
   acc = ((logits[..., 0] > 0) == y).mean(axis=1)
   assert np.all(acc > 0.95), acc
 

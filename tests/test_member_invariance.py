@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from certssb_jax.defenses import bagging, dpa
-from certssb_jax.ensemble import member, trainer as ensemble
+from certssb_jax.ensemble import member, trained, trainer as ensemble
 from certssb_jax.ensemble.views import Views
 from certssb_jax.models import zoo as models
 
@@ -51,7 +51,7 @@ def _members(trainer, queries, defense, cfg, x, y):
   state = trainer.train_chunk(np.arange(K), member.Streams.ensemble(0), x, y, None, views=views)
   leaves = jax.tree.leaves(state.params)
   params = [np.concatenate([np.asarray(a[m]).ravel() for a in leaves]) for m in range(K)]
-  votes = ensemble.predict_logits(trainer.model, state, queries)[..., 0] > 0  # (K, N)
+  votes = trained.predict_logits(trainer.model, state, queries)[..., 0] > 0  # (K, N)
   return params, votes, views(np.arange(K))
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from certssb_jax.ensemble import member, sharding, trainer as ensemble
+from certssb_jax.ensemble import member, sharding, trained as trained_lib, trainer as ensemble
 from certssb_jax.models import layers, weights, zoo as models
 from certssb_jax.run import config as config_lib, pipeline
 
@@ -235,8 +235,8 @@ def test_inference_uses_running_averages(trained):
   model, state, x = trained["model"], trained["state"], trained["x"]
   other = np.random.RandomState(1).rand(*x.shape).astype(np.float32)
   mixed = np.concatenate([x[:2], other[2:]])  # the same first two samples in another batch
-  a = ensemble.predict_logits(model, state, x)  # (3, 4, 1)
-  b = ensemble.predict_logits(model, state, mixed)  # (3, 4, 1)
+  a = trained_lib.predict_logits(model, state, x)  # (3, 4, 1)
+  b = trained_lib.predict_logits(model, state, mixed)  # (3, 4, 1)
   assert a.shape == b.shape == (3, len(x), 1)
   np.testing.assert_allclose(a[:, :2], b[:, :2], rtol=1e-4, atol=1e-5)
   assert np.abs(a[0] - a[1]).max() > 1e-4  # models differ

@@ -17,7 +17,7 @@ from scipy import stats
 from certssb_jax import rng
 from certssb_jax.certify import bounds
 from certssb_jax.data import sources as data_lib
-from certssb_jax.ensemble import member, trainer as ensemble
+from certssb_jax.ensemble import member, trained, trainer as ensemble
 from certssb_jax.models import zoo as models_lib
 from certssb_jax.run import config as config_lib, pipeline, report, rundir
 
@@ -121,7 +121,7 @@ def test_votes_recounted_model_by_model_from_the_run_folder(tiny_run, tmp_path):
   trainer = ensemble.Trainers().get(attacked.model, ds.input_shape, cfg, models_per_chunk=per_chunk)
   preds = {s: np.full((num_models, len(attacked.splits[s].y)), -1) for s in pipeline.SPLITS}
   probs_sum = {s: np.zeros((len(attacked.splits[s].y), ds.num_classes)) for s in pipeline.SPLITS}
-  for ids, state in ensemble.TrainedEnsemble(trainer, num_models, rundir.RunDir(workdir)).chunks():
+  for ids, state in trained.TrainedEnsemble(trainer, num_models, rundir.RunDir(workdir)).chunks():
     for j, m in enumerate(int(i) for i in ids):
       if m >= num_models:  # padding of the last chunk
         continue
@@ -247,7 +247,7 @@ def test_checkpoint_grouping_and_reading_back_do_not_change_results(tiny_run, tm
   bits."""
   c, workdir, _ = tiny_run
   again = str(tmp_path / "per_chunk")
-  monkeypatch.setattr(ensemble, "KEEP_IN_MEMORY_BYTES", 0)
+  monkeypatch.setattr(trained, "KEEP_IN_MEMORY_BYTES", 0)
   pipeline.run(tiny_config(**{"train.checkpoint_every_s": 0}), again)
   assert sorted(os.listdir(os.path.join(workdir, "ensemble"))) == ["chunks_00000-00000", "chunks_00001-00003"]
   assert sorted(os.listdir(os.path.join(again, "ensemble"))) == [f"chunks_0000{i}-0000{i}" for i in range(4)]
@@ -255,8 +255,8 @@ def test_checkpoint_grouping_and_reading_back_do_not_change_results(tiny_run, tm
   cfg = config_lib.resolve(c)
   from certssb_jax.models import zoo as models  # pylint: disable=g-import-not-at-top
   trainer = ensemble.Trainers().get(models.get_model(cfg.model.name, 2), (28, 28, 1), cfg, models_per_chunk=2)
-  grouped = list(ensemble.TrainedEnsemble(trainer, 8, rundir.RunDir(workdir)).chunks())
-  single = list(ensemble.TrainedEnsemble(trainer, 8, rundir.RunDir(again)).chunks())
+  grouped = list(trained.TrainedEnsemble(trainer, 8, rundir.RunDir(workdir)).chunks())
+  single = list(trained.TrainedEnsemble(trainer, 8, rundir.RunDir(again)).chunks())
   assert [list(ids) for ids, _ in grouped] == [[0, 1], [2, 3], [4, 5], [6, 7]]
   for (ids_a, sa), (ids_b, sb) in zip(grouped, single):
     np.testing.assert_array_equal(ids_a, ids_b)
@@ -264,7 +264,7 @@ def test_checkpoint_grouping_and_reading_back_do_not_change_results(tiny_run, tm
     for la, lb in zip(jax.tree.leaves(sa), jax.tree.leaves(sb)):
       np.testing.assert_array_equal(la, lb)
   with pytest.raises(FileNotFoundError, match="chunk 4 of the ensemble is in no checkpoint"):
-    list(ensemble.TrainedEnsemble(trainer, 9, rundir.RunDir(workdir)).chunks())
+    list(trained.TrainedEnsemble(trainer, 9, rundir.RunDir(workdir)).chunks())
 
 
 def test_rerun_in_the_same_workdir_reuses_every_stage(tiny_run, caplog):

@@ -11,7 +11,7 @@ from scipy import stats
 
 from certssb_jax import files, rng, sweep
 from certssb_jax.defenses import sigma_search
-from certssb_jax.ensemble import scorer as scorer_lib, trainer as ensemble
+from certssb_jax.ensemble import scorer as scorer_lib, trained, trainer as ensemble
 from certssb_jax.run import config as config_lib, pipeline, rundir
 
 
@@ -47,7 +47,7 @@ def test_search_models_score_and_never_vote(tmp_path):
   from certssb_jax.models import zoo as models  # pylint: disable=g-import-not-at-top
   model = models.get_model("mnist_cnn", 2)
   trainer = ensemble.Trainers().get(model, (28, 28, 1), cfg, models_per_chunk=2)
-  held_out = ensemble.TrainedEnsemble(trainer, 8, rundir.RunDir(str(tmp_path / "s"))).stacked(np.arange(2))
+  held_out = trained.TrainedEnsemble(trainer, 8, rundir.RunDir(str(tmp_path / "s"))).stacked(np.arange(2))
   score_fn = scorer_lib.EnsembleScorer(model, trainer.mesh, 2)
   attacked = pipeline.poison(cfg, pipeline.load_data(cfg), rundir.RunDir(str(tmp_path / "s")), pipeline.no_progress)
   key = jax_fold(rng.stream(0, rng.SIGMA_SEARCH), 1)

@@ -24,7 +24,7 @@ from certssb_jax.certify import bounds, kernel as certify_lib
 from certssb_jax.data import readers, sources as data_lib, triggers
 from certssb_jax.data.attacked import SPLITS, Attacked, Split
 from certssb_jax.defenses import sigma_search
-from certssb_jax.ensemble import scorer as scorer_lib, trainer as ensemble
+from certssb_jax.ensemble import scorer as scorer_lib, trained, trainer as ensemble
 from certssb_jax.ensemble.member import MemberState, Streams, member_logits
 from certssb_jax.ensemble.views import MemberViews
 from certssb_jax.models import zoo as models_lib
@@ -196,7 +196,7 @@ def poison(cfg: Config, ds: data_lib.Dataset, rd: RunDir, progress: Progress) ->
   if a.selection == "least_confident":
     clean = Attacked(ds, ds.x_train, ds.y_train, np.zeros(0, np.int64), np.zeros(0), {}, model)
     state = single_model(cfg, clean, rd, "surrogate", epochs=cfg.train.epochs, sigma=None, progress=progress)
-    probs = ensemble.predict_probs(model, state, ds.x_train)
+    probs = trained.predict_probs(model, state, ds.x_train)
     scores = probs[np.arange(len(ds.y_train)), ds.y_train]  # the surrogate's probability of the true label
   idx = triggers.choose_poison_indices(ds.y_train, a.poison_rate, a.target_class, cfg.seed, base=a.poison_base,
                                        scores=scores)
@@ -250,7 +250,7 @@ def train_undefended(cfg: Config, attacked: Attacked, rd: RunDir, progress: Prog
   """Clean accuracy, ERA and ASR of one model trained on the poisoned data without noise: what the attack does."""
   state = single_model(cfg, attacked, rd, "undefended", epochs=cfg.undefended.epochs, sigma=None,
                        progress=progress, trainers=trainers)
-  pred = {s: ensemble.predict_probs(attacked.model, state, attacked.splits[s].x).argmax(-1) for s in SPLITS}
+  pred = {s: trained.predict_probs(attacked.model, state, attacked.splits[s].x).argmax(-1) for s in SPLITS}
   trig = attacked.splits["triggered"]
   return {"clean_accuracy": float(np.mean(pred["clean"] == attacked.splits["clean"].y)),
           "era": float(np.mean(pred["triggered"] == trig.y)),
@@ -304,14 +304,14 @@ def training_sigmas(cfg: Config, attacked: Attacked, pilot: Any, rd: RunDir,
     sigma, _ = find_sigmas(cfg, (pilot_score_fn(attacked.model), pilot), "train", attacked.x_train,
                            attacked.y_train, progress)
     stacked = MemberState(*jax.tree.map(lambda a: np.asarray(a)[None], pilot), None)
-    pred = ensemble.predict_probs(attacked.model, stacked, attacked.x_train).argmax(-1)
+    pred = trained.predict_probs(attacked.model, stacked, attacked.x_train).argmax(-1)
     return {"sigma": sigma, "pilot_disagrees": pred != attacked.y_train}
 
   out = rd.stage("sigma_train", search)
   return out["sigma"], out["pilot_disagrees"]
 
 
-def test_sigmas(cfg: Config, attacked: Attacked, pilot: Any, members: ensemble.TrainedEnsemble, rd: RunDir,
+def test_sigmas(cfg: Config, attacked: Attacked, pilot: Any, members: trained.TrainedEnsemble, rd: RunDir,
                 progress: Progress) -> dict[str, np.ndarray]:
   """sigma_x of every test input: sigma_0 (RAB, and Cert-SSB's default) or the search with the pilot or the
   held-out search models.
@@ -349,7 +349,7 @@ def pilot_score_fn(model) -> Callable[[Any, jax.Array], jax.Array]:
 
 def train_ensemble(cfg: Config, attacked: Attacked, sigma_train: np.ndarray | None, rd: RunDir,
                    progress: Progress, views: MemberViews | None = None,
-                   trainers: ensemble.Trainers | None = None) -> ensemble.TrainedEnsemble:
+                   trainers: ensemble.Trainers | None = None) -> trained.TrainedEnsemble:
   """Trains the M models chunk by chunk: model m on its own fixed noised copy of the training set (smoothing,
   ``sigma_train`` per sample) or without noise on its view of it (``views``: a part, a bag).
 
@@ -364,7 +364,7 @@ def train_ensemble(cfg: Config, attacked: Attacked, sigma_train: np.ndarray | No
       attacked.model, attacked.data.input_shape, cfg,
       models_per_chunk=ensemble.auto_models_per_chunk(t.models_per_chunk, t.num_models),
       batch_size=cfg.defense.member_batch_size if views is not None else None)
-  members = ensemble.TrainedEnsemble(trainer, t.num_models, rd)
+  members = trained.TrainedEnsemble(trainer, t.num_models, rd)
   chunks = trainer.chunks(t.num_models)
   done = {c for first, last in rd.saved_chunks() for c in range(first, last + 1)}
   if done:
@@ -440,7 +440,7 @@ def kernel_requests(cfg: Config, attacked: Attacked, sigma_test: dict[str, np.nd
   return req
 
 
-def run_kernel(cfg: Config, members: ensemble.TrainedEnsemble, requests: dict[str, tuple],
+def run_kernel(cfg: Config, members: trained.TrainedEnsemble, requests: dict[str, tuple],
                progress: Progress) -> dict[str, np.ndarray]:
   """Every model's class and the summed probabilities on every request, in one pass over the ensemble.
 
