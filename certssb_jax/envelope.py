@@ -154,8 +154,8 @@ def grid_selector(rab_runs: dict[float, str], x: dict[str, np.ndarray], selector
   if len(keys) != 1 or any(c["sigma"]["mode"] != "fixed" for c in cfgs.values()):
     raise ValueError("the grid selector needs RAB runs that differ in sigma only")
   votes = {s: files.load_npz(os.path.join(d, "votes.npz")) for s, d in rab_runs.items()}
-  choose = lambda split: grid_selector_lib.select_sigmas({s: v[f"{split}_preds"][:selector_models] for s, v in votes.items()},
-                                       m - selector_models, alpha, k)
+  choose = lambda split: grid_selector_lib.select_sigmas(
+      {s: v[f"{split}_preds"][:selector_models] for s, v in votes.items()}, m - selector_models, alpha, k)
   return _voters_answers(f"{GRID_DESIGN} (M_s = {selector_models})", votes, x, choose, selector_models, alpha, k,
                          first["attack"]["delta"], joint=False)
 

@@ -143,7 +143,8 @@ def count_table(summaries: dict[str, dict]) -> str:
     powers = [2**i for i in range(max(1, largest).bit_length())]  # the summary's grid: 1, 2, 4, ... <= largest
     for k in sorted({powers[0], powers[len(powers) // 3], powers[2 * len(powers) // 3], powers[-1]}):
       # past the grid's end no answer is certified
-      rows.append((f"certified accuracy, {k} {name}", lambda s, k=k, t=threat: s["metrics"][f"cra_{t}"].get(str(k), 0.0)))
+      rows.append((f"certified accuracy, {k} {name}",
+                   lambda s, k=k, t=threat: s["metrics"][f"cra_{t}"].get(str(k), 0.0)))
     rows.append((f"largest possible, {name}", lambda s, t=threat: s["largest_certificate"][t]))
   if first.get("trigger_norm") is not None:  # counts that hold together with a test trigger of that norm
     rows.append((f"largest modifications r with a test trigger < {first['trigger_norm']:g}: median / max",

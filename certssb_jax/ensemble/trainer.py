@@ -310,7 +310,8 @@ class EnsembleTrainer:
     steps = views_lib.num_steps(views.lengths, epochs, self.config.batch_size)
     indices = views_lib.pad_to_bucket(views.indices)  # few shapes, so few compiled programs
     orders = views_lib.streams(fold_keys(streams.shuffle, ids), indices, views.lengths, epochs)
-    placed = [jax.device_put(slot, self._ens) for slot in self.layout.split((np.asarray(orders), steps.astype(np.int32)))]
+    slots = self.layout.split((np.asarray(orders), steps.astype(np.int32)))
+    placed = [jax.device_put(slot, self._ens) for slot in slots]
     orders, steps_slots = tuple(p[0] for p in placed), tuple(p[1] for p in placed)
     keys = tuple(self._fold(streams.noise, slot) for slot in self.layout.split(ids))
     run = self._view_steps[noised]

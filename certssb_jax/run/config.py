@@ -82,11 +82,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every_s = 10.0  # save training at most this often: whole chunks, or a chunk's state mid-training
 
   c.defense = ml_collections.ConfigDict()
-  c.defense.name = "smoothing"  # smoothing (RAB or Cert-SSB, by sigma.mode) | dpa (train.num_models partitions) | bagging
-  c.defense.partition = "sample"  # dpa: sample (hash of image and label: insertions, deletions) | position (n fixed: modifications)
+  c.defense.name = "smoothing"  # smoothing (RAB or Cert-SSB, by sigma.mode) | a key of defenses.COUNTING (dpa, ...)
+  c.defense.partition = "sample"  # dpa & kin: sample (image, label: insertions, deletions) | position (modifications)
   c.defense.spread = 1  # finite_aggregation: d, the members each training sample feeds (train.num_models = k x d)
-  c.defense.bag_size = config_dict.placeholder(int)  # bagging: samples per member (with replacement); None: n // M, recorded
-  c.defense.member_batch_size = config_dict.placeholder(int)  # dpa, bagging: a member's batch; None: min(train.batch_size, its view)
+  c.defense.bag_size = config_dict.placeholder(int)  # bagging: samples per member (with replacement); None: n // M
+  c.defense.member_batch_size = config_dict.placeholder(int)  # counting: a member's batch; None: min(batch, view)
 
   c.sigma = ml_collections.ConfigDict()
   c.sigma.mode = "sample_specific"  # sample_specific (Cert-SSB) | fixed (RAB: every sigma = sigma_0)
