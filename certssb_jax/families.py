@@ -56,7 +56,8 @@ class Row:
     summary: its summary.json.
     correct: (N,) the answer on each clean test input is its label (the plain or smoothed vote).
     counts: trigger norm t -> (N,) modified training samples certified together with a test trigger of norm
-      below t (-1: none; all -1 where the family certifies nothing at that t); None where not defined.
+      below t (-1: none); None where the family's certificate says nothing at that t (DPA and bagging at t > 0:
+      the test input as given; RAB at t = 0: a trigger of norm 0 is no attack).
   """
 
   method: str
@@ -88,9 +89,9 @@ def read_row(method: str, setting: str, workdir: str) -> Row:
     rab = lambda t: None if t <= 0 else bounds.poison_budget(margin, sigma, sigma, t)
     return Row(method, setting, summary["num_models"], workdir, summary, correct, rab)
   correct = np.array([int(r["pred"]) for r in clean]) == label
-  if summary.get("trigger_norm") is None:  # DPA, bagging: the clean test input only
+  if summary.get("trigger_norm") is None:  # DPA, bagging: the test input as given, nothing said about a trigger
     counts = np.array([int(r["certified_modifications"]) for r in clean], np.int64)
-    plain = lambda t: counts if t <= 0 else np.full_like(counts, -1)
+    plain = lambda t: counts if t <= 0 else None
     return Row(method, setting, summary["num_models"], workdir, summary, correct, plain)
   p_low = np.array([float(r["p_lower"]) for r in clean])
   p_high = np.array([float(r["p_upper_runner"]) for r in clean])
@@ -156,7 +157,7 @@ def largest(row: Row, trigger_norm: float) -> str:
     sigma = float(s["sigma_0"])
     return str(int(bounds.poison_budget(np.array([ceiling]), sigma, sigma, trigger_norm)[0]))
   if s.get("trigger_norm") is None:
-    return str(int(s["largest_certificate"]["modifications"])) if trigger_norm <= 0 else "-1"
+    return str(int(s["largest_certificate"]["modifications"])) if trigger_norm <= 0 else "-"
   from certssb_jax.defenses import dpa_smoothing  # pylint: disable=g-import-not-at-top
 
   d = s["defense"]
@@ -239,8 +240,8 @@ def plot(rows: list[Row], norms: tuple[float, ...], path: str) -> None:
   sizes = sorted({r.num_models for r in rows})
   s0 = rows[0].summary
   ks = np.concatenate([[0], np.unique(np.round(np.logspace(0, np.log10(4 * s0["n_poisoned"]), 160)).astype(int))])
-  fig, axes = plt.subplots(len(norms), len(sizes), figsize=(4.2 * len(sizes), 3.3 * len(norms)), sharex=True,
-                           sharey=True, squeeze=False)
+  fig, axes = plt.subplots(len(norms), len(sizes), figsize=(max(4.2 * len(sizes), 9.0), 3.3 * len(norms)),
+                           sharex=True, sharey=True, squeeze=False)
   for j, m in enumerate(sizes):
     for i, t in enumerate(norms):
       ax = axes[i, j]

@@ -271,7 +271,7 @@ def test_families_study_counts_from_the_run_folders(tmp_path):
     else:  # the clean test input only: nothing with a test trigger
       budget = np.array([int(x["certified_modifications"]) for x in clean])
       right = np.array([x["pred"] == x["label"] for x in clean])
-      assert r.accuracy(0, t) == 0.0 and r.accuracy(1, 0.0) == pytest.approx(np.mean(right & (budget >= 1)))
+      assert r.accuracy(0, t) is None and r.accuracy(1, 0.0) == pytest.approx(np.mean(right & (budget >= 1)))
       continue
     for k in families.POISON_GRID:
       assert r.accuracy(k, t) == pytest.approx(np.mean(right & (budget >= k)))
