@@ -279,14 +279,48 @@ def plot(rows: list[Row], norms: tuple[float, ...], path: str) -> None:
   plt.close(fig)
 
 
+def plot_whole_backdoor(rows: list[Row], path: str) -> bool:
+  """Heat maps of DPA with test-time smoothing, one per M (its best sigma at each cell): certified accuracy against
+  k modified training samples (x) and a test trigger of norm below t (y). False when there is no such row."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  sizes = sorted({r.num_models for r in rows if r.method == "DPA+smoothing"})
+  if not sizes:
+    return False
+  s0 = rows[0].summary
+  ks, ts = np.arange(0, 65), np.linspace(0.0, 2.0 * s0["delta"], 41)
+  fig, axes = plt.subplots(1, len(sizes), figsize=(max(4.4 * len(sizes), 6.0), 3.8), squeeze=False)
+  for ax, m in zip(axes[0], sizes):
+    acc = np.array([[best(rows, "DPA+smoothing", m, int(k), float(t))[0] for k in ks] for t in ts])  # (T, K)
+    im = ax.imshow(acc, origin="lower", aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis",
+                   extent=(ks[0] - 0.5, ks[-1] + 0.5, ts[0], ts[-1]))
+    ax.axhline(s0["delta"], color="w", ls=":", lw=1.0)
+    ax.text(ks[-1], s0["delta"], " the attack's norm", color="w", ha="right", va="bottom", fontsize=7)
+    ax.set_title(f"M = {m} parts", fontsize=9)
+    ax.set_xlabel("modified training samples k")
+  axes[0, 0].set_ylabel("test trigger norm t")
+  fig.colorbar(im, ax=axes[0].tolist(), label="certified accuracy (clean test inputs)")
+  fig.suptitle(f"{s0['dataset']} {tuple(s0['classes'])}: DPA with test-time smoothing, the whole backdoor (its best "
+               "sigma at each cell)", fontsize=9)
+  fig.savefig(path, dpi=110, bbox_inches="tight")
+  plt.close(fig)
+  return True
+
+
 def write_page(path: str, rows: list[Row], norms: tuple[float, ...], command: str, workdir: str) -> None:
   """The page (e.g. docs/families.md) with its figure under figures/ beside it."""
   s0 = rows[0].summary
   name = f"families_{s0['dataset']}_{'-'.join(str(c) for c in s0['classes'])}.png"
+  heat = name.replace("families_", "whole_backdoor_")
   plot(rows, norms, os.path.join(workdir, name))
   folder = os.path.join(os.path.dirname(os.path.abspath(path)), "figures")
   os.makedirs(folder, exist_ok=True)
-  shutil.copyfile(os.path.join(workdir, name), os.path.join(folder, name))
+  figures = [name] + ([heat] if plot_whole_backdoor(rows, os.path.join(workdir, heat)) else [])
+  for f in figures:
+    shutil.copyfile(os.path.join(workdir, f), os.path.join(folder, f))
   page = ["# Certified poisoning defenses side by side", "",
           "Written by the command below from the run folders; do not edit by hand. Every family runs on the same "
           "data, attack and seed with the same number of members M, each at its best setting for each number k "
@@ -294,7 +328,7 @@ def write_page(path: str, rows: list[Row], norms: tuple[float, ...], command: st
           "halves: DPA and bagging certify the training half only (t = 0), RAB both halves with labels kept "
           "(docs/method.md, section 3), DPA with test-time smoothing both halves with labels changed at will "
           "(docs/method.md, section 9).", "",
-          markdown(rows, norms, command), f"![{name}](figures/{name})", ""]
+          markdown(rows, norms, command)] + [f"![{f}](figures/{f})\n" for f in figures]
   files.atomic_write_bytes(path, "\n".join(page).encode())
 
 
