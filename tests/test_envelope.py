@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from certssb_jax import envelope
+from certssb_jax.data.attacked import SPLITS
 from certssb_jax.defenses import grid_selector
+from certssb_jax.envelope import answers, comparison, pages, program
 from certssb_jax.store import certified as store_lib
 
 
@@ -50,8 +51,8 @@ def _rab_folder(path, sigma, preds, labels, num_models):
                        "attack.delta": 0.05})
   os.makedirs(path)
   files.save_json(os.path.join(path, "config.json"), config_lib.to_json(config_lib.resolve(cfg)))
-  files.save_npz(os.path.join(path, "votes.npz"), **{f"{s}_preds": preds[s] for s in envelope.SPLITS},
-                 **{f"{s}_label": labels for s in envelope.SPLITS})
+  files.save_npz(os.path.join(path, "votes.npz"), **{f"{s}_preds": preds[s] for s in SPLITS},
+                 **{f"{s}_label": labels for s in SPLITS})
   return str(path)
 
 
@@ -74,15 +75,15 @@ def test_the_grid_selector_certifies_the_test_input_radius_and_no_joint_radius(t
       preds[m_s + voters_for_label[i]:, i] = 1 - labels[i]  # ... but the last voters of input i
     if sigma == 0.5:
       preds[:2, 1] = 1 - labels[1]  # the selectors split on input 1 at 0.5: it keeps 0.25
-    at[sigma] = _rab_folder(tmp_path / str(sigma), sigma, {s: preds for s in envelope.SPLITS}, labels, m)
+    at[sigma] = _rab_folder(tmp_path / str(sigma), sigma, {s: preds for s in SPLITS}, labels, m)
   x = {s: np.arange(n)[:, None] * np.full((1, 3), 10.0) + (100.0 if s == "triggered" else 0.0)
-       for s in envelope.SPLITS}
-  ans = envelope.grid_selector(at, x, m_s)
+       for s in SPLITS}
+  ans = answers.grid_selector(at, x, m_s)
   chosen = np.array([0.5, 0.25, 0.5, 0.5])
   p_low = stats.beta.ppf(alpha / 2, voters_for_label, 12 - voters_for_label + 1)
   want = np.where(p_low > 0.5, chosen * stats.norm.ppf(p_low), 0.0)
   assert (want > 0).all()
-  for split in envelope.SPLITS:
+  for split in SPLITS:
     np.testing.assert_array_equal(ans.sigma_x[split], chosen)
     np.testing.assert_array_equal(ans.pred[split], labels)
     np.testing.assert_allclose(ans.radius_test[split], want, rtol=1e-8)
@@ -95,7 +96,7 @@ def test_the_grid_selector_certifies_the_test_input_radius_and_no_joint_radius(t
 def test_crossings_find_the_intervals_and_the_largest_difference():
   r = np.linspace(0, 1, 11)
   diff = np.array([0, 0.1, 0.3, 0.2, 0, -0.1, -0.4, 0, 0, 0.05, 0])
-  got = envelope.crossings(diff, r)
+  got = comparison.crossings(diff, r)
   got_intervals = [(c["sign"], round(c["from"], 9), round(c["to"], 9)) for c in got]
   assert got_intervals == [(1, 0.1, 0.3), (-1, 0.5, 0.6), (1, 0.9, 0.9)]
   assert got[0]["largest"] == pytest.approx(0.3) and got[0]["at"] == pytest.approx(0.2)
@@ -106,8 +107,8 @@ def _answers(name, sigma, pred, radius, label):
   arrays = {"clean": np.asarray(pred), "triggered": np.asarray(pred)}
   rad = {"clean": np.asarray(radius, float), "triggered": np.asarray(radius, float)}
   lab = {"clean": np.asarray(label), "triggered": np.asarray(label)}
-  sig = {s: np.full(len(pred), sigma or 0.3) for s in envelope.SPLITS}
-  return envelope.Answers(name, sigma, 8, arrays, rad, rad, sig, lab, arrays, 0.1, (0.3, 0.3))
+  sig = {s: np.full(len(pred), sigma or 0.3) for s in SPLITS}
+  return answers.Answers(name, sigma, 8, arrays, rad, rad, sig, lab, arrays, 0.1, (0.3, 0.3))
 
 
 def test_the_envelope_is_the_best_rab_at_each_radius():
@@ -115,7 +116,7 @@ def test_the_envelope_is_the_best_rab_at_each_radius():
   small = _answers("RAB 0.25", 0.25, [1, 1, 1, 1], [0.1, 0.1, 0.1, 0.1], label)  # all correct, small radii
   large = _answers("RAB 0.5", 0.5, [1, 1, -1, -1], [0.4, 0.4, 0, 0], label)  # half abstain, large radii
   design = _answers("design", None, [1, 1, 1, -1], [0.4, 0.4, 0.3, 0], label)
-  out = envelope.compare([large, small], [design], target_class=0, steps=100)
+  out = comparison.compare([large, small], [design], target_class=0, steps=100)
   r = np.asarray(out["radii"]["test"])
   env = np.asarray(out["envelope"]["test"]["cra"])
   np.testing.assert_allclose(env, np.maximum(small.cra("test", r), large.cra("test", r)))
@@ -137,13 +138,13 @@ def test_the_envelope_command_on_real_digits(tmp_path):
   from certssb_jax.run import config as config_lib, pipeline  # pylint: disable=g-import-not-at-top
 
   spec = write_tiny_config(tmp_path / "tiny.py", num_models=16, alpha=0.2)
-  result = envelope.run_envelope(spec, str(tmp_path / "env"), [0.25, 0.5], [], [4])
+  result = program.run_envelope(spec, str(tmp_path / "env"), [0.25, 0.5], [], [4])
   for path in result["plots"] + [result["json"]]:
     assert os.path.exists(path)
     assert result["key"].endswith("_M16") and result["key"] in os.path.basename(path)  # another M: other files
   out = json.load(open(result["json"]))
   names = [row["name"] for row in out["rows"]]
-  assert names == ["RAB sigma=0.25", "RAB sigma=0.5", f"{envelope.GRID_DESIGN} (M_s = 4)",
+  assert names == ["RAB sigma=0.25", "RAB sigma=0.5", f"{answers.GRID_DESIGN} (M_s = 4)",
                    "RAB sigma=0.25, 12 voters", "RAB sigma=0.5, 12 voters"]  # the same voters as the selector
   grid = out["rows"][2]
   assert grid["voting"] == 12 and max(grid["cra"]["joint"]) == 0.0
@@ -152,16 +153,16 @@ def test_the_envelope_command_on_real_digits(tmp_path):
   rab_runs = {float(k): v for k, v in out["rab_runs"].items()}
   cfg = config_lib.resolve(config_lib.load_config(spec))
   splits = pipeline.test_splits(cfg, pipeline.load_data(cfg))
-  ans = envelope.grid_selector(rab_runs, {s: splits[s].x for s in envelope.SPLITS}, 4)
-  x = np.concatenate([splits[s].x for s in envelope.SPLITS])
-  pred = np.concatenate([ans.pred[s] for s in envelope.SPLITS])
-  radius = np.concatenate([ans.radius_test[s] for s in envelope.SPLITS])
+  ans = answers.grid_selector(rab_runs, {s: splits[s].x for s in SPLITS}, 4)
+  x = np.concatenate([splits[s].x for s in SPLITS])
+  pred = np.concatenate([ans.pred[s] for s in SPLITS])
+  radius = np.concatenate([ans.radius_test[s] for s in SPLITS])
   assert store_lib.audit(x, pred, radius)[0] == 0
   assert set(np.unique(ans.sigma_x["clean"])) <= {0.25, 0.5}
   # the answers are the certificates of the voters (ids 4..15) at the selected sigma, recounted from the votes
   from certssb_jax.certify import bounds  # pylint: disable=g-import-not-at-top
   votes = {s: np.load(os.path.join(d, "votes.npz")) for s, d in rab_runs.items()}
-  for split in envelope.SPLITS:
+  for split in SPLITS:
     chosen = ans.sigma_x[split]
     preds = np.stack([votes[s][f"{split}_preds"][4:, i] for i, s in enumerate(chosen)], axis=1)
     counts = np.stack([(preds == c).sum(axis=0) for c in range(2)], axis=1)
@@ -169,7 +170,7 @@ def test_the_envelope_command_on_real_digits(tmp_path):
     np.testing.assert_array_equal(cert.pred, ans.pred[split])
     np.testing.assert_allclose(cert.radius_test, ans.radius_test[split], rtol=1e-6, atol=1e-9)
   # RAB with the selector's voters: the same votes from model 4 on, at one sigma, with its joint radius
-  for same in envelope.same_voters(rab_runs, {s: splits[s].x for s in envelope.SPLITS}, 4):
+  for same in answers.same_voters(rab_runs, {s: splits[s].x for s in SPLITS}, 4):
     preds = votes[same.sigma]["clean_preds"][4:]
     counts = np.stack([(preds == c).sum(axis=0) for c in range(2)], axis=1)
     cert = bounds.certify_counts(counts, alpha=0.2, sigma_x=same.sigma, sigma_min=same.sigma)
@@ -177,7 +178,7 @@ def test_the_envelope_command_on_real_digits(tmp_path):
     assert same.voting == 12 and same.radius_joint["clean"].max() > 0
     np.testing.assert_allclose(same.radius_joint["clean"], same.radius_test["clean"])  # one sigma everywhere
   with pytest.raises(ValueError, match="selector_models"):
-    envelope.grid_selector(rab_runs, {s: splits[s].x for s in envelope.SPLITS}, 16)
+    answers.grid_selector(rab_runs, {s: splits[s].x for s in SPLITS}, 16)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -202,9 +203,9 @@ def test_the_results_page_rewrites_only_the_sections_of_the_pairs_it_ran(tmp_pat
   plot.write_bytes(b"png")
   page = tmp_path / "docs" / "results.md"
   sec = lambda key, text: {"key": key, "markdown": f"### {key}\n\n{text}\n", "plots": [str(plot)]}
-  envelope.write_results_page(str(page), [sec("a_M16", "first a"), sec("b_M16", "first b")], "cmd one")
-  envelope.write_results_page(str(page), [sec("b_M16", "second b"), sec("c_M64", "first c")], "cmd two")
-  sections = envelope.page_sections(page.read_text())
+  pages.write_results_page(str(page), [sec("a_M16", "first a"), sec("b_M16", "first b")], "cmd one")
+  pages.write_results_page(str(page), [sec("b_M16", "second b"), sec("c_M64", "first c")], "cmd two")
+  sections = pages.page_sections(page.read_text())
   assert list(sections) == ["a_M16", "b_M16", "c_M64"]
   assert "first a" in sections["a_M16"] and "cmd one" in sections["a_M16"]
   assert "second b" in sections["b_M16"] and "first b" not in sections["b_M16"] and "cmd two" in sections["b_M16"]

@@ -1,5 +1,6 @@
 """The figures read without the README: a flat or one-valued panel says why in a sentence, legends stay off the
-data, no curve hides under another, and every marker is named (certssb_jax/run/report.py, certssb_jax/envelope.py).
+data, no curve hides under another, and every marker is named (certssb_jax/run/report.py,
+certssb_jax/envelope/figures.py).
 
 The plotting functions save and close their figures; the fixture keeps each figure instead of writing it, so its
 texts, lines and legends can be read here.
@@ -12,7 +13,8 @@ from matplotlib.figure import Figure
 import numpy as np
 import pytest
 
-from certssb_jax import envelope
+from certssb_jax.data.attacked import SPLITS
+from certssb_jax.envelope import answers as answers_lib, comparison, figures as figures_lib
 from certssb_jax.run import config as config_lib, report
 
 
@@ -86,19 +88,19 @@ def _result():
   under a bold envelope)."""
   def answers(name, sigma, pred, radius):
     pred, radius = np.asarray(pred), np.asarray(radius, float)
-    both = {s: pred for s in envelope.SPLITS}
-    rad = {s: radius for s in envelope.SPLITS}
-    label = {s: np.ones(len(pred), np.int64) for s in envelope.SPLITS}
-    sig = {s: np.full(len(pred), sigma or 0.3) for s in envelope.SPLITS}
-    return envelope.Answers(name, sigma, 8, both, rad, rad, sig, label, both, 0.1, (0.25, 0.5))
+    both = {s: pred for s in SPLITS}
+    rad = {s: radius for s in SPLITS}
+    label = {s: np.ones(len(pred), np.int64) for s in SPLITS}
+    sig = {s: np.full(len(pred), sigma or 0.3) for s in SPLITS}
+    return answers_lib.Answers(name, sigma, 8, both, rad, rad, sig, label, both, 0.1, (0.25, 0.5))
 
   rab = [answers("RAB sigma=0.25", 0.25, [1, 1, 1, 1], [0.1] * 4), answers("RAB sigma=0.5", 0.5, [1, 1, -1, -1],
                                                                            [0.4, 0.4, 0, 0])]
-  return envelope.compare(rab, [answers("design", None, [1, 1, 1, -1], [0.4, 0.4, 0.3, 0])], target_class=0)
+  return comparison.compare(rab, [answers("design", None, [1, 1, 1, -1], [0.4, 0.4, 0.3, 0])], target_class=0)
 
 
 def test_the_envelope_lies_behind_the_curves_it_bounds(saved):
-  envelope.plot_envelope("unused.png", "title", _result())
+  figures_lib.plot_envelope("unused.png", "title", _result())
   fig = saved[-1]
   for ax in fig.axes:
     lines = {line.get_label(): line for line in ax.get_lines()}
@@ -112,7 +114,7 @@ def test_the_envelope_lies_behind_the_curves_it_bounds(saved):
 
 def test_the_attack_figure_labels_its_axis_and_names_every_marker(saved):
   result = _result()
-  envelope.plot_attack("unused.png", "title", result)
+  figures_lib.plot_attack("unused.png", "title", result)
   ax = saved[-1].axes[0]
   assert ax.get_ylabel()
   entries = {t.get_text() for t in ax.get_legend().get_texts()}

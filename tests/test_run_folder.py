@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from certssb_jax import files
-from certssb_jax.run import config as config_lib, rundir
+from certssb_jax.run import config as config_lib, folder_lock, rundir
 
 SMALL = dict(max_train=128, max_test=32, num_models=4, models_per_chunk=2,
              **{"train.epochs": 1, "undefended.epochs": 1, "train.checkpoint_every_s": 0})
@@ -44,7 +44,7 @@ def _dead_pid() -> int:
 
 def _write_lock(workdir, **holder) -> None:
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, rundir.LOCK_FILE), "w") as f:
+  with open(os.path.join(workdir, folder_lock.LOCK_FILE), "w") as f:
     json.dump({"host": socket.gethostname(), "since": "2001-02-03T04:05:06+00:00", **holder}, f)
 
 
@@ -64,21 +64,21 @@ def test_a_launch_into_a_held_folder_is_refused_with_one_line_naming_the_holder(
     line = _error_line(proc, f"{workdir} is in use by another run", f"pid {os.getpid()}",
                        f"host {socket.gethostname()}", "since ", "use another --workdir")
     assert "resuming" not in proc.stderr
-    assert json.load(open(os.path.join(workdir, rundir.LOCK_FILE)))["pid"] == os.getpid(), line  # still ours
-    assert sorted(os.listdir(workdir)) == ["config.json", rundir.LOCK_FILE]  # the refused run wrote nothing
-  assert not os.path.exists(os.path.join(workdir, rundir.LOCK_FILE))
+    assert json.load(open(os.path.join(workdir, folder_lock.LOCK_FILE)))["pid"] == os.getpid(), line  # still ours
+    assert sorted(os.listdir(workdir)) == ["config.json", folder_lock.LOCK_FILE]  # the refused run wrote nothing
+  assert not os.path.exists(os.path.join(workdir, folder_lock.LOCK_FILE))
 
 
 def test_a_stale_lock_of_a_dead_pid_is_taken_over_with_a_warning(tmp_path, cfg, caplog):
   workdir = str(tmp_path / "w")
   dead = _dead_pid()
   _write_lock(workdir, pid=dead)
-  with caplog.at_level(logging.WARNING, logger="certssb_jax.run.rundir"):
+  with caplog.at_level(logging.WARNING, logger="certssb_jax.run.folder_lock"):
     rd = rundir.RunDir.open(workdir, cfg)
   assert f"taking over the lock of pid {dead} on host {socket.gethostname()}" in caplog.text
-  assert json.load(open(os.path.join(workdir, rundir.LOCK_FILE)))["pid"] == os.getpid()
+  assert json.load(open(os.path.join(workdir, folder_lock.LOCK_FILE)))["pid"] == os.getpid()
   rd.close()
-  assert not os.path.exists(os.path.join(workdir, rundir.LOCK_FILE))
+  assert not os.path.exists(os.path.join(workdir, folder_lock.LOCK_FILE))
 
 
 def test_without_flock_the_pid_decides_and_another_host_is_never_taken_over(tmp_path, cfg, monkeypatch):
@@ -88,21 +88,21 @@ def test_without_flock_the_pid_decides_and_another_host_is_never_taken_over(tmp_
   def no_flock(fd, op):
     raise OSError(errno.ENOLCK, "No locks available")
 
-  monkeypatch.setattr(rundir.fcntl, "flock", no_flock)
+  monkeypatch.setattr(folder_lock.fcntl, "flock", no_flock)
   workdir = str(tmp_path / "w")
   sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
   try:
     _write_lock(workdir, pid=sleeper.pid)
-    with pytest.raises(rundir.RunFolderBusyError, match=f"in use by another run: pid {sleeper.pid} on host"):
+    with pytest.raises(folder_lock.RunFolderBusyError, match=f"in use by another run: pid {sleeper.pid} on host"):
       rundir.RunDir.open(workdir, cfg)
   finally:
     sleeper.kill()
     sleeper.wait()
   rundir.RunDir.open(workdir, cfg).close()  # the sleeper is gone now: its lock is taken over
-  assert not os.path.exists(os.path.join(workdir, rundir.LOCK_FILE))
+  assert not os.path.exists(os.path.join(workdir, folder_lock.LOCK_FILE))
   _write_lock(workdir, pid=_dead_pid(), host="elsewhere")
-  lock = os.path.join(workdir, rundir.LOCK_FILE)
-  with pytest.raises(rundir.RunFolderBusyError, match=f"on host elsewhere .*if that run is gone, delete {lock}"):
+  lock = os.path.join(workdir, folder_lock.LOCK_FILE)
+  with pytest.raises(folder_lock.RunFolderBusyError, match=f"on host elsewhere .*if that run is gone, delete {lock}"):
     rundir.RunDir.open(workdir, cfg)
   assert json.load(open(lock))["host"] == "elsewhere"
 
@@ -113,9 +113,9 @@ def test_a_process_opening_its_folder_again_takes_its_own_lock_over(tmp_path, cf
   first = rundir.RunDir.open(workdir, cfg)
   second = rundir.RunDir.open(workdir, cfg)
   first.close()
-  assert os.path.exists(os.path.join(workdir, rundir.LOCK_FILE))
+  assert os.path.exists(os.path.join(workdir, folder_lock.LOCK_FILE))
   second.close()
-  assert not os.path.exists(os.path.join(workdir, rundir.LOCK_FILE))
+  assert not os.path.exists(os.path.join(workdir, folder_lock.LOCK_FILE))
 
 
 def test_a_failing_run_releases_the_lock(tmp_path, monkeypatch):
@@ -129,7 +129,7 @@ def test_a_failing_run_releases_the_lock(tmp_path, monkeypatch):
   with pytest.raises(RuntimeError, match="a stage failed"):
     pipeline.run(tiny_config(**SMALL), workdir)
   assert os.path.exists(os.path.join(workdir, "config.json"))
-  assert not os.path.exists(os.path.join(workdir, rundir.LOCK_FILE))
+  assert not os.path.exists(os.path.join(workdir, folder_lock.LOCK_FILE))
 
 
 # ---------------------------------------------------------------------------------------------- damaged checkpoints
@@ -195,7 +195,7 @@ def test_a_damaged_ensemble_checkpoint_ends_with_one_line_and_its_remedy_works(t
   config_path = write_tiny_config(tmp_path / "c.py", **SMALL)
   workdir = str(tmp_path / "w")
   helpers.check(helpers.launch("--config", config_path, "--workdir", workdir), "launch")
-  assert not os.path.exists(os.path.join(workdir, rundir.LOCK_FILE))  # gone after a normal run
+  assert not os.path.exists(os.path.join(workdir, folder_lock.LOCK_FILE))  # gone after a normal run
   original = files.load_npz(os.path.join(workdir, "votes.npz"))
   os.remove(os.path.join(workdir, "stages", "votes.npz"))  # as if killed before the votes
   damaged = os.path.join(workdir, "ensemble", "chunks_00001-00001")
@@ -206,7 +206,7 @@ def test_a_damaged_ensemble_checkpoint_ends_with_one_line_and_its_remedy_works(t
   proc = helpers.launch("--config", config_path, "--workdir", workdir)
   _error_line(proc, f"checkpoint {damaged} is damaged", "holds models 2 to 3 of the ensemble",
               f"delete {damaged} and run again to retrain just those models")
-  assert not os.path.exists(os.path.join(workdir, rundir.LOCK_FILE))  # gone after a failing run
+  assert not os.path.exists(os.path.join(workdir, folder_lock.LOCK_FILE))  # gone after a failing run
   assert sorted(os.listdir(os.path.join(workdir, "ensemble"))) == ["chunks_00000-00000", "chunks_00001-00001"]
   assert all(open(p, "rb").read() == data for p, data in kept.items())
 
