@@ -63,6 +63,27 @@ def test_kernel_votes_match_a_naive_loop_three_classes():
   np.testing.assert_allclose(probs, naive_probs, **PROBS_TOL)
 
 
+def test_ranks_order_each_models_probabilities_across_chunks_and_padding():
+  model, state = _ensemble(5, 4)
+  rs = np.random.RandomState(3)
+  x = rs.rand(6, 28, 28, 1).astype(np.float32)
+  sigma = np.full(6, 0.5, np.float32)
+  chunks = [(np.array([0, 1, 2]), jax.tree.map(lambda a: a[:3], state)),
+            (np.array([3, 4, 5]), jax.tree.map(lambda a: a[np.array([3, 4, 4])], state))]  # id 5 = padding
+  preds, probs, ranks = certify.certify_inputs(model, chunks, x, sigma, seed=2, num_models=5, batch_size=4,
+                                               models_per_chunk=2, return_ranks=True)
+  assert ranks.shape == (5, 6, 4) and ranks.dtype == np.uint8
+  np.testing.assert_array_equal(np.sort(ranks, axis=-1), np.broadcast_to(np.arange(4), ranks.shape))
+  np.testing.assert_array_equal(ranks.argmin(-1), preds)
+  for m in range(5):  # model m's rank order is the order of its own probabilities on each input
+    u = np.asarray(jax.random.normal(rng.member_key(2, rng.TEST_NOISE, m), x.shape[1:]))
+    p = np.asarray(models.logits_to_probs(model.apply({"params": jax.tree.map(lambda a, m=m: a[m], state.params)},
+                                                      jnp.asarray(x + 0.5 * u))))
+    by_rank = np.take_along_axis(p, np.argsort(ranks[m], -1), -1)  # the probabilities, rank 0 first
+    assert (np.diff(by_rank, axis=-1) <= 1e-6).all(), by_rank
+  np.testing.assert_array_equal(certify.class_ranks(np.array([[0.2, 0.5, 0.2, 0.1]])), [[1, 0, 2, 3]])
+
+
 def test_sigma_zero_votes_on_the_input_itself_beside_noised_inputs():
   """A counting defense queries at sigma 0: the kernel must then return each member's class on x itself (no
   noise, whatever u_m is), even when the same batch holds inputs queried at sigma > 0."""

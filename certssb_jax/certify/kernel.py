@@ -154,8 +154,8 @@ def rechunk(chunks: Iterable[tuple[np.ndarray, MemberState]], size: int,
 def certify_inputs(model: nn.Module, chunks: Iterable[tuple[np.ndarray, MemberState]], x: np.ndarray,
                    sigma: np.ndarray, *, seed: int, num_models: int, batch_size: int = 512,
                    on_chunk: Callable[[int], None] | None = None, mesh: Mesh | None = None,
-                   member_map: str | None = None,
-                   models_per_chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   member_map: str | None = None, models_per_chunk: int | None = None,
+                   return_ranks: bool = False) -> tuple[np.ndarray, ...]:
   """Runs every model of the ensemble on every input with its fixed test noise.
 
   Args:
@@ -172,10 +172,13 @@ def certify_inputs(model: nn.Module, chunks: Iterable[tuple[np.ndarray, MemberSt
     member_map: ``"loop"`` or ``"vmap"`` (see ``sharding``); default per backend.
     models_per_chunk: models per kernel call (memory bound); default the size of the first incoming chunk.
       Rounded up to a multiple of the device count.
+    return_ranks: also return every model's ranking of the classes (a run-off election needs more than the
+      top class).
 
   Returns:
     (preds (M, N) int32 — model m's class on input n, probs_sum (N, K) float64 — the sum over models, in
-    model-id order, of their class probabilities).
+    model-id order, of their class probabilities); with ``return_ranks`` also ranks (M, N, K) uint8, model m's
+    rank of class j on input n (``class_ranks`` of its probabilities).
   """
   x = np.asarray(x, np.float32)
   sigma = np.asarray(sigma, np.float32)
@@ -196,6 +199,7 @@ def certify_inputs(model: nn.Module, chunks: Iterable[tuple[np.ndarray, MemberSt
   stream = rng.stream(seed, rng.TEST_NOISE)
   preds = np.full((num_models, n), -1, np.int32)
   probs_sum = None
+  ranks = np.zeros((num_models, n, 0), np.uint8) if return_ranks else None
   chunks = iter(chunks)
   first = next(chunks, None)
   if first is None:
@@ -208,13 +212,22 @@ def certify_inputs(model: nn.Module, chunks: Iterable[tuple[np.ndarray, MemberSt
     preds[ids[keep]] = chunk_preds[keep]
     if probs_sum is None:
       probs_sum = np.zeros(chunk_probs.shape[1:], np.float64)
+      ranks = None if ranks is None else np.zeros((num_models, *chunk_probs.shape[1:]), np.uint8)
+    if ranks is not None:
+      ranks[ids[keep]] = class_ranks(chunk_probs[keep])
     for c in np.flatnonzero(keep)[np.argsort(ids[keep], kind="stable")]:
       probs_sum += chunk_probs[c]  # model-id order: the same bits for any chunking or sharding
     if on_chunk is not None:
       on_chunk(int(keep.sum()))
   if (preds < 0).any():
     raise ValueError("some models were not run: the chunks do not cover all num_models models")
-  return preds, probs_sum
+  return (preds, probs_sum) if ranks is None else (preds, probs_sum, ranks)
+
+
+def class_ranks(probs: np.ndarray) -> np.ndarray:
+  """(..., K) uint8: each class's rank in ``probs`` (..., K), 0 the most probable, ties to the smaller class."""
+  order = np.argsort(-np.asarray(probs), axis=-1, kind="stable")
+  return np.argsort(order, axis=-1, kind="stable").astype(np.uint8)
 
 
 def _run_chunk(model: nn.Module, ids: np.ndarray, state: MemberState, batches: list[tuple[jax.Array, jax.Array]],

@@ -9,10 +9,12 @@ from certssb_jax.defenses.base import INSERTIONS_DELETIONS, MODIFICATIONS, Count
 from certssb_jax.defenses.dpa import DPA
 from certssb_jax.defenses.dpa_smoothing import DPA_SMOOTHING
 from certssb_jax.defenses.finite_aggregation import FINITE_AGGREGATION
+from certssb_jax.defenses.run_off_election import run_off
 from certssb_jax.defenses.smoothing import CERT_SSB, RAB
 
 # defense.name -> a defense that counts poisoned training samples
-COUNTING = {"dpa": DPA, "bagging": BAGGING, "dpa_smoothing": DPA_SMOOTHING, "finite_aggregation": FINITE_AGGREGATION}
+COUNTING = {"dpa": DPA, "bagging": BAGGING, "dpa_smoothing": DPA_SMOOTHING, "finite_aggregation": FINITE_AGGREGATION,
+            "dpa_roe": run_off(DPA, "dpa"), "fa_roe": run_off(FINITE_AGGREGATION, "finite_aggregation")}
 # every defense.name; "smoothing" is RAB or Cert-SSB by sigma.mode
 NAMES = ("smoothing", *COUNTING)
 
@@ -26,4 +28,4 @@ def get(cfg: Any) -> Defense:
 
 
 __all__ = ["BAGGING", "CERT_SSB", "COUNTING", "CountCertificate", "DPA", "DPA_SMOOTHING", "Defense",
-           "INSERTIONS_DELETIONS", "MODIFICATIONS", "NAMES", "RAB", "get"]
+           "INSERTIONS_DELETIONS", "MODIFICATIONS", "NAMES", "RAB", "get", "run_off"]

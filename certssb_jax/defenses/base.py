@@ -72,8 +72,9 @@ class Defense(NamedTuple):
       (``ensemble.views.MemberViews``), each a function of the member's own view alone; None: every member
       trains on the whole training set.
     certify_votes: (config, votes (N, K) int, training-set size, every member's vote (M, N) or None where the
-      members do not vote one by one) -> CountCertificate (counting family); None for smoothing, whose bounds need
-      each query's sigma (``certify.bounds.certify_counts`` through the run).
+      members do not vote one by one, or their ranks (M, N, K) with ``member_ranks``) -> CountCertificate
+      (counting family); None for smoothing, whose bounds need each query's sigma
+      (``certify.bounds.certify_counts`` through the run).
     describe: config -> the defense's settings as the summary records them.
     diagnostics: what the run reports beyond the certificates: "sigma_search" (the search settings in the
       summary), "sigma_histogram" (the plot of the training and test sigmas), "side_channel_probe" (whether
@@ -84,6 +85,12 @@ class Defense(NamedTuple):
     train_sigma: config -> the Gaussian augmentation its members train with, None for none (counting).
     query_votes: (config, trained ensemble, queries, progress) -> vote counts (N, K); None: every member's vote
       on the clean query (counting).
+    buckets: config -> (B, d) int, the members each bucket of the training set feeds (a changed training sample
+      changes one bucket, or two for a modification under a hash of the sample); None where members' views
+      overlap at random (bagging).
+    member_ranks: ``certify_votes`` gets every member's rank of every class (M, N, K) in place of its vote.
+    trains: the ``defenses.COUNTING`` name of the defense whose members this one votes with (both share trained
+      models); None: its own.
   """
 
   name: str
@@ -96,6 +103,9 @@ class Defense(NamedTuple):
   view_size: Callable[[Any, int], int] | None = None
   train_sigma: Callable[[Any], float | None] = lambda cfg: None
   query_votes: Callable[[Any, Any, np.ndarray, Any], np.ndarray] | None = None
+  buckets: Callable[[Any], np.ndarray] | None = None
+  member_ranks: bool = False
+  trains: str | None = None
 
 
 def top_two(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -81,11 +81,16 @@ def certified_members(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
   return c, n_c, n_runner, (n_c - rival) // 2
 
 
+def counts_of_parts(r: Any, key: str) -> dict[str, Any]:
+  """The threats' counts when r parts (buckets) may change: an insertion or a deletion changes one part and a
+  modification two under a hash of the sample; a modification changes one under a hash of its position."""
+  return {INSERTIONS_DELETIONS: r, MODIFICATIONS: r // 2} if key == "sample" else {MODIFICATIONS: r}
+
+
 def certificate(votes: np.ndarray, key: str = "sample") -> CountCertificate:
   """The DPA certificate of each row of votes (N, K) under the partition ``key`` (module docstring)."""
   c, n_c, n_runner, r = certified_members(votes)
-  counts = {INSERTIONS_DELETIONS: r, MODIFICATIONS: r // 2} if key == "sample" else {MODIFICATIONS: r}
-  return CountCertificate(pred=c, votes_top=n_c, votes_runner=n_runner, counts=counts, exact=True)
+  return CountCertificate(pred=c, votes_top=n_c, votes_runner=n_runner, counts=counts_of_parts(r, key), exact=True)
 
 
 def certify_votes(cfg: Any, votes: np.ndarray, n_train: int, preds: np.ndarray | None) -> CountCertificate:
@@ -96,8 +101,7 @@ def certify_votes(cfg: Any, votes: np.ndarray, n_train: int, preds: np.ndarray |
 def largest_certificate(cfg: Any, n: int) -> dict[str, int]:
   """The most any answer can certify with k = M members: unanimous votes give R = floor(k / 2) members."""
   del n
-  r = cfg.train.num_models // 2
-  return {INSERTIONS_DELETIONS: r, MODIFICATIONS: r // 2} if cfg.defense.partition == "sample" else {MODIFICATIONS: r}
+  return counts_of_parts(cfg.train.num_models // 2, cfg.defense.partition)
 
 
 def view_size(c: Any, n: int) -> int:
@@ -115,5 +119,10 @@ def describe(cfg: Any) -> dict[str, Any]:
           "threats": list(THREATS[cfg.defense.partition])}
 
 
+def bucket_members(cfg: Any) -> np.ndarray:
+  """(k, 1): part i feeds member i alone."""
+  return np.arange(cfg.train.num_models)[:, None]
+
+
 DPA = Defense(name="DPA", family="counting", member_views=member_views, certify_votes=certify_votes,
-              describe=describe, largest_certificate=largest_certificate, view_size=view_size)
+              describe=describe, largest_certificate=largest_certificate, view_size=view_size, buckets=bucket_members)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from certssb_jax.defenses import dpa
-from certssb_jax.defenses.base import INSERTIONS_DELETIONS, MODIFICATIONS, CountCertificate, Defense, top_two
+from certssb_jax.defenses.base import CountCertificate, Defense, top_two
 from certssb_jax.ensemble.views import MemberViews, Views
 
 
@@ -79,9 +79,8 @@ def certified_buckets(preds: np.ndarray, offsets: np.ndarray, num_classes: int) 
 def certificate(preds: np.ndarray, offsets: np.ndarray, num_classes: int, key: str = "sample") -> CountCertificate:
   """The Finite Aggregation certificate per threat of the partition ``key`` (``dpa.THREATS``)."""
   c, n_c, n_runner, buckets = certified_buckets(preds, offsets, num_classes)
-  counts = {INSERTIONS_DELETIONS: buckets, MODIFICATIONS: buckets // 2} if key == "sample" else \
-      {MODIFICATIONS: buckets}
-  return CountCertificate(pred=c, votes_top=n_c, votes_runner=n_runner, counts=counts, exact=True)
+  return CountCertificate(pred=c, votes_top=n_c, votes_runner=n_runner, counts=dpa.counts_of_parts(buckets, key),
+                          exact=True)
 
 
 def certify_votes(cfg: Any, votes: np.ndarray, n_train: int, preds: np.ndarray) -> CountCertificate:
@@ -90,12 +89,16 @@ def certify_votes(cfg: Any, votes: np.ndarray, n_train: int, preds: np.ndarray) 
   return certificate(preds, shifts(cfg.seed, cfg.defense.spread, m), len(cfg.data.classes), cfg.defense.partition)
 
 
+def bucket_members(cfg: Any) -> np.ndarray:
+  """(kd, d): the members every bucket feeds."""
+  m = cfg.train.num_models
+  return members_of_buckets(shifts(cfg.seed, cfg.defense.spread, m), m)
+
+
 def largest_certificate(cfg: Any, n: int) -> dict[str, int]:
   """Unanimous votes: every bucket's members vote c (a fall of 2d each), so floor(kd / 2d) = floor(k / 2) buckets."""
   del n
-  buckets = cfg.train.num_models // (2 * cfg.defense.spread)
-  return {INSERTIONS_DELETIONS: buckets, MODIFICATIONS: buckets // 2} \
-      if cfg.defense.partition == "sample" else {MODIFICATIONS: buckets}
+  return dpa.counts_of_parts(cfg.train.num_models // (2 * cfg.defense.spread), cfg.defense.partition)
 
 
 def view_size(c: Any, n: int) -> int:
@@ -111,4 +114,4 @@ FINITE_AGGREGATION = Defense(
     name="FA", family="counting", member_views=member_views, certify_votes=certify_votes,
     describe=lambda cfg: {**dpa.describe(cfg), "spread": cfg.defense.spread,
                           "k": cfg.train.num_models // cfg.defense.spread},
-    largest_certificate=largest_certificate, view_size=view_size)
+    largest_certificate=largest_certificate, view_size=view_size, buckets=bucket_members)

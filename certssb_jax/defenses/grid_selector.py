@@ -1,6 +1,6 @@
 """The grid selector's mathematics (docs/method.md section 4): for every test input, the sigma of RAB's trained grid
 whose voting models are expected to certify the largest test-input radius, judged by held-out selector models
-of each ensemble. Host-side float64; ``envelope.grid_selector`` builds the answers from run folders."""
+of each ensemble. Host-side float64; ``envelope.answers.grid_selector`` builds the answers from run folders."""
 
 from __future__ import annotations
 

@@ -82,9 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every_s = 10.0  # save training at most this often: whole chunks, or a chunk's state mid-training
 
   c.defense = ml_collections.ConfigDict()
-  c.defense.name = "smoothing"  # smoothing (RAB or Cert-SSB, by sigma.mode) | a key of defenses.COUNTING (dpa, ...)
+  c.defense.name = "smoothing"  # smoothing (RAB, Cert-SSB by sigma.mode) | a key of defenses.COUNTING: dpa, fa_roe, ...
   c.defense.partition = "sample"  # dpa & kin: sample (image, label: insertions, deletions) | position (modifications)
-  c.defense.spread = 1  # finite_aggregation: d, the members each training sample feeds (train.num_models = k x d)
+  c.defense.spread = 1  # finite_aggregation, fa_roe: d, the members each sample feeds (train.num_models = k x d)
   c.defense.bag_size = config_dict.placeholder(int)  # bagging: samples per member (with replacement); None: n // M
   c.defense.member_batch_size = config_dict.placeholder(int)  # counting: a member's batch; None: min(batch, view)
 
@@ -515,6 +515,7 @@ def training_key(j: dict[str, Any], *, num_models: bool = True) -> str:
     key["train"].pop("num_models")
   key.update(seed=j["seed"], sigma_0=j["sigma"]["sigma_0"], sigma=None if shared else j["sigma"])
   if j["defense"]["name"] != "smoothing":  # a counting defense's members see their views, with its own noise
-    noise = defenses.COUNTING[j["defense"]["name"]].train_sigma(config_dict.ConfigDict(j))
-    key.update(defense=j["defense"], sigma_0=noise, sigma=None)
+    defense = defenses.COUNTING[j["defense"]["name"]]
+    noise = defense.train_sigma(config_dict.ConfigDict(j))
+    key.update(defense={**j["defense"], "name": defense.trains or j["defense"]["name"]}, sigma_0=noise, sigma=None)
   return json.dumps(key, sort_keys=True)

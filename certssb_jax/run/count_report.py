@@ -130,7 +130,7 @@ def write_count_outputs(cfg: Config, defense: Defense, attacked: Attacked, certs
   Args:
     counts: split -> the vote counts (N, K) the certificates come from.
     votes: what the run's voting stage saved (every member's vote per split, ``<split>_preds``, where members
-      vote on the clean query).
+      vote on the clean query; their ranks of the classes, ``<split>_ranks``, where the defense asks for them).
   """
   summary = summarize_counts(cfg, defense, attacked, certs, votes, undefended, rd.timings())
   with_bounds = certs["clean"].bounds is not None
@@ -147,6 +147,7 @@ def write_count_outputs(cfg: Config, defense: Defense, attacked: Attacked, certs
   files.atomic_write_bytes(rd.file("per_sample.csv"), buf.getvalue().encode())
   files.save_npz(rd.file("votes.npz"), **{s: counts[s] for s in SPLITS},
                  **{f"{s}_preds": votes[f"{s}_preds"].astype(np.int16) for s in SPLITS if f"{s}_preds" in votes},
+                 **{f"{s}_ranks": votes[f"{s}_ranks"] for s in SPLITS if f"{s}_ranks" in votes},
                  **{f"{s}_label": attacked.splits[s].y for s in SPLITS})
   plot_count_certificates(rd.file("certified_accuracy.png"), cfg, defense, attacked, certs)
   summary["files"] = sorted({f for f in os.listdir(rd.path) if not f.startswith(".")} | {"summary.json"})

@@ -141,9 +141,9 @@ def _counting_stages(cfg: Config, ds: data_lib.Dataset, rd: RunDir, defense: def
   k = len(cfg.data.classes)
   if defense.query_votes is None:  # every member's vote on the clean query
     clean_queries = {s: (attacked.splits[s].x, np.zeros(len(attacked.splits[s].y), np.float32)) for s in SPLITS}
-    votes = rd.stage("votes", lambda: run_kernel(cfg, members, clean_queries, progress))
+    votes = rd.stage("votes", lambda: run_kernel(cfg, members, clean_queries, progress, defense.member_ranks))
     counts = {s: certify_lib.votes_from_preds(votes[f"{s}_preds"], k) for s in SPLITS}
-    preds = {s: votes[f"{s}_preds"] for s in SPLITS}
+    preds = {s: votes[f"{s}_ranks" if defense.member_ranks else f"{s}_preds"] for s in SPLITS}
   else:
     votes = rd.stage("draws", lambda: {f"{s}_votes": defense.query_votes(cfg, members, attacked.splits[s].x, progress)
                                        for s in SPLITS})
@@ -441,22 +441,25 @@ def kernel_requests(cfg: Config, attacked: Attacked, sigma_test: dict[str, np.nd
 
 
 def run_kernel(cfg: Config, members: trained.TrainedEnsemble, requests: dict[str, tuple],
-               progress: Progress) -> dict[str, np.ndarray]:
+               progress: Progress, ranks: bool = False) -> dict[str, np.ndarray]:
   """Every model's class and the summed probabilities on every request, in one pass over the ensemble.
 
   Returns:
-    {"<name>_preds": (M, N) int32, "<name>_probs_sum": (N, K) float64} per request.
+    {"<name>_preds": (M, N) int32, "<name>_probs_sum": (N, K) float64} per request, and with ``ranks``
+    "<name>_ranks" (M, N, K) uint8, every model's rank of every class (``certify.kernel.class_ranks``).
   """
   x = np.concatenate([r[0] for r in requests.values()])
   sigma = np.concatenate([r[1] for r in requests.values()])
   with progress(f"certify ({len(x)} inputs)", cfg.train.num_models, "model") as update:
-    preds, probs_sum = certify_lib.certify_inputs(
+    got = certify_lib.certify_inputs(
         members.model, members.chunks(), x, sigma, seed=cfg.seed, num_models=cfg.train.num_models,
         batch_size=cfg.certify.batch_size, on_chunk=update, mesh=members.trainer.mesh,
-        member_map=members.trainer.member_map, models_per_chunk=cfg.certify.models_per_chunk)
+        member_map=members.trainer.member_map, models_per_chunk=cfg.certify.models_per_chunk, return_ranks=ranks)
+  input_axis = {"preds": 1, "probs_sum": 0, "ranks": 1}
   out, start = {}, 0
   for name, (xr, _) in requests.items():
-    out[f"{name}_preds"], out[f"{name}_probs_sum"] = preds[:, start:start + len(xr)], probs_sum[start:start + len(xr)]
+    for field, a in zip(input_axis, got):
+      out[f"{name}_{field}"] = np.take(a, np.arange(start, start + len(xr)), axis=input_axis[field])
     start += len(xr)
   return out
 
