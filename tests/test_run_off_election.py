@@ -4,6 +4,7 @@ that recounts from the ranks it saved and shares its trained members with DPA.""
 
 import csv
 import itertools
+import os
 
 from conftest import tiny_config  # pylint: disable=g-bad-import-order
 import numpy as np
@@ -165,3 +166,39 @@ def test_a_run_recounts_from_its_ranks_and_trains_dpas_members(tmp_path):
                                              "data.classes": "0,1,2", "undefended.enabled": False}))
   assert config_lib.training_key(config_lib.to_json(resolved)) == config_lib.training_key(config_lib.to_json(as_dpa))
   assert defenses.COUNTING["fa_roe"].trains == "finite_aggregation"
+
+
+def test_the_count_study_reads_both_votes_from_one_run_and_writes_its_page(tmp_path):
+  from conftest import write_tiny_config  # pylint: disable=g-import-not-at-top
+  from helpers import run_module  # pylint: disable=g-import-not-at-top
+
+  spec = write_tiny_config(tmp_path / "c.py", **{"data.classes": "0,1,2", "undefended.enabled": False,
+                                                 "train.epochs": 2})
+  page = tmp_path / "docs" / "count.md"
+  proc = run_module("certssb_jax.count_study", "--config", spec, "--workdir", str(tmp_path / "w"), "--ks", "4",
+                    "--fa_ks", "2", "--spread", "2", "--results_md", str(page), "--noprogress")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  from certssb_jax import count_study  # pylint: disable=g-import-not-at-top
+
+  rows = count_study.read_rows(str(tmp_path / "w" / "k4" / "dpa_roe"))
+  assert [r.method for r in rows] == ["DPA", "DPA+ROE"]
+  votes = np.load(tmp_path / "w" / "k4" / "dpa_roe" / "votes.npz")
+  want = dpa.certificate(kernel.votes_from_preds(votes["clean_preds"].astype(np.int64), 3))
+  np.testing.assert_array_equal(rows[0].certified, want.counts[INSERTIONS_DELETIONS])
+  with open(tmp_path / "w" / "k4" / "dpa_roe" / "per_sample.csv") as f:
+    clean = [r for r in csv.DictReader(f) if r["split"] == "clean"]
+  np.testing.assert_array_equal(rows[1].certified, [int(r["certified_insertions_deletions"]) for r in clean])
+  text = page.read_text()
+  for method in ("| DPA | 4 |", "| DPA+ROE | 4 |", "| FA | 2 | 4 |", "| FA+ROE | 2 | 4 |"):
+    assert method in text, text
+  assert (tmp_path / "docs" / "figures" / "count_family_mnist.png").exists()
+
+
+def test_the_count_study_stops_with_one_line_before_any_work(tmp_path):
+  from helpers import run_module  # pylint: disable=g-import-not-at-top
+
+  proc = run_module("certssb_jax.count_study", "--config", "configs/quickstart.py", "--workdir",
+                    str(tmp_path / "w"), "--ks", "50,many")
+  assert proc.returncode == 2 and "--ks and --fa_ks take integers" in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+  assert not os.path.exists(tmp_path / "w")
