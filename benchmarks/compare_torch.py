@@ -5,7 +5,7 @@ poisoned training set and certify the clean and triggered test splits. certssb-j
 with ``sigma.mode=fixed`` and ``undefended.enabled=False``; its storage update runs as in every run and changes
 nothing here (RAB's certificates of one fixed sigma never contradict each other, so every stored answer is the
 certificate itself). The baseline is ``benchmarks/torch_baseline.py``. Both sides' votes go through the SAME host-side
-bounds (``certssb_jax.run.pipeline.bound_split`` -> ``bounds.certify_counts``, same alpha, bound and correction),
+bounds (``certssb_jax.run.answering.bound_split`` -> ``bounds.certify_counts``, same alpha, bound and correction),
 so the metrics differ only by the random draws (noise, init, batch order) and the frameworks. Agreement is
 judged per metric with an exact McNemar test on the paired per-input outcomes (the same N test inputs on both
 sides; a paired t-test for the mean certified radius), with a Bonferroni threshold over the metrics that are not
@@ -55,6 +55,7 @@ from certssb_jax.ensemble import (
 )
 from certssb_jax.models import zoo as models_lib  # noqa: E402
 from certssb_jax.run import (
+  answering,  # noqa: E402
   config as config_lib,  # noqa: E402
   metrics,  # noqa: E402
   pipeline,  # noqa: E402
@@ -278,7 +279,7 @@ def outcomes(setup: Setup, raw: dict[str, dict[str, np.ndarray]]) -> dict[str, n
     triggered split, ``abstain (clean)``, and ``CRA(r)`` on the grid (correct and joint radius > r).
   """
   cfg = setup.cfg
-  certs = {sp: pipeline.bound_split(cfg, raw[sp]["preds"], raw[sp]["probs_sum"], setup.sigma_test[sp],
+  certs = {sp: answering.bound_split(cfg, raw[sp]["preds"], raw[sp]["probs_sum"], setup.sigma_test[sp],
                                     bounds.sigma_min_of(setup.sigma_test[sp], setup.sigma_train)) for sp in SPLITS}
   y = {sp: setup.attacked.splits[sp].y for sp in SPLITS}
   correct = certs["clean"].pred == y["clean"]

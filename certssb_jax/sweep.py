@@ -32,7 +32,7 @@ import numpy as np
 
 from certssb_jax import files
 from certssb_jax.ensemble import trainer as ensemble
-from certssb_jax.run import cli, config as config_lib, rundir
+from certssb_jax.run import cli, config as config_lib, identity, rundir
 
 # Radii of the CRA columns, in units u = ceiling * sigma_0: half of RAB's largest certifiable radius, just below
 # it (an input certified at the ceiling counts: CRA counts radius > r) and just below Cert-SSB's largest (at
@@ -48,9 +48,9 @@ def split_specs(text: str) -> list[str]:
 
 def row_dir(workdir: str, c: Any) -> str:
   """The folder of one row: data set and classes, then trigger, sigma_0, mode and a hash of the whole config; a
-  folder of the same prefix whose run has the same config (``config.differences``) is that row too."""
+  folder of the same prefix whose run has the same config (``identity.differences``) is that row too."""
   j = config_lib.to_json(c)
-  for field in config_lib.RESULT_NEUTRAL:  # a field that changes no result does not tell rows apart
+  for field in identity.RESULT_NEUTRAL:  # a field that changes no result does not tell rows apart
     section, name = field.split(".")
     j[section].pop(name)
   digest = hashlib.sha1(json.dumps(j, sort_keys=True).encode()).hexdigest()[:8]
@@ -58,7 +58,7 @@ def row_dir(workdir: str, c: Any) -> str:
   prefix = os.path.join(workdir, f"{c.data.name}_{pair}", f"{c.attack.trigger}_sigma{c.sigma.sigma_0:g}_{c.sigma.mode}")
   for d in sorted(glob.glob(f"{prefix}_*")):
     path = os.path.join(d, "config.json")
-    if os.path.exists(path) and not config_lib.differences(files.load_json(path), config_lib.to_json(c)):
+    if os.path.exists(path) and not identity.differences(files.load_json(path), config_lib.to_json(c)):
       return d
   return f"{prefix}_{digest}"
 
@@ -112,11 +112,11 @@ def _chunk_size(j: dict[str, Any]) -> int:
 
 
 def _donor(finished: list[tuple[dict[str, Any], str]], j: dict[str, Any]) -> str | None:
-  """A finished row whose models a new row with config ``j`` can link: the same models (``config.training_key``
+  """A finished row whose models a new row with config ``j`` can link: the same models (``identity.training_key``
   without the ensemble size) trained in chunks of the same size; the largest ensemble among them."""
-  key = config_lib.training_key(j, num_models=False)
+  key = identity.training_key(j, num_models=False)
   same = [(c["train"]["num_models"], d) for c, d in finished
-          if config_lib.training_key(c, num_models=False) == key and _chunk_size(c) == _chunk_size(j)]
+          if identity.training_key(c, num_models=False) == key and _chunk_size(c) == _chunk_size(j)]
   return max(same)[1] if same else None
 
 

@@ -19,7 +19,7 @@ from certssb_jax.certify import bounds
 from certssb_jax.data import sources as data_lib
 from certssb_jax.ensemble import member, trained, trainer as ensemble
 from certssb_jax.models import zoo as models_lib
-from certssb_jax.run import config as config_lib, pipeline, report, rundir
+from certssb_jax.run import answering, config as config_lib, identity, pipeline, report, rundir
 
 # The kernel's summed probabilities against a plain loop: to the backend's default matmul precision (float32 on
 # CPU, TF32 convolutions on recent NVIDIA GPUs), as in tests/test_certify_kernel.py.
@@ -208,7 +208,7 @@ def test_one_store_answers_both_splits_without_contradictions(tmp_path):
   x = cat(lambda s: attacked.splits[s].x)
   from certssb_jax.store import certified as store_lib  # pylint: disable=g-import-not-at-top
   assert store_lib.audit(x, cat(lambda s: certs[s].pred), cat(lambda s: certs[s].radius_test))[0] > 0
-  answers = pipeline.storage_update(cfg, attacked, certs, sigma, sigma, "clean_first")
+  answers = answering.storage_update(cfg, attacked, certs, sigma, sigma, "clean_first")
   assert store_lib.audit(x, cat(lambda s: answers[s].pred), cat(lambda s: answers[s].radius_stored))[0] == 0
   trig = attacked.splits["triggered"]
   np.testing.assert_array_equal(answers["triggered"].pred, trig.y)  # the attack fails: the clean label answers
@@ -380,14 +380,14 @@ def test_margin_ceiling_and_radius_grid():
 
 def test_a_field_an_older_config_lacks_counts_as_its_default():
   old = {"model": {"name": "mnist_cnn"}, "seed": 0}
-  assert config_lib.differences(old, {"model": {"name": "mnist_cnn", "conv": "xla"}, "seed": 0}) == []
-  assert config_lib.differences(old, {"model": {"name": "mnist_cnn", "conv": "patches"}, "seed": 0}) == [
+  assert identity.differences(old, {"model": {"name": "mnist_cnn", "conv": "xla"}, "seed": 0}) == []
+  assert identity.differences(old, {"model": {"name": "mnist_cnn", "conv": "patches"}, "seed": 0}) == [
       "model.conv: 'xla' -> 'patches'"]
-  assert config_lib.differences({"train": {"checkpoint_every_s": 1}}, {"train": {"checkpoint_every_s": 9}}) == []
+  assert identity.differences({"train": {"checkpoint_every_s": 1}}, {"train": {"checkpoint_every_s": 9}}) == []
   # and the models such a config trained are found again (a sweep links them instead of retraining)
   full = config_lib.to_json(config_lib.resolve(tiny_config(sigma_mode="fixed")))
   older = json.loads(json.dumps(full))
   del older["model"]["conv"], older["attack"]["selection"]
-  assert config_lib.training_key(older) == config_lib.training_key(full)
+  assert identity.training_key(older) == identity.training_key(full)
   older["model"]["name"] = "preact_resnet"
-  assert config_lib.training_key(older) != config_lib.training_key(full)
+  assert identity.training_key(older) != identity.training_key(full)

@@ -12,7 +12,7 @@ from scipy import stats
 from certssb_jax import files, rng, sweep
 from certssb_jax.defenses import sigma_search
 from certssb_jax.ensemble import scorer as scorer_lib, trained, trainer as ensemble
-from certssb_jax.run import config as config_lib, pipeline, rundir
+from certssb_jax.run import config as config_lib, identity, pipeline, rundir
 
 
 @pytest.mark.slow
@@ -160,12 +160,12 @@ def test_sweep_splits_config_lists_at_config_files():
 
 
 def test_training_key_says_which_runs_train_the_same_models():
-  key = lambda **kw: config_lib.training_key(config_lib.to_json(config_lib.resolve(tiny_config(**kw))))
+  key = lambda **kw: identity.training_key(config_lib.to_json(config_lib.resolve(tiny_config(**kw))))
   assert key(sigma_mode="fixed") == key() == key(objective="prediction", scorer="pilot")
   assert key(sigma_mode="fixed") != key(train_sigma="search")
   assert key() != key(seed=3) and key() != key(sigma_0=0.5, **{"sigma.sigma_hi": 0.75})
   assert key() == key(**{"train.checkpoint_every_s": 5})
-  sized = lambda **kw: config_lib.training_key(config_lib.to_json(config_lib.resolve(tiny_config(**kw))),
+  sized = lambda **kw: identity.training_key(config_lib.to_json(config_lib.resolve(tiny_config(**kw))),
                                                num_models=False)
   assert key(num_models=4) != key(num_models=8) and sized(num_models=4) == sized(num_models=8)
   assert sized(num_models=4) != sized(num_models=4, seed=3)

@@ -13,7 +13,7 @@ from certssb_jax import defenses
 from certssb_jax.certify import kernel
 from certssb_jax.defenses import INSERTIONS_DELETIONS, MODIFICATIONS, dpa, finite_aggregation as fa
 from certssb_jax.defenses import run_off_election as roe
-from certssb_jax.run import config as config_lib, pipeline
+from certssb_jax.run import config as config_lib, identity, pipeline
 
 
 def _winner(rankings):
@@ -164,7 +164,7 @@ def test_a_run_recounts_from_its_ranks_and_trains_dpas_members(tmp_path):
   resolved = config_lib.resolve(c)
   as_dpa = config_lib.resolve(tiny_config(**{"defense.name": "dpa", "train.num_models": 8, "train.epochs": 2,
                                              "data.classes": "0,1,2", "undefended.enabled": False}))
-  assert config_lib.training_key(config_lib.to_json(resolved)) == config_lib.training_key(config_lib.to_json(as_dpa))
+  assert identity.training_key(config_lib.to_json(resolved)) == identity.training_key(config_lib.to_json(as_dpa))
   assert defenses.COUNTING["fa_roe"].trains == "finite_aggregation"
 
 

@@ -23,7 +23,7 @@ from certssb_jax import files, sweep
 from certssb_jax.certify import bounds
 from certssb_jax.data.attacked import SPLITS
 from certssb_jax.defenses import grid_selector as grid_selector_lib
-from certssb_jax.run import config as config_lib
+from certssb_jax.run import identity
 from certssb_jax.store import certified as store_lib
 
 RADII = ("joint", "test")
@@ -127,7 +127,7 @@ def grid_selector(rab_runs: dict[float, str], x: dict[str, np.ndarray], selector
   m, k, alpha = first["train"]["num_models"], len(first["data"]["classes"]), first["certify"]["alpha"]
   if not 1 <= selector_models < m:
     raise ValueError(f"selector_models must be in [1, {m}) (the ensembles have {m} models), got {selector_models}")
-  keys = {config_lib.training_key(dict(c, sigma=dict(c["sigma"], sigma_0=0.0))) for c in cfgs.values()}
+  keys = {identity.training_key(dict(c, sigma=dict(c["sigma"], sigma_0=0.0))) for c in cfgs.values()}
   if len(keys) != 1 or any(c["sigma"]["mode"] != "fixed" for c in cfgs.values()):
     raise ValueError("the grid selector needs RAB runs that differ in sigma only")
   votes = {s: files.load_npz(os.path.join(d, "votes.npz")) for s, d in rab_runs.items()}

@@ -8,7 +8,6 @@ what each stage computed, so a run started again with the same config reuses it.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import os
@@ -20,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from certssb_jax import defenses, multihost, rng
-from certssb_jax.certify import bounds, kernel as certify_lib
+from certssb_jax.certify import kernel as certify_lib
 from certssb_jax.data import readers, sources as data_lib, triggers
 from certssb_jax.data.attacked import SPLITS, Attacked, Split
 from certssb_jax.defenses import sigma_search
@@ -29,9 +28,8 @@ from certssb_jax.ensemble.member import MemberState, Streams, member_logits
 from certssb_jax.ensemble.views import MemberViews
 from certssb_jax.models import zoo as models_lib
 from certssb_jax.progress import Progress, default_progress, no_progress, tqdm_progress  # noqa: F401
-from certssb_jax.run import config as config_lib, count_report, metrics, report, rundir
+from certssb_jax.run import answering, config as config_lib, count_report, metrics, report, rundir
 from certssb_jax.run.rundir import RunDir
-from certssb_jax.store import certified as store_lib
 
 logger = logging.getLogger(__name__)
 
@@ -110,13 +108,13 @@ def _smoothing_stages(cfg: Config, ds: data_lib.Dataset, rd: RunDir, defense: de
   rd.save_npz("sigmas.npz", train=sigma_train, **{f"test_{s}": sigma_test[s] for s in SPLITS},
               **{f"test_{s}_index": attacked.splits[s].index for s in SPLITS})
 
-  requests = kernel_requests(cfg, attacked, sigma_test)
-  votes = rd.stage("votes", lambda: run_kernel(cfg, members, requests, progress))
+  requests = answering.kernel_requests(cfg, attacked, sigma_test)
+  votes = rd.stage("votes", lambda: answering.run_kernel(cfg, members, requests, progress))
   t0 = time.perf_counter()
-  certs, sigma_min = certificates(cfg, votes, sigma_test, sigma_train)
-  answers = storage_update(cfg, attacked, certs, sigma_test, sigma_min, cfg.certify.query_order, rd)
+  certs, sigma_min = answering.certificates(cfg, votes, sigma_test, sigma_train)
+  answers = answering.storage_update(cfg, attacked, certs, sigma_test, sigma_min, cfg.certify.query_order, rd)
   other = "triggered_first" if cfg.certify.query_order == "clean_first" else "clean_first"
-  other_answers = storage_update(cfg, attacked, certs, sigma_test, sigma_min, other)
+  other_answers = answering.storage_update(cfg, attacked, certs, sigma_test, sigma_min, other)
   diag = metrics.collect(cfg, attacked, certs, answers, other_answers, other, votes, sigma_train, disagree,
                          sigma_test)
   rd.record_time("bounds_store_diagnostics", time.perf_counter() - t0, accumulate=False)
@@ -141,7 +139,8 @@ def _counting_stages(cfg: Config, ds: data_lib.Dataset, rd: RunDir, defense: def
   k = len(cfg.data.classes)
   if defense.query_votes is None:  # every member's vote on the clean query
     clean_queries = {s: (attacked.splits[s].x, np.zeros(len(attacked.splits[s].y), np.float32)) for s in SPLITS}
-    votes = rd.stage("votes", lambda: run_kernel(cfg, members, clean_queries, progress, defense.member_ranks))
+    votes = rd.stage("votes", lambda: answering.run_kernel(cfg, members, clean_queries, progress,
+                                                           defense.member_ranks))
     counts = {s: certify_lib.votes_from_preds(votes[f"{s}_preds"], k) for s in SPLITS}
     preds = {s: votes[f"{s}_ranks" if defense.member_ranks else f"{s}_preds"] for s in SPLITS}
   else:
@@ -157,7 +156,7 @@ def _counting_stages(cfg: Config, ds: data_lib.Dataset, rd: RunDir, defense: def
 def compare_modes(config: ml_collections.ConfigDict, workdir: str, *, progress: Progress | None = None,
                   fresh: bool = False, trainers: ensemble.Trainers | None = None) -> dict[str, dict[str, Any]]:
   """RAB and Cert-SSB on the same data and seeds, into ``workdir/fixed`` and ``workdir/sample_specific``; the
-  models both train (``config.training_key``) are trained once. Returns {"RAB": summary, "Cert-SSB": summary}."""
+  models both train (``identity.training_key``) are trained once. Returns {"RAB": summary, "Cert-SSB": summary}."""
   runs, previous, trainers = {}, None, trainers or ensemble.Trainers()
   for mode in config_lib.SIGMA_MODES:
     c = config.copy_and_resolve_references()
@@ -416,108 +415,3 @@ def train_ensemble(cfg: Config, attacked: Attacked, sigma_train: np.ndarray | No
     rd.drop_partials()
   rd.record_time("train_ensemble", time.perf_counter() - t0)
   return members
-
-
-# ---------------------------------------------------------------------------------------------- votes and bounds
-
-
-def kernel_requests(cfg: Config, attacked: Attacked, sigma_test: dict[str, np.ndarray]) -> dict[str, tuple]:
-  """Every (inputs, sigma_x) the ensemble votes on, by name: the two splits at their sigma_x; in runs that search
-  sigma_x, both splits again at the smallest and at the largest sigma_x used (the side-channel probe); with
-  ``compat=reference`` the clean and the triggered test set (target class included) at sigma_0, as the
-  reference release samples."""
-  req = {s: (attacked.splits[s].x, sigma_test[s]) for s in SPLITS}
-  if config_lib.searches(cfg):
-    used = np.concatenate([sigma_test[s] for s in SPLITS])
-    for name, level in (("at_min", used.min()), ("at_max", used.max())):
-      req.update({f"{name}_{s}": (attacked.splits[s].x, np.full(len(sigma_test[s]), level, np.float32))
-                  for s in SPLITS})
-  if cfg.certify.compat == "reference":
-    a = cfg.attack
-    x_all, _ = triggers.apply_trigger(attacked.data.x_test, a.trigger, a.delta, a.blend_alpha)
-    for name, x in (("ref_clean", attacked.data.x_test), ("ref_triggered_all", x_all)):
-      req[name] = (x, np.full(len(x), cfg.sigma.sigma_0, np.float32))
-  return req
-
-
-def run_kernel(cfg: Config, members: trained.TrainedEnsemble, requests: dict[str, tuple],
-               progress: Progress, ranks: bool = False) -> dict[str, np.ndarray]:
-  """Every model's class and the summed probabilities on every request, in one pass over the ensemble.
-
-  Returns:
-    {"<name>_preds": (M, N) int32, "<name>_probs_sum": (N, K) float64} per request, and with ``ranks``
-    "<name>_ranks" (M, N, K) uint8, every model's rank of every class (``certify.kernel.class_ranks``).
-  """
-  x = np.concatenate([r[0] for r in requests.values()])
-  sigma = np.concatenate([r[1] for r in requests.values()])
-  with progress(f"certify ({len(x)} inputs)", cfg.train.num_models, "model") as update:
-    got = certify_lib.certify_inputs(
-        members.model, members.chunks(), x, sigma, seed=cfg.seed, num_models=cfg.train.num_models,
-        batch_size=cfg.certify.batch_size, on_chunk=update, mesh=members.trainer.mesh,
-        member_map=members.trainer.member_map, models_per_chunk=cfg.certify.models_per_chunk, return_ranks=ranks)
-  input_axis = {"preds": 1, "probs_sum": 0, "ranks": 1}
-  out, start = {}, 0
-  for name, (xr, _) in requests.items():
-    for field, a in zip(input_axis, got):
-      out[f"{name}_{field}"] = np.take(a, np.arange(start, start + len(xr)), axis=input_axis[field])
-    start += len(xr)
-  return out
-
-
-def bound_split(cfg: Config, preds: np.ndarray, probs_sum: np.ndarray, sigma_x: np.ndarray,
-                sigma_min: np.ndarray) -> bounds.Certificate:
-  """Float64 bounds from the votes of the voting models (docs/method.md section 3).
-
-  The search models (ids below ``sigma.search_models``) never vote. With the holdout correction the first
-  ``holdout_models`` voters pick the class and the others bound it. ``probs_sum`` sums every model's
-  probabilities, so Hoeffding (which needs them) runs only where every model votes.
-  """
-  c = cfg.certify
-  k = probs_sum.shape[1]
-  voters = preds[cfg.train.num_models - config_lib.num_voters(cfg):]
-  kwargs = dict(alpha=c.alpha, bound=c.bound, correction=c.correction, sigma_x=sigma_x, sigma_min=sigma_min)
-  if c.correction == "holdout":
-    m0 = c.holdout_models
-    return bounds.certify_counts(certify_lib.votes_from_preds(voters[m0:], k),
-                                 selection_votes=certify_lib.votes_from_preds(voters[:m0], k), **kwargs)
-  if bounds.BOUNDS[c.bound].uses_soft_scores and len(voters) != len(preds):
-    raise ValueError("hoeffding needs the soft scores of the voting models only; run it without search models")
-  return bounds.certify_counts(certify_lib.votes_from_preds(voters, k), soft_sums=probs_sum,
-                               num_models=len(voters), **kwargs)
-
-
-def certificates(cfg: Config, votes: dict[str, np.ndarray], sigma_test: dict[str, np.ndarray],
-                 sigma_train: np.ndarray) -> tuple[dict[str, bounds.Certificate], dict[str, np.ndarray]]:
-  """The certificates of both splits before the store, and the sigma_min their joint radii use.
-
-  A searched sigma_x is a function of the poisoned training set (a pilot or members trained on it) while the
-  joint certificate holds sigma_x fixed: a searched answer certifies its test-input radius only, so its joint
-  radius (and sigma_min) is 0.
-  """
-  sigma_min = {s: bounds.sigma_min_of(sigma_test[s], sigma_train) for s in SPLITS}
-  certs = {s: bound_split(cfg, votes[f"{s}_preds"], votes[f"{s}_probs_sum"], sigma_test[s], sigma_min[s])
-           for s in SPLITS}
-  if config_lib.searches(cfg):
-    certs = {s: dataclasses.replace(c, radius=np.zeros_like(c.radius)) for s, c in certs.items()}
-    sigma_min = {s: np.zeros_like(v) for s, v in sigma_min.items()}
-  return certs, sigma_min
-
-
-def storage_update(cfg: Config, attacked: Attacked, certs: dict[str, bounds.Certificate],
-                   sigma_test: dict[str, np.ndarray], sigma_min: dict[str, np.ndarray], order: str,
-                   rd: RunDir | None = None) -> dict[str, store_lib.StoreAnswer]:
-  """Answers every query of the run through ONE store of certified balls, in the given order (section 5).
-
-  ``clean_first``: the clean split, then the triggered split, each in dataset order; ``triggered_first``
-  the other way round. The answers are the certificates: no two of them contradict each other, but they
-  depend on the order (whoever queries first decides). The store is saved as ``store.npz`` when ``rd`` is
-  given, so a later stream can continue it (``CertifiedStore.load``).
-  """
-  st = store_lib.CertifiedStore(attacked.data.input_shape)
-  answers = {}
-  for s in (SPLITS if order == "clean_first" else SPLITS[::-1]):
-    answers[s] = st.certify(attacked.splits[s].x, certs[s].pred, certs[s].radius_test, sigma_test[s],
-                            sigma_min=sigma_min[s])
-  if rd is not None and multihost.is_primary():
-    st.save(rd.file("store.npz"))
-  return answers

@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 
 from certssb_jax import multihost
 from certssb_jax.files import load_json, load_npz, save_json, save_npz
-from certssb_jax.run import config as config_lib
+from certssb_jax.run import config as config_lib, identity
 from certssb_jax.run.folder_lock import FolderLock, RunFolderBusyError
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def check_config(path: str, config: Any, *, fresh: bool = False) -> bool:
   if not os.path.exists(old_path):
     return False
   try:
-    diff = config_lib.differences(load_json(old_path), new)
+    diff = identity.differences(load_json(old_path), new)
   except (ValueError, AttributeError):
     diff = ["config.json: unreadable"]
   if diff and not fresh:
@@ -360,14 +360,14 @@ def link_trained(src: str, dst: str, config: Any, *, any_size: bool = False) -> 
   A Cert-SSB run with ``sigma.train = base`` trains exactly RAB's models (same data, seeds and training noise),
   so a sweep or ``--compare_modes`` trains them once: ``dst`` gets links to ``src``'s undefended model,
   surrogate and ensemble checkpoints (whatever ``dst`` does not hold yet). With ``any_size`` the ensembles may
-  differ in size (``config.training_key(num_models=False)``): the caller checks that both train in chunks of
+  differ in size (``identity.training_key(num_models=False)``): the caller checks that both train in chunks of
   the same size, so that chunk c holds the same models in both; ``dst`` trains only the chunks it lacks.
   Returns whether it linked.
   """
   src_config = os.path.join(src, "config.json")
   if not multihost.is_primary() or not os.path.exists(src_config):
     return False
-  key = lambda j: config_lib.training_key(j, num_models=not any_size)
+  key = lambda j: identity.training_key(j, num_models=not any_size)
   if key(load_json(src_config)) != key(config_lib.to_json(config)):
     return False
   os.makedirs(os.path.join(dst, "ensemble"), exist_ok=True)
