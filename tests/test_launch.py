@@ -33,6 +33,15 @@ def test_quick_configs_run_through_the_launcher(config, own_cache, tmp_path):
   assert len(radii) == 6 and max(radii) < reach, (radii, reach)
 
 
+@pytest.mark.slow
+def test_the_ten_class_count_config_runs_through_the_launcher(tmp_path):
+  stdout = helpers.check(helpers.launch("--config", "configs/fashion_mnist10.py:quick", "--workdir", str(tmp_path / "w")),
+                         "DPA+ROE")
+  summary = json.load(open(tmp_path / "w" / "summary.json"))
+  assert summary["classes"] == list(range(10)) and summary["n_poisoned"] == 0
+  assert "certified accuracy, 1 insertions/deletions" in stdout
+
+
 def _one_error_line(proc, *fragments):
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
