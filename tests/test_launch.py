@@ -35,8 +35,8 @@ def test_quick_configs_run_through_the_launcher(config, own_cache, tmp_path):
 
 @pytest.mark.slow
 def test_the_ten_class_count_config_runs_through_the_launcher(tmp_path):
-  stdout = helpers.check(helpers.launch("--config", "configs/fashion_mnist10.py:quick", "--workdir", str(tmp_path / "w")),
-                         "DPA+ROE")
+  out = helpers.launch("--config", "configs/fashion_mnist10.py:quick", "--workdir", str(tmp_path / "w"))
+  stdout = helpers.check(out, "DPA+ROE")
   summary = json.load(open(tmp_path / "w" / "summary.json"))
   assert summary["classes"] == list(range(10)) and summary["n_poisoned"] == 0
   assert "certified accuracy, 1 insertions/deletions" in stdout
