@@ -121,26 +121,38 @@ def markdown(rows: list[Row], command: str) -> str:
 
 
 def plot(rows: list[Row], path: str) -> None:
-  """One panel per k: certified accuracy against r insertions and deletions, every vote."""
+  """One column per k: certified accuracy against r insertions and deletions for every vote (top) and what the
+  run-off election adds to the plurality vote over the same members, in points (bottom: the curves above lie
+  within a point of each other)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   ks = sorted({r.k for r in rows})
-  fig, axes = plt.subplots(1, len(ks), figsize=(4.6 * len(ks), 3.6), sharey=True, squeeze=False)
-  for ax, k in zip(axes[0], ks):
-    for row in (r for r in rows if r.k == k):
-      rs = np.arange(0, int(row.certified.max(initial=0)) + 2)
-      ax.step(rs, [row.accuracy(int(r)) for r in rs], where="post", color=COLORS[row.method],
-              ls="--" if row.method.endswith("ROE") else "-", label=f"{row.method} ({row.summary['num_models']} "
-              "members)")
-    ax.set_title(f"k = {k}", fontsize=9)
-    ax.set_xlabel("inserted or deleted training samples r")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+  fig, axes = plt.subplots(2, len(ks), figsize=(4.6 * len(ks), 6.4), sharex="col", squeeze=False,
+                           gridspec_kw={"height_ratios": [2, 1]})
+  for j, k in enumerate(ks):
+    top, bottom = axes[0, j], axes[1, j]
+    at_k = {r.method: r for r in rows if r.k == k}
+    rs = np.arange(0, int(max(r.certified.max(initial=0) for r in at_k.values())) + 2)
+    for row in at_k.values():
+      top.step(rs, [row.accuracy(int(r)) for r in rs], where="post", color=COLORS[row.method],
+               ls="--" if row.method.endswith("ROE") else "-",
+               label=f"{row.method} ({row.summary['num_models']} members)")
+    for base in ("DPA", "FA"):
+      if base in at_k and f"{base}+ROE" in at_k:
+        gain = [100 * (at_k[f"{base}+ROE"].accuracy(int(r)) - at_k[base].accuracy(int(r))) for r in rs]
+        bottom.step(rs, gain, where="post", color=COLORS[f"{base}+ROE"], label=f"{base}+ROE - {base}")
+    bottom.axhline(0.0, color="k", lw=0.8)
+    top.set_title(f"k = {k}", fontsize=9)
+    top.set_ylim(-0.02, 1.02)
+    bottom.set_xlabel("inserted or deleted training samples r")
+    for ax in (top, bottom):
+      ax.grid(alpha=0.3)
+      ax.legend(fontsize=7)
   axes[0, 0].set_ylabel("certified accuracy (clean test inputs)")
+  axes[1, 0].set_ylabel("run-off gain (points)")
   s0 = rows[0].summary
   fig.suptitle(f"{s0['dataset']}, {len(s0['classes'])} classes: plurality vote against run-off election on the "
                "same members", fontsize=9)
