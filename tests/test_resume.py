@@ -152,7 +152,7 @@ def test_the_quickstart_killed_at_60_percent_of_its_training_keeps_most_of_it(tm
   """Killed once 60% of the ensemble's training steps are done (its logged progress says so), the quickstart
   resumes with at most 0.75 of its training left, and its votes equal an uninterrupted run's."""
   args = lambda d: ["--config", "configs/quickstart.py:quick,num_models=16", "--workdir", d,
-                    "--config.train.checkpoint_every_s=1"]
+                    "--config.train.checkpoint_every_s=0.25"]  # a save every few chunks: the kill finds most saved
   whole, killed, log = str(tmp_path / "whole"), str(tmp_path / "killed"), tmp_path / "killed.log"
   helpers.check(helpers.run_module("certssb_jax.launch", *args(whole)), "uninterrupted")
   with open(log, "w") as f:
