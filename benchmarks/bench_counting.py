@@ -1,7 +1,7 @@
 r"""DPA's members trained by certssb-jax against the reference's one-member-at-a-time PyTorch loop, same CPU.
 
 Both sides train the same members: the paper's MNIST CNN, Adam, the config's learning rate, epochs and member
-batch, each member on its own part of the training set (``defenses.dpa.partition``, k parts). certssb-jax trains
+batch, each member on its own part of the training set (``defenses.partition.partition``, k parts). certssb-jax trains
 them through its view path (``EnsembleTrainer.train_chunk(views=...)``), ``--chunk`` members per vmapped program;
 PyTorch trains one after another as the DPA and Finite Aggregation reference code does
 (``benchmarks/torch_baseline.train_member``, every core). Each side trains ``--members`` of the k members twice;
@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import numpy as np  # noqa: E402
 
 from benchmarks import torch_baseline  # noqa: E402  pylint: disable=g-bad-import-order
-from certssb_jax.defenses import dpa  # noqa: E402
+from certssb_jax.defenses import partition  # noqa: E402
 from certssb_jax.ensemble import trainer as ensemble  # noqa: E402
 from certssb_jax.ensemble.member import Streams  # noqa: E402
 from certssb_jax.models import zoo as models  # noqa: E402
@@ -37,7 +37,7 @@ def time_jax(cfg, x, y, parts, members: int, chunk: int) -> float:
   batch = cfg.defense.member_batch_size or cfg.train.batch_size
   trainer = ensemble.EnsembleTrainer(model, x.shape[1:], ensemble.TrainConfig(
       cfg.train.epochs, batch, cfg.train.learning_rate, models_per_chunk=chunk))
-  views = dpa.views_of_parts(parts)
+  views = partition.views_of_parts(parts)
   elapsed = 0.0
   for _ in range(2):
     t0 = time.perf_counter()
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
   cfg = config_lib.resolve(config_lib.load_config(args.config))
   data = pipeline.load_data(cfg)
   x, y = data.x_train, data.y_train
-  parts = dpa.partition(x, y, args.k, cfg.defense.partition)
+  parts = partition.partition(x, y, args.k, cfg.defense.partition)
   out = {"config": args.config, "k": args.k, "members": args.members, "view_mean": float(np.mean([len(p) for p in
          parts[:args.members]])), "epochs": cfg.train.epochs,
          "batch": cfg.defense.member_batch_size or cfg.train.batch_size,

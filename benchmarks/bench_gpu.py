@@ -312,8 +312,8 @@ def pipeline_config(args: argparse.Namespace):
     c.data.data_dir = args.data_dir
   if not args.tiny:
     c.train.num_models, c.train.epochs = args.num_models, args.epochs
-  if args.sigma_mode:
-    c.sigma.mode = args.sigma_mode
+  if args.defense:
+    c.defense.name = args.defense
   return spec, c
 
 
@@ -334,7 +334,7 @@ def bench_pipeline(args: argparse.Namespace) -> dict[str, Any]:
   cfg = config_lib.resolve(c)
   out = {"config": spec, "data_dir": args.data_dir or "(the config's default)", "dataset": summary["dataset"],
          "n_train": summary["n_train"], "n_test": summary["n_test"], "n_triggered": summary["n_triggered"],
-         "sigma_mode": cfg.sigma.mode, "num_models": cfg.train.num_models, "epochs": cfg.train.epochs,
+         "defense": cfg.defense.name, "num_models": cfg.train.num_models, "epochs": cfg.train.epochs,
          "batch_size": cfg.train.batch_size, "conv": args.pipeline_conv, "dtype": args.pipeline_dtype,
          "models_per_chunk": ensemble.auto_models_per_chunk(cfg.train.models_per_chunk, cfg.train.num_models),
          "wall_s": round(wall, 2), "timings_s": summary["timings_s"],
@@ -349,7 +349,7 @@ def bench_pipeline(args: argparse.Namespace) -> dict[str, Any]:
   out["progress_bars"] = bars
   if not args.workdir:
     shutil.rmtree(workdir, ignore_errors=True)
-  print(f"  pipeline {spec}: {cfg.sigma.mode}, M = {cfg.train.num_models}, {cfg.train.epochs} epochs, "
+  print(f"  pipeline {spec}: {cfg.defense.name}, M = {cfg.train.num_models}, {cfg.train.epochs} epochs, "
         f"{summary['n_train']} train: wall {wall:.1f} s", flush=True)
   for k, v in summary["timings_s"].items():
     print(f"    {k:28s} {v:9.2f} s", flush=True)
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--workdir", default="", help="pipeline run folder (emptied first; default a temp folder)")
   parser.add_argument("--num_models", type=int, default=1000, help="M of the protocol (pipeline, projections)")
   parser.add_argument("--epochs", type=int, default=20, help="epochs of the protocol (pipeline, projections)")
-  parser.add_argument("--sigma_mode", default="", help="override sigma.mode (default: the config's)")
+  parser.add_argument("--defense", default="", help="override defense.name, e.g. rab (default: the config's)")
   parser.add_argument("--pipeline_conv", default="xla", choices=layers.CONV_FORMULATIONS)
   parser.add_argument("--pipeline_dtype", default="float32", choices=sorted(DTYPES))
   parser.add_argument("--protocol_n_train", type=int, default=12665,

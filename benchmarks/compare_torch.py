@@ -2,7 +2,7 @@ r"""certssb-jax against the PyTorch baseline on the same data: stage times and a
 
 Both sides do the same work (docs/method.md section 2, fixed sigma = RAB): train M smoothed models on the same
 poisoned training set and certify the clean and triggered test splits. certssb-jax runs its whole pipeline
-with ``sigma.mode=fixed`` and ``undefended.enabled=False``; its storage update runs as in every run and changes
+with ``defense.name=rab`` and ``undefended.enabled=False``; its storage update runs as in every run and changes
 nothing here (RAB's certificates of one fixed sigma never contradict each other, so every stored answer is the
 certificate itself). The baseline is ``benchmarks/torch_baseline.py``. Both sides' votes go through the SAME host-side
 bounds (``certssb_jax.run.answering.bound_split`` -> ``bounds.certify_counts``, same alpha, bound and correction),
@@ -76,7 +76,7 @@ def benchmark_config(spec: str, num_models: int | None, epochs: int | None) -> m
   fixed sigma (RAB) and no undefended model. Checked here (``config.resolve``), so a bad override stops before
   any work."""
   c = config_lib.load_config(spec)
-  c.sigma.mode = "fixed"
+  c.defense.name = "rab"
   c.undefended.enabled = False
   if num_models is not None:
     c.train.num_models = num_models

@@ -69,8 +69,8 @@ def read_rows(workdir: str) -> list[Row]:
 
   summary = files.load_json(os.path.join(workdir, "summary.json"))
   cfg = config_dict.ConfigDict(files.load_json(os.path.join(workdir, "config.json")))
-  run_off = defenses.COUNTING[cfg.defense.name]
-  plurality = defenses.COUNTING[run_off.trains]
+  run_off = defenses.REGISTRY[cfg.defense.name]
+  plurality = defenses.REGISTRY[run_off.trains]
   votes = np.load(os.path.join(workdir, "votes.npz"))
   label, k = votes["clean_label"], cfg.train.num_models // cfg.defense.spread
   rows = []

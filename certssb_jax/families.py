@@ -77,12 +77,12 @@ class Row:
 def read_row(method: str, setting: str, workdir: str) -> Row:
   """A finished run as a Row, from its summary.json and per_sample.csv."""
   from certssb_jax import sweep  # pylint: disable=g-import-not-at-top
-  from certssb_jax.defenses import dpa_smoothing  # pylint: disable=g-import-not-at-top
+  from certssb_jax.defenses import smoothed_partition  # pylint: disable=g-import-not-at-top
 
   summary = files.load_json(os.path.join(workdir, "summary.json"))
   clean = [r for r in sweep.read_rows(workdir) if r["split"] == "clean"]
   label = np.array([int(r["label"]) for r in clean])
-  if summary.get("family") != "counting":  # RAB: its poison budget at t, from the margins of its answers
+  if "threats" not in summary:  # an l2 certificate (RAB): its poison budget at t, from the margins of its answers
     correct = np.array([int(r["pred_stored"]) for r in clean]) == label
     margin = np.array([float(r["margin_stored"]) for r in clean])
     sigma = float(summary["sigma_0"])
@@ -96,8 +96,8 @@ def read_row(method: str, setting: str, workdir: str) -> Row:
   p_low = np.array([float(r["p_lower"]) for r in clean])
   p_high = np.array([float(r["p_upper_runner"]) for r in clean])
   d = summary["defense"]
-  per = dpa_smoothing.members_per_change(d["key"])["modifications"]
-  smoothed = lambda t: dpa_smoothing.largest_changes(p_low, p_high, d["partitions"], d["sigma"], t, per)
+  per = smoothed_partition.members_per_change(d["key"])["modifications"]
+  smoothed = lambda t: smoothed_partition.largest_changes(p_low, p_high, d["partitions"], d["sigma"], t, per)
   return Row(method, setting, summary["num_models"], workdir, summary, correct, smoothed)
 
 
@@ -127,7 +127,7 @@ def run_rows(spec: str, workdir: str, sizes: list[int], sigmas: list[float], bag
   rows = []
   for m in sorted(sizes, reverse=True):  # the largest first: the smaller RAB ensembles reuse its first models
     if sigmas and (smoothing_sizes is None or m in smoothing_sizes):
-      records = sweep.run_grid([spec], os.path.join(workdir, "rab"), None, sigmas, ["fixed"], progress,
+      records = sweep.run_grid([spec], os.path.join(workdir, "rab"), None, sigmas, ["rab"], progress,
                                trainers=trainers, overrides={"train.num_models": str(m)})
       rows += [read_row("RAB", f"sigma={r['sigma_0']:g}", r["workdir"]) for r in records]
     for method, setting, overrides in counting_variants(m, n_train, bag_fractions, partition_sigmas):
@@ -158,12 +158,12 @@ def largest(row: Row, trigger_norm: float) -> str:
     return str(int(bounds.poison_budget(np.array([ceiling]), sigma, sigma, trigger_norm)[0]))
   if s.get("trigger_norm") is None:
     return str(int(s["largest_certificate"]["modifications"])) if trigger_norm <= 0 else "-"
-  from certssb_jax.defenses import dpa_smoothing  # pylint: disable=g-import-not-at-top
+  from certssb_jax.defenses import smoothed_partition  # pylint: disable=g-import-not-at-top
 
   d = s["defense"]
   p = bounds.clopper_pearson_lower(d["draws"], d["draws"], d["alpha"] / len(s["classes"]))
-  per = dpa_smoothing.members_per_change(d["key"])["modifications"]
-  return str(int(dpa_smoothing.largest_changes(np.array([p]), np.array([1 - p]), d["partitions"], d["sigma"],
+  per = smoothed_partition.members_per_change(d["key"])["modifications"]
+  return str(int(smoothed_partition.largest_changes(np.array([p]), np.array([1 - p]), d["partitions"], d["sigma"],
                                                trigger_norm, per)[0]))
 
 

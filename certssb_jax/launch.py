@@ -17,7 +17,7 @@ Examples:
   python -m certssb_jax.launch --config configs/quickstart.py --workdir /tmp/quickstart
   python -m certssb_jax.launch --config configs/fashion_mnist.py:trigger=fourpixel --workdir runs/fm_4px
   python -m certssb_jax.launch --config configs/quickstart.py --config.train.num_models=16 --workdir /tmp/q16
-  python -m certssb_jax.launch --config configs/quickstart.py --workdir /tmp/both --compare_modes
+  python -m certssb_jax.launch --config configs/quickstart.py --workdir /tmp/both --compare rab,cert_ssb
   # two processes on one machine (CPU, loopback), one per terminal:
   python -m certssb_jax.launch --config configs/quickstart.py:quick --workdir /tmp/q2 \
       --coordinator_address=127.0.0.1:12355 --num_processes=2 --process_id=0   # and --process_id=1
@@ -38,10 +38,9 @@ logger = logging.getLogger("certssb_jax.launch")
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder; resumed when it holds a run with the same config.")
 _FRESH = flags.DEFINE_bool("fresh", False, "Discard the results in --workdir if its config differs.")
-_COMPARE = flags.DEFINE_bool("compare_modes", False,
-                             "Run RAB (sigma_mode=fixed) and Cert-SSB (sample_specific) on the same data and seeds "
-                             "into WORKDIR/fixed and WORKDIR/sample_specific (shared models where they are the "
-                             "same), and print one table.")
+_COMPARE = flags.DEFINE_list("compare", None,
+                             "Defenses (defense.name values, e.g. rab,cert_ssb or dpa,dpa_roe) to run on the same data "
+                             "and seeds into WORKDIR/<name> (models they share are trained once), with one table.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() (multi-host: TPU pods, SLURM, multi-node GPU); "
                                  "without the three flags below the cluster is auto-detected.")
@@ -160,7 +159,7 @@ def count_table(summaries: dict[str, dict]) -> str:
 def summary_table(summaries: dict[str, dict]) -> str:
   """A one-screen table of the headline numbers of one or more runs (columns = runs)."""
   first = next(iter(summaries.values()))
-  if first.get("family") == "counting":
+  if "threats" in first:  # a count certificate
     return count_table(summaries)
   rows = _headline_rows()
   # three radii of the grid that some run can certify: below the margin ceiling times its largest sigma_x
@@ -226,7 +225,7 @@ def main(spec: str | None, overrides: dict[str, str]) -> None:
   workdir = _WORKDIR.value
   runs = {}
   if _COMPARE.value:
-    runs = pipeline.compare_modes(config, workdir, progress=progress, fresh=_FRESH.value)
+    runs = pipeline.compare(config, workdir, tuple(_COMPARE.value), progress=progress, fresh=_FRESH.value)
   else:
     summary = pipeline.run(config, workdir, progress=progress, fresh=_FRESH.value)
     runs[summary.get("method", "run")] = summary  # a process other than 0 reports no method
@@ -236,7 +235,7 @@ def main(spec: str | None, overrides: dict[str, str]) -> None:
   print(summary_table(runs))
   print()
   for name, s in runs.items():
-    d = workdir if not _COMPARE.value else os.path.join(workdir, "fixed" if name == "RAB" else "sample_specific")
+    d = workdir if not _COMPARE.value else os.path.join(workdir, name)
     print(f"{name}: wrote {len(s['files'])} files to {d} (summary.json, per_sample.csv, ...)")
 
 

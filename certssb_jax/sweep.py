@@ -1,6 +1,6 @@
-r"""The comparison table: a grid of runs (config x trigger x sigma_0 x method) in one folder.
+r"""The comparison table: a grid of runs (config x trigger x sigma_0 x defense) in one folder.
 
-Every row is an ordinary run in ``WORKDIR/<data set>_<classes>/<trigger>_sigma<sigma_0>_<mode>_<config hash>``
+Every row is an ordinary run in ``WORKDIR/<data set>_<classes>/<trigger>_sigma<sigma_0>_<defense>_<config hash>``
 (the hash tells apart rows whose configs differ elsewhere, e.g. two Cert-SSB designs); a row whose
 folder holds a finished run with the same config is reused, a partly finished one resumes, and a row that trains
 the same models as a finished row in the folder (Cert-SSB with ``sigma.train = base`` and RAB, also across sweeps)
@@ -47,24 +47,25 @@ def split_specs(text: str) -> list[str]:
 
 
 def row_dir(workdir: str, c: Any) -> str:
-  """The folder of one row: data set and classes, then trigger, sigma_0, mode and a hash of the whole config; a
-  folder of the same prefix whose run has the same config (``identity.differences``) is that row too."""
+  """The folder of one row: data set and classes, then trigger, sigma_0, defense and a hash of the whole config; a
+  folder of the same trigger and sigma_0 whose run has the same config (``identity.differences``, which reads
+  configs of earlier versions too) is that row."""
   j = config_lib.to_json(c)
   for field in identity.RESULT_NEUTRAL:  # a field that changes no result does not tell rows apart
     section, name = field.split(".")
     j[section].pop(name)
   digest = hashlib.sha1(json.dumps(j, sort_keys=True).encode()).hexdigest()[:8]
   pair = "-".join(str(k) for k in c.data.classes)
-  prefix = os.path.join(workdir, f"{c.data.name}_{pair}", f"{c.attack.trigger}_sigma{c.sigma.sigma_0:g}_{c.sigma.mode}")
+  prefix = os.path.join(workdir, f"{c.data.name}_{pair}", f"{c.attack.trigger}_sigma{c.sigma.sigma_0:g}")
   for d in sorted(glob.glob(f"{prefix}_*")):
     path = os.path.join(d, "config.json")
     if os.path.exists(path) and not identity.differences(files.load_json(path), config_lib.to_json(c)):
       return d
-  return f"{prefix}_{digest}"
+  return f"{prefix}_{c.defense.name}_{digest}"
 
 
 def run_grid(specs: list[str], workdir: str, triggers: list[str] | None, sigmas: list[float] | None,
-             modes: list[str], progress=None, trainers: ensemble.Trainers | None = None,
+             names: list[str], progress=None, trainers: ensemble.Trainers | None = None,
              overrides: dict[str, str] | None = None) -> list[dict[str, Any]]:
   """Runs (or reuses) every row of the grid; returns one record per row. ``triggers`` / ``sigmas`` None: each
   config's own; ``overrides`` (field -> value) apply to every config. Every config is checked first, so a bad
@@ -77,9 +78,9 @@ def run_grid(specs: list[str], workdir: str, triggers: list[str] | None, sigmas:
     base = config_lib.apply_overrides(config_lib.load_config(spec), overrides or {})
     for trigger in triggers or [base.attack.trigger]:
       for sigma_0 in sigmas or [base.sigma.sigma_0]:
-        for mode in modes:
+        for name in names:
           c = base.copy_and_resolve_references()
-          c.attack.trigger, c.sigma.sigma_0, c.sigma.mode = trigger, float(sigma_0), mode
+          c.attack.trigger, c.sigma.sigma_0, c.defense.name = trigger, float(sigma_0), name
           resolved = config_lib.resolve(c)
           rows.append((spec, c, resolved, row_dir(workdir, resolved)))
   records, trained, trainers = [], _finished_rows(workdir), trainers or ensemble.Trainers()
@@ -97,7 +98,7 @@ def run_grid(specs: list[str], workdir: str, triggers: list[str] | None, sigmas:
     trained.append((config_lib.to_json(resolved), d))
     records.append({"config": spec, "dataset": f"{resolved.data.name} {tuple(resolved.data.classes)}",
                     "trigger": resolved.attack.trigger, "sigma_0": resolved.sigma.sigma_0,
-                    "mode": resolved.sigma.mode, "workdir": d, "summary": summary})
+                    "defense": resolved.defense.name, "workdir": d, "summary": summary})
   return records
 
 
@@ -121,9 +122,10 @@ def _donor(finished: list[tuple[dict[str, Any], str]], j: dict[str, Any]) -> str
 
 
 def design(c: dict[str, Any]) -> str:
-  """How a row chose its sigmas, from its config.json: "-" for RAB, "no search" for a single-point range."""
+  """How a row chose its sigmas, from its config.json: "-" where it records no search (RAB), "no search" for a
+  single-point range."""
   s = c["sigma"]
-  if s["mode"] == "fixed":
+  if s["sigma_hi"] is None:
     return "-"
   if s["sigma_hi"] <= s["sigma_lo"]:
     return "no search (sigma_0)"
@@ -204,7 +206,7 @@ def plot(records: list[dict[str, Any]], workdir: str) -> list[str]:
 
   from certssb_jax.run import report  # pylint: disable=g-import-not-at-top
 
-  colors = {"fixed": "C0", "sample_specific": "C1"}
+  colors = {"RAB": "C0", "Cert-SSB": "C1"}
   styles = ("-", "--", ":", "-.")
   paths = []
   for ds in dict.fromkeys(r["dataset"] for r in records):
@@ -218,7 +220,8 @@ def plot(records: list[dict[str, Any]], workdir: str) -> list[str]:
       label = f"{r['summary']['method']} {r['trigger']} sigma_0={r['sigma_0']:g}"
       for ax, column in ((axes[0], "radius_stored"), (axes[1], "radius_joint_stored")):
         radius = np.array([float(c[column]) for c in clean])
-        ax.step(*report.cra_curve(radius, correct), where="post", color=colors[r["mode"]], ls=ls, label=label)
+        color = colors.get(r["summary"]["method"], "C2")
+        ax.step(*report.cra_curve(radius, correct), where="post", color=color, ls=ls, label=label)
     for ax, name in zip(axes, ("test-input radius r", "joint radius r")):
       ax.set_xlabel(name)
       ax.set_xlim(left=0)
@@ -235,11 +238,11 @@ def plot(records: list[dict[str, Any]], workdir: str) -> list[str]:
   return paths
 
 
-def sweep(specs: list[str], workdir: str, triggers: list[str], sigmas: list[float] | None, modes: list[str],
+def sweep(specs: list[str], workdir: str, triggers: list[str], sigmas: list[float] | None, names: list[str],
           progress=None) -> dict[str, str]:
   """Runs the grid and writes ``table.md``, ``table.csv`` and the plots. Returns the paths."""
   os.makedirs(workdir, exist_ok=True)
-  records = run_grid(specs, workdir, triggers, sigmas, modes, progress)
+  records = run_grid(specs, workdir, triggers, sigmas, names, progress)
   md, csv_text = table(records)
   files.atomic_write_bytes(os.path.join(workdir, "table.md"), md.encode())
   files.atomic_write_bytes(os.path.join(workdir, "table.csv"), csv_text.encode())
@@ -258,7 +261,7 @@ def _define_flags() -> None:
                                       "onepixel,fourpixel,blending.")
   flags.DEFINE_list("sigma_0", None, "Base sigmas of the grid (default: each config's own); the paper's: "
                                      "0.12,0.25,0.5,1.0 (0.25,0.5,1.0 at 224 pixels).")
-  flags.DEFINE_list("sigma_modes", ["fixed", "sample_specific"], "sigma modes of the grid.")
+  flags.DEFINE_list("defenses", ["rab", "cert_ssb"], "Smoothing defenses of the grid (defense.name values).")
   flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 
@@ -266,7 +269,7 @@ def main() -> None:
   f = flags.FLAGS
   cli.require(configs=f.configs, workdir=f.workdir)
   sigmas = [float(s) for s in f.sigma_0] if f.sigma_0 else None
-  paths = sweep(split_specs(f.configs), f.workdir, f.triggers, sigmas, f.sigma_modes, cli.progress(f.progress))
+  paths = sweep(split_specs(f.configs), f.workdir, f.triggers, sigmas, f.defenses, cli.progress(f.progress))
   print(open(paths["table_md"]).read())
   for k, v in paths.items():
     print(f"{k}: {v}")

@@ -11,13 +11,13 @@ then:
 
   python -m certssb_jax.launch --config configs/cifar10.py --workdir runs/cifar10_onepixel_0.25
   python -m certssb_jax.launch --config configs/cifar10.py:sigma_0=0.5,trigger=fourpixel --workdir runs/cifar10_4px
-  python -m certssb_jax.launch --config configs/cifar10.py:sigma_mode=sample_specific --workdir runs/cifar10_ssb
+  python -m certssb_jax.launch --config configs/cifar10.py:defense=cert_ssb --workdir runs/cifar10_ssb
   python -m certssb_jax.launch --config configs/cifar10.py:data_dir=/data/cifar-10-batches-py --workdir runs/cifar10_own
   python -m certssb_jax.launch --config configs/cifar10.py:source=tfds --workdir runs/cifar10_tfds   # prepared tfds
   python -m certssb_jax.launch --config configs/cifar10.py:quick --workdir /tmp/cifar10_quick   # smoke test
 
 Variants (comma-separated key=value): trigger (onepixel|fourpixel|blending), sigma_0 (0.12|0.25|0.5|1.0 in the
-paper), sigma_mode (fixed|sample_specific), num_models, epochs, batch_size, learning_rate, bound
+paper), defense (rab|cert_ssb|dpa|...), num_models, epochs, batch_size, learning_rate, bound
 (clopper_pearson|hoeffding), alpha, poison_rate, delta, seed, source (cifar_pickle|tfds), data_dir, max_train,
 max_test, any dotted field (train.models_per_chunk=64); `quick`: 4 models, 1 epoch, at most 200 / 50 images,
 same data source (its CI test passes `source=cifar_pickle,data_dir=...` with tiny local pickles).

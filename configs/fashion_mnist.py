@@ -11,13 +11,13 @@ then (M = 16 takes about 8 minutes for RAB on a 2-core CPU; the paper's M = 1000
 
   python -m certssb_jax.launch --config configs/fashion_mnist.py:num_models=16 --workdir runs/fm
   python -m certssb_jax.launch --config configs/fashion_mnist.py:num_models=16,classes=7+9 --workdir runs/fm79
-  python -m certssb_jax.launch --config configs/fashion_mnist.py:num_models=16 --workdir runs/fm2 --compare_modes
+  python -m certssb_jax.launch --config configs/fashion_mnist.py:num_models=16 --workdir runs/fm2 --compare rab,cert_ssb
   python -m certssb_jax.sweep --configs configs/fashion_mnist.py:num_models=16 --triggers onepixel,fourpixel \
       --sigma_0 0.25 --workdir runs/sweep_fm
 
 Variants (comma-separated key=value): classes (two class ids joined by +, the first is the target: 0 T-shirt,
 1 Trouser, 2 Pullover, 3 Dress, 4 Coat, 5 Sandal, 6 Shirt, 7 Sneaker, 8 Bag, 9 Ankle boot), trigger, sigma_0,
-sigma_mode (sample_specific | fixed), num_models, and every short name of certssb_jax/run/config.py; `quick`: 400 /
+defense (cert_ssb | rab | dpa | ...), num_models, and every short name of certssb_jax/run/config.py; `quick`: 400 /
 100 images, 16 models, one epoch (the CI smoke test).
 """
 
@@ -34,7 +34,7 @@ def get_config(arg: str | None = None):
   c.train.epochs = 20
   c.train.batch_size = 128
   c.train.learning_rate = 1e-3
-  c.sigma.mode = "sample_specific"  # Cert-SSB; sigma_mode=fixed gives RAB
+  c.defense.name = "cert_ssb"  # Cert-SSB; defense=rab gives RAB
   c.sigma.sigma_0 = 0.25
   variant = config_lib.parse_variant(arg)
   if variant.pop("quick", None):

@@ -14,13 +14,13 @@ then:
 
   python -m certssb_jax.launch --config configs/imagenette.py --workdir runs/imagenette_onepixel_0.25
   python -m certssb_jax.launch --config configs/imagenette.py:sigma_0=0.5 --workdir runs/imagenette_0.5
-  python -m certssb_jax.launch --config configs/imagenette.py:sigma_mode=sample_specific --workdir runs/inette_ssb
+  python -m certssb_jax.launch --config configs/imagenette.py:defense=cert_ssb --workdir runs/inette_ssb
   python -m certssb_jax.launch --config configs/imagenette.py:data_dir=/data/imagenette2 --workdir runs/inette_own
   python -m certssb_jax.launch --config configs/imagenette.py:source=tfds --workdir runs/inette_tfds   # prepared tfds
   python -m certssb_jax.launch --config configs/imagenette.py:quick --workdir /tmp/imagenette_quick   # smoke test
 
 Variants (comma-separated key=value): trigger (onepixel|fourpixel|blending), sigma_0 (0.25|0.5|1.0 in the
-paper), sigma_mode (fixed|sample_specific), num_models, epochs, batch_size, learning_rate, bound
+paper), defense (rab|cert_ssb|dpa|...), num_models, epochs, batch_size, learning_rate, bound
 (clopper_pearson|hoeffding), alpha, poison_rate, delta, seed, source (image_folder|tfds), data_dir, max_train,
 max_test, any dotted field (data.image_size=160); `quick`: 3 models, 1 epoch, 32x32 images, at most 64 / 32
 images, same data source (its CI test passes `source=image_folder,data_dir=...` with a tiny local folder). The

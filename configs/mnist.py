@@ -10,13 +10,13 @@ then:
 
   python -m certssb_jax.launch --config configs/mnist.py --workdir runs/mnist_onepixel_0.25
   python -m certssb_jax.launch --config configs/mnist.py:trigger=fourpixel,sigma_0=0.5 --workdir runs/mnist_4px
-  python -m certssb_jax.launch --config configs/mnist.py:sigma_mode=sample_specific --workdir runs/mnist_ssb
+  python -m certssb_jax.launch --config configs/mnist.py:defense=cert_ssb --workdir runs/mnist_ssb
   python -m certssb_jax.launch --config configs/mnist.py:data_dir=/data/mnist --workdir runs/mnist_idx   # own folder
   python -m certssb_jax.launch --config configs/mnist.py:source=tfds --workdir runs/mnist_tfds   # prepared tfds
   python -m certssb_jax.launch --config configs/mnist.py:quick --workdir /tmp/mnist_quick   # smoke test
 
 Variants (comma-separated key=value): trigger (onepixel|fourpixel|blending), sigma_0 (0.12|0.25|0.5|1.0 in
-the paper), sigma_mode (fixed|sample_specific), num_models, epochs, batch_size, bound
+the paper), defense (rab|cert_ssb|dpa|...), num_models, epochs, batch_size, bound
 (clopper_pearson|hoeffding), alpha, poison_rate, delta, seed, source (idx|tfds|builtin), data_dir, max_train,
 max_test; `quick`: the built-in digits (no download), 16 models, 1 epoch. Fashion-MNIST: `python -m
 certssb_jax.data fetch fashion_mnist` (or `sudo apt-get install dataset-fashion-mnist`), then

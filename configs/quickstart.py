@@ -8,8 +8,8 @@ that docs/results.md finds below RAB's envelope on full-size data.
 
   python -m certssb_jax.launch --config configs/quickstart.py --workdir /tmp/quickstart
   python -m certssb_jax.launch --config configs/quickstart.py:sigma.sigma_hi=0.375 --workdir /tmp/quickstart_search
-  python -m certssb_jax.launch --config configs/quickstart.py:sigma_mode=fixed --workdir /tmp/quickstart_rab
-  python -m certssb_jax.launch --config configs/quickstart.py --workdir /tmp/both --compare_modes
+  python -m certssb_jax.launch --config configs/quickstart.py:defense=rab --workdir /tmp/quickstart_rab
+  python -m certssb_jax.launch --config configs/quickstart.py --workdir /tmp/both --compare rab,cert_ssb
 """
 
 from certssb_jax.run import config as config_lib
@@ -22,7 +22,7 @@ def get_config(arg: str | None = None):
   c.train.num_models = 60  # M: a few dozen models; the margin ceiling at alpha=0.001 is 1.18 (radius 0.29 at 0.25)
   c.train.epochs = 6
   c.train.batch_size = 64
-  c.sigma.mode = "sample_specific"  # Cert-SSB; sigma_mode=fixed gives RAB
+  c.defense.name = "cert_ssb"  # Cert-SSB; defense=rab gives RAB
   c.sigma.sigma_0 = 0.25
   c.sigma.num_steps = 8  # the search's steps and draws, where a variant sets sigma.sigma_hi
   c.sigma.num_draws = 8

@@ -33,7 +33,7 @@ def tiny_config(**overrides):
   c.train.epochs = 2
   c.train.batch_size = 32
   c.train.models_per_chunk = 2
-  c.sigma.mode = "sample_specific"
+  c.defense.name = "cert_ssb"
   c.sigma.sigma_0 = 0.25
   c.sigma.sigma_hi = 0.375  # search sigma_x (Cert-SSB's default range is the single point sigma_0)
   c.sigma.num_steps = 2

@@ -14,7 +14,7 @@ import scipy.optimize
 
 from certssb_jax import rng
 from certssb_jax.certify import bounds
-from certssb_jax.defenses import INSERTIONS_DELETIONS, MODIFICATIONS, bagging, dpa
+from certssb_jax.defenses import INSERTIONS_DELETIONS, MODIFICATIONS, bootstrap, partition
 from certssb_jax.run import pipeline
 
 # ---------------------------------------------------------------------------------------------- DPA
@@ -44,20 +44,20 @@ def test_dpa_certificate_equals_the_naive_search_over_changed_votes():
   cases = [rs.multinomial(m, rs.dirichlet(np.ones(k))) for _ in range(40) for m, k in ((7, 2), (6, 3), (5, 4))]
   cases += [np.array(v) for v in ([4, 4], [3, 3, 0], [0, 3, 3], [2, 2, 2], [6, 0], [0, 6, 0])]
   for v in cases:
-    cert = dpa.certificate(v[None], "sample")
+    cert = partition.certificate(v[None], "sample")
     assert cert.pred[0] == _plurality(v) and cert.exact
     # by (image, label): an insertion or deletion changes one member, a modification two
     assert cert.counts[INSERTIONS_DELETIONS][0] == _naive_dpa(v), v
     assert cert.counts[MODIFICATIONS][0] == _naive_dpa(v) // 2
     # by position: a modification changes one member; insertions are not certified at all
-    by_position = dpa.certificate(v[None], "position")
+    by_position = partition.certificate(v[None], "position")
     assert by_position.counts == {MODIFICATIONS: np.array([_naive_dpa(v)])}
 
 
 def test_dpa_certificate_by_hand():
   # floor((n_c - max_{c' != c}(n_c' + [c' < c])) / 2)
   votes = np.array([[5, 3, 0], [3, 3, 0], [3, 4, 0], [2, 5, 4], [1, 6, 3], [0, 0, 9], [3, 3, 3]])
-  cert = dpa.certificate(votes)
+  cert = partition.certificate(votes)
   np.testing.assert_array_equal(cert.pred, [0, 0, 1, 1, 1, 2, 0])
   np.testing.assert_array_equal(cert.counts[INSERTIONS_DELETIONS], [1, 0, 0, 0, 1, 4, 0])
   np.testing.assert_array_equal(cert.counts[MODIFICATIONS], [0, 0, 0, 0, 0, 2, 0])
@@ -68,11 +68,11 @@ def test_a_sample_moves_no_other_sample_between_parts():
   rs = np.random.RandomState(1)
   x = rs.rand(60, 4, 4, 1).astype(np.float32)
   y = rs.randint(0, 3, 60)
-  parts = dpa.partition(x, y, 5)
+  parts = partition.partition(x, y, 5)
   assert sorted(np.concatenate(parts).tolist()) == list(range(60))
   # permuting the training set changes no part's content or its order (hash order)
   perm = rs.permutation(60)
-  parts_p = dpa.partition(x[perm], y[perm], 5)
+  parts_p = partition.partition(x[perm], y[perm], 5)
   for a, b in zip(parts, parts_p):
     np.testing.assert_array_equal(x[a], x[perm][b])
   # changing sample 7 (image and label) leaves every other sample in its part
@@ -80,11 +80,11 @@ def test_a_sample_moves_no_other_sample_between_parts():
   x2[7] += 0.5
   y2[7] = (y2[7] + 1) % 3
   where = lambda ps: {int(j): i for i, p in enumerate(ps) for j in p}
-  before, after = where(parts), where(dpa.partition(x2, y2, 5))
+  before, after = where(parts), where(partition.partition(x2, y2, 5))
   assert all(before[j] == after[j] for j in range(60) if j != 7)
   # by position, every sample keeps its part whatever it becomes
-  assert where(dpa.partition(x, y, 5, "position")) == where(dpa.partition(x2, y2, 5, "position"))
-  views = dpa.views_of_parts(parts)(np.arange(7))  # members 5 and 6 are padding: parts 0 and 1 again
+  assert where(partition.partition(x, y, 5, "position")) == where(partition.partition(x2, y2, 5, "position"))
+  views = partition.views_of_parts(parts)(np.arange(7))  # members 5 and 6 are padding: parts 0 and 1 again
   np.testing.assert_array_equal(views.lengths, [len(parts[m % 5]) for m in range(7)])  # unpadded
   for m in range(7):
     np.testing.assert_array_equal(views.indices[m, :views.lengths[m]], parts[m % 5])
@@ -110,8 +110,8 @@ def test_bagging_counts_equal_the_naive_loop_over_every_mix():
   rs = np.random.RandomState(3)
   for n, s in ((50, 1), (100, 7), (1000, 30), (12000, 240)):
     gaps = np.concatenate([rs.uniform(-0.2, 1.0, 25), [0.0, 1e-9, 1.0]])
-    for threat in bagging.COUNTS:
-      got = bagging.certified_count(gaps, n, s, threat)
+    for threat in bootstrap.COUNTS:
+      got = bootstrap.certified_count(gaps, n, s, threat)
       np.testing.assert_array_equal(got, [_naive_bagging(g, n, s, threat) for g in gaps], err_msg=threat)
 
 
@@ -164,7 +164,7 @@ def test_bagging_counts_equal_brute_force_over_bags_and_attacks():
       attacks = {MODIFICATIONS: lambda r: [(r, r)],
                  INSERTIONS_DELETIONS: lambda r: [(i, r - i) for i in range(r + 1)]}
       for threat, mixes in attacks.items():
-        got = int(bagging.certified_count(np.array([p_low - p_high]), n, s, threat)[0])
+        got = int(bootstrap.certified_count(np.array([p_low - p_high]), n, s, threat)[0])
         holds = lambda r, mixes=mixes: all(_worst_gap(p_low, p_high, n, s, i, d, k) > 1e-9 for i, d in mixes(r))
         assert got >= 0 and holds(got), (n, s, k, p_low, p_high, threat, got)
         if threat == INSERTIONS_DELETIONS or got < n:
@@ -175,7 +175,7 @@ def test_bagging_insertions_are_not_twice_the_modifications():
   """Unanimous votes, n = 12,000, s = n // M, alpha = 0.001: Theorem 1 allows 27 / 61 / 705 insertions and
   deletions at M = 50 / 100 / 1000, not 2 x 22 / 55 / 659."""
   for m, insertions, modifications in ((50, 27, 22), (100, 61, 55), (1000, 705, 659)):
-    cert = bagging.certificate(np.array([[m, 0]]), alpha=0.001, n=12000, s=12000 // m)
+    cert = bootstrap.certificate(np.array([[m, 0]]), alpha=0.001, n=12000, s=12000 // m)
     assert cert.counts == {MODIFICATIONS: np.array([modifications]), INSERTIONS_DELETIONS: np.array([insertions])}
     assert not cert.exact
 
@@ -183,7 +183,7 @@ def test_bagging_insertions_are_not_twice_the_modifications():
 def test_bagging_certificate_uses_clopper_pearson_with_bonferroni():
   for v in ([50, 0], [40, 10], [26, 24], [10, 40], [20, 15, 15]):
     v = np.asarray(v, np.int64)
-    cert = bagging.certificate(v[None], alpha=0.001, n=12000, s=240)
+    cert = bootstrap.certificate(v[None], alpha=0.001, n=12000, s=240)
     order = np.argsort(-v, kind="stable")
     a = 0.001 / len(v)
     gap = bounds.clopper_pearson_lower(v[order[0]], v.sum(), a) - bounds.clopper_pearson_upper(v[order[1]], v.sum(), a)
@@ -192,18 +192,18 @@ def test_bagging_certificate_uses_clopper_pearson_with_bonferroni():
   # 50 of 50 votes: pA_low = (alpha / 2)^(1/50), pB_high = 1 - pA_low
   p = (0.0005) ** (1 / 50)
   r_star = 12000 * (1 - (1 - (2 * p - 1) / 2) ** (1 / 240))
-  assert bagging.certificate(np.array([[50, 0]]), alpha=0.001, n=12000, s=240).modifications[0] == int(np.ceil(r_star)) - 1
+  assert bootstrap.certificate(np.array([[50, 0]]), alpha=0.001, n=12000, s=240).modifications[0] == int(np.ceil(r_star)) - 1
 
 
 def test_bags_are_keyed_by_seed_and_member():
-  views = bagging.bags(5, 100, 17)
+  views = bootstrap.bags(5, 100, 17)
   a = views(np.arange(6))
   assert a.indices.shape == (6, 17) and a.indices.min() >= 0 and a.indices.max() < 100
   assert (a.lengths == 17).all()
   np.testing.assert_array_equal(views(np.array([4, 2])).indices[0], a.indices[4])  # the chunk does not matter
   expect = jax.random.randint(rng.member_key(5, rng.BAG, 3), (17,), 0, 100)
   np.testing.assert_array_equal(a.indices[3], np.asarray(expect))
-  assert not np.array_equal(bagging.bags(6, 100, 17)(np.arange(1)).indices[0], a.indices[0])
+  assert not np.array_equal(bootstrap.bags(6, 100, 17)(np.arange(1)).indices[0], a.indices[0])
 
 
 # ---------------------------------------------------------------------------------------------- whole runs
@@ -225,8 +225,8 @@ def test_counting_run_recounts_from_its_votes(tmp_path, name):
   for split in ("clean", "triggered"):
     v = votes[split]
     assert (v.sum(1) == 6).all()
-    cert = (dpa.certificate(v) if name == "dpa" else
-            bagging.certificate(v, alpha=c.certify.alpha, n=n, s=n // 6))
+    cert = (partition.certificate(v) if name == "dpa" else
+            bootstrap.certificate(v, alpha=c.certify.alpha, n=n, s=n // 6))
     split_rows = [r for r in rows if r["split"] == split]
     for threat, counts in cert.counts.items():
       np.testing.assert_array_equal([int(r[f"certified_{threat}"]) for r in split_rows], counts)
@@ -244,7 +244,7 @@ def test_families_study_counts_from_the_run_folders(tmp_path):
   from conftest import write_tiny_config  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
   from certssb_jax import families  # pylint: disable=g-import-not-at-top
-  from certssb_jax.defenses import dpa_smoothing  # pylint: disable=g-import-not-at-top
+  from certssb_jax.defenses import smoothed_partition  # pylint: disable=g-import-not-at-top
 
   spec = write_tiny_config(str(tmp_path / "tiny.py"), **{"sigma.sigma_hi": None, "train.epochs": 1,
                                                          "certify.draws": 32})
@@ -263,7 +263,7 @@ def test_families_study_counts_from_the_run_folders(tmp_path):
       right = np.array([x["pred_stored"] == x["label"] for x in clean])
       assert r.accuracy(0, 0.0) is None
     elif r.method == "DPA+smoothing":  # recounted from the run's bounds at the attack's norm
-      budget = dpa_smoothing.largest_changes(np.array([float(x["p_lower"]) for x in clean]),
+      budget = smoothed_partition.largest_changes(np.array([float(x["p_lower"]) for x in clean]),
                                              np.array([float(x["p_upper_runner"]) for x in clean]), r.num_models,
                                              0.5, t, per_change=2)
       np.testing.assert_array_equal(budget, [int(x["certified_modifications"]) for x in clean])

@@ -13,7 +13,7 @@ from scipy import stats
 
 from certssb_jax import rng
 from certssb_jax.certify import bounds, draws
-from certssb_jax.defenses import INSERTIONS_DELETIONS, MODIFICATIONS, dpa, dpa_smoothing
+from certssb_jax.defenses import INSERTIONS_DELETIONS, MODIFICATIONS, partition, smoothed_partition
 from certssb_jax.ensemble import member, trainer as ensemble
 from certssb_jax.models import zoo as models
 from certssb_jax.run import pipeline
@@ -26,8 +26,8 @@ def test_radius_of_one_linear_member_is_its_distance_to_the_boundary():
     d = np.array([0.01, 0.1, 0.5, 1.0, 1.7])
     p = stats.norm.cdf(d / sigma)
     # float64 Phi^-1 near 1 (d / sigma up to 6.8) keeps ~7 digits; a 10% overstatement is far outside
-    np.testing.assert_allclose(dpa_smoothing.radius(p, stats.norm.sf(d / sigma), 0, 1, sigma), d, rtol=1e-6)
-  assert dpa_smoothing.radius(np.array([0.5]), np.array([0.5]), 0, 1, 1.0)[0] == -np.inf  # a tie certifies nothing
+    np.testing.assert_allclose(smoothed_partition.radius(p, stats.norm.sf(d / sigma), 0, 1, sigma), d, rtol=1e-6)
+  assert smoothed_partition.radius(np.array([0.5]), np.array([0.5]), 0, 1, 1.0)[0] == -np.inf  # a tie certifies nothing
 
 
 def _linear_members(rs, k):
@@ -58,7 +58,7 @@ def test_certified_pairs_survive_every_choice_of_changed_members_and_test_shift(
     c = int(p1 > 0.5)
     p_c = p1 if c else 1 - p1
     for big_r in range(k + 1):
-      t = dpa_smoothing.radius(np.array([p_c]), np.array([1 - p_c]), big_r, k, sigma)[0]
+      t = smoothed_partition.radius(np.array([p_c]), np.array([1 - p_c]), big_r, k, sigma)[0]
       if t == -np.inf:
         continue
       for changed in itertools.combinations(range(k), big_r):
@@ -79,11 +79,11 @@ def test_the_count_at_t_0_is_exact_for_members_that_always_agree():
   for k in range(2, 12):
     for n_c in range((k + 1) // 2 + 1, k + 1):
       p = np.array([n_c / k])
-      got = dpa_smoothing.largest_changes(p, 1 - p, k, 1.0, 0.0)[0]
+      got = smoothed_partition.largest_changes(p, 1 - p, k, 1.0, 0.0)[0]
       brute = max(r for r in range(k + 1) if n_c - r > k - n_c + r or r == 0) if n_c > k - n_c else -1
       assert got == brute, (k, n_c, got, brute)
       # at most DPA's count on the same votes (whose tie rule certifies one more where a tie goes its way)
-      assert got <= dpa.certified_members(np.array([[n_c, k - n_c]]))[3][0]
+      assert got <= partition.certified_members(np.array([[n_c, k - n_c]]))[3][0]
 
 
 def test_counts_equal_brute_force_over_r_and_match_the_partition_threats():
@@ -99,10 +99,10 @@ def test_counts_equal_brute_force_over_r_and_match_the_partition_threats():
         brute = big_r
       else:
         break
-    cert = dpa_smoothing.largest_changes(np.array([p_low]), np.array([p_high]), k, sigma, t)[0]
+    cert = smoothed_partition.largest_changes(np.array([p_low]), np.array([p_high]), k, sigma, t)[0]
     assert cert == brute
     # by sample a modification changes two members, by position one
-    by_sample = dpa_smoothing.largest_changes(np.array([p_low]), np.array([p_high]), k, sigma, t, per_change=2)[0]
+    by_sample = smoothed_partition.largest_changes(np.array([p_low]), np.array([p_high]), k, sigma, t, per_change=2)[0]
     assert by_sample == (brute // 2 if brute >= 0 else -1)
 
 
@@ -134,7 +134,7 @@ def test_bounds_are_clopper_pearson_over_the_draws_at_alpha_over_k():
   votes = np.array([[990, 10], [600, 400], [500, 300, 200]], dtype=object)
   for v in votes:
     v = np.asarray(v, np.int64)
-    c, n_c, p_low, p_high = dpa_smoothing.bounds_of(v[None], 0.001)
+    c, n_c, p_low, p_high = smoothed_partition.bounds_of(v[None], 0.001)
     a = 0.001 / len(v)
     assert p_low[0] == bounds.clopper_pearson_lower(v.max(), v.sum(), a)
     assert p_high[0] == bounds.clopper_pearson_upper(np.sort(v)[-2], v.sum(), a)
@@ -149,15 +149,15 @@ def test_members_with_noise_depend_on_their_part_only():
   x, y = rs.rand(40, 16, 16, 1).astype(np.float32), (rs.rand(40) > 0.5).astype(np.int32)
 
   def train(xs, ys):
-    parts = dpa.partition(xs, ys, 4)
+    parts = partition.partition(xs, ys, 4)
     st = tr.train_chunk(np.arange(4), member.Streams.ensemble(0), xs, ys, np.full(len(ys), 0.5, np.float32),
-                        views=dpa.views_of_parts(parts))
+                        views=partition.views_of_parts(parts))
     return parts, [np.concatenate([np.asarray(a[m]).ravel() for a in jax.tree.leaves(st.params)]) for m in range(4)]
 
   parts, before = train(x, y)
   largest = int(np.argmax([len(p) for p in parts]))
   new = next(s for s in (rs.rand(1, 16, 16, 1).astype(np.float32) for _ in range(200))
-             if int(dpa.sample_hashes(s, np.array([1]))[0] % np.uint64(4)) == largest)
+             if int(partition.sample_hashes(s, np.array([1]))[0] % np.uint64(4)) == largest)
   _, after = train(np.concatenate([x, new]), np.append(y, 1))
   assert [m for m in range(4) if not np.array_equal(before[m], after[m])] == [largest]
 
@@ -171,7 +171,7 @@ def test_a_run_recounts_from_its_draws(tmp_path):
   rows = list(csv.DictReader(open(tmp_path / "per_sample.csv")))
   for split in ("clean", "triggered"):
     assert (votes[split].sum(axis=1) == 64).all()
-    cert = dpa_smoothing.certificate(votes[split], alpha=c.certify.alpha, k=6, sigma=0.5, trigger_norm=c.attack.delta)
+    cert = smoothed_partition.certificate(votes[split], alpha=c.certify.alpha, k=6, sigma=0.5, trigger_norm=c.attack.delta)
     got = [r for r in rows if r["split"] == split]
     np.testing.assert_array_equal([int(r["certified_insertions_deletions"]) for r in got],
                                   cert.counts[INSERTIONS_DELETIONS])

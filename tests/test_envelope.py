@@ -47,7 +47,7 @@ def _rab_folder(path, sigma, preds, labels, num_models):
   from certssb_jax import files  # pylint: disable=g-import-not-at-top
   from certssb_jax.run import config as config_lib  # pylint: disable=g-import-not-at-top
 
-  cfg = tiny_config(**{"sigma.mode": "fixed", "sigma.sigma_0": sigma, "train.num_models": num_models,
+  cfg = tiny_config(**{"defense.name": "rab", "sigma.sigma_0": sigma, "train.num_models": num_models,
                        "attack.delta": 0.05})
   os.makedirs(path)
   files.save_json(os.path.join(path, "config.json"), config_lib.to_json(config_lib.resolve(cfg)))

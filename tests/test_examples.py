@@ -122,7 +122,7 @@ def monkeypatch_module():
 @pytest.mark.slow
 def test_the_notebook_shows_the_attack_and_both_defenses(executed):
   ns, shown = executed
-  rab, ssb = ns["runs"]["RAB"], ns["runs"]["Cert-SSB"]
+  rab, ssb = ns["runs"]["rab"], ns["runs"]["cert_ssb"]
   assert rab["undefended"]["asr"] > 0.3  # the attack works without a defense
   assert rab["metrics"]["clean_accuracy"] > 0.8 and ssb["metrics"]["clean_accuracy"] > 0.8  # real digits learn
   assert ssb["consistency"]["contradictions"] == 0
@@ -156,12 +156,12 @@ def test_the_notebooks_answers_are_the_runs_answers(executed):
   0), and the notebook prints those, not the certificates before the store."""
   ns, _ = executed
   answers, cfg = ns["answers"]["clean"], ns["cfg"]
-  with open(os.path.join(ns["OUT"], "compare", "sample_specific", "per_sample.csv")) as f:
+  with open(os.path.join(ns["OUT"], "compare", "cert_ssb", "per_sample.csv")) as f:
     rows = [r for r in csv.DictReader(f) if r["split"] == "clean"]
   np.testing.assert_array_equal(answers.pred, [int(r["pred_stored"]) for r in rows])
   np.testing.assert_array_equal(answers.radius_stored, [float(r["radius_stored"]) for r in rows])
   np.testing.assert_array_equal(answers.radius_joint, [float(r["radius_joint_stored"]) for r in rows])
-  assert ns["config_lib"].searches(cfg) and not answers.radius_joint.any()  # searched: test-input radii only
+  assert ns["defenses"].noise_plan(cfg).search_test and not answers.radius_joint.any()  # searched: test-input radii
   i = ns["i"]
   assert answers.radius_stored[i] == answers.radius_stored.max() > 0
   assert (f"test-input radius {answers.radius_stored[i]:.3f}, joint radius 0.000" in ns["PRINTED"])

@@ -8,7 +8,7 @@ from conftest import tiny_config  # pylint: disable=g-bad-import-order
 import jax
 import numpy as np
 
-from certssb_jax.defenses import INSERTIONS_DELETIONS, MODIFICATIONS, dpa, finite_aggregation as fa
+from certssb_jax.defenses import INSERTIONS_DELETIONS, MODIFICATIONS, partition, bucket_aggregation as fa
 from certssb_jax.ensemble import member, trainer as ensemble
 from certssb_jax.models import zoo as models
 from certssb_jax.run import pipeline
@@ -62,7 +62,7 @@ def test_fa_at_d_1_is_dpa():
   for key in ("sample", "position"):
     got = fa.certificate(preds, fa.shifts(0, 1, 12), 3, key)
     votes = np.stack([np.bincount(preds[:, i], minlength=3) for i in range(50)])
-    want = dpa.certificate(votes, key)
+    want = partition.certificate(votes, key)
     np.testing.assert_array_equal(got.pred, want.pred)
     assert got.counts.keys() == want.counts.keys()
     for threat in got.counts:
@@ -88,13 +88,13 @@ def test_an_insertion_changes_the_d_members_of_its_bucket_only():
   offsets = fa.shifts(0, 2, 6)
 
   def train(xs, ys):
-    views = fa.views_of_buckets(dpa.partition(xs, ys, 6), offsets)
+    views = fa.views_of_buckets(partition.partition(xs, ys, 6), offsets)
     st = tr.train_chunk(np.arange(6), member.Streams.ensemble(0), xs, ys, None, views=views)
     return [np.concatenate([np.asarray(a[m]).ravel() for a in jax.tree.leaves(st.params)]) for m in range(6)]
 
   before = train(x, y)
   new = rs.rand(1, 16, 16, 1).astype(np.float32)
-  bucket = int(dpa.sample_hashes(new, np.array([1]))[0] % np.uint64(6))
+  bucket = int(partition.sample_hashes(new, np.array([1]))[0] % np.uint64(6))
   after = train(np.concatenate([x, new]), np.append(y, 1))
   changed = {m for m in range(6) if not np.array_equal(before[m], after[m])}
   assert changed == set(fa.members_of_buckets(offsets, 6)[bucket].tolist())

@@ -61,6 +61,8 @@ def _one_error_line(proc, *fragments):
                                                                 "did you mean 'trigger'"]),
     (["--config", "configs/quickstart.py:trigger=star"], ["attack.trigger 'star'"]),
     (["--config", "configs/quickstart.py:num_models=many"], ["cannot read 'many' as int"]),
+    (["--config", "configs/quickstart.py:sigma_mode=fixed"], ["config field 'sigma_mode' is gone", "defense=rab"]),
+    (["--config", "configs/quickstart.py", "--compare", "rab,dpq"], ["defense.name 'dpq'", "did you mean 'dpa'"]),
     (["--config", "configs/quickstart.py:source=idx,data_dir=/nonexistent"], ["/nonexistent"]),
     (["--config", "configs/quickstart.py", "--nosuchflag"], ["nosuchflag"]),
     (["--workdir_missing"], ["workdir_missing"]),
@@ -95,7 +97,7 @@ def test_the_sweep_refuses_a_bad_config_before_any_training(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,method,rows", [
-    ({"sigma.mode": "fixed", "sigma.sigma_hi": None}, "RAB", ["CRA(joint radius", "margin ceiling"]),
+    ({"defense.name": "rab", "sigma.sigma_hi": None}, "RAB", ["CRA(joint radius", "margin ceiling"]),
     ({"sigma.sigma_hi": None}, "Cert-SSB", ["CRA(joint radius", "contradictions"]),
     ({"defense.name": "dpa"}, "DPA", ["certified accuracy, 1 insertions/deletions", "largest possible, modifications"]),
     ({"defense.name": "bagging", "certify.alpha": 0.001, "train.num_models": 12},

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from certssb_jax.defenses import bagging, dpa
+from certssb_jax.defenses import bootstrap, partition
 from certssb_jax.ensemble import member, trained, trainer as ensemble
 from certssb_jax.ensemble.views import Views
 from certssb_jax.models import zoo as models
@@ -62,50 +62,50 @@ def _changed(a, b):
 
 def _part_of(parts, x, y, sample):
   """The part a sample (image, label) lands in."""
-  h = dpa.sample_hashes(sample[0][None], np.array([sample[1]]))[0]
+  h = partition.sample_hashes(sample[0][None], np.array([sample[1]]))[0]
   return int(h % np.uint64(len(parts)))
 
 
 def test_dpa_insertion_into_and_deletion_from_the_largest_part_changes_that_member_only(trainer, queries):
   x, y = _data(48)
   cfg = _cfg("dpa")
-  parts = dpa.partition(x, y, K)
+  parts = partition.partition(x, y, K)
   largest = int(np.argmax([len(p) for p in parts]))
-  base = _members(trainer, queries, dpa.DPA, cfg, x, y)
+  base = _members(trainer, queries, partition.DPA, cfg, x, y)
   # an inserted sample that hashes into the largest part (an attacker finds one in about K tries)
   rs = np.random.RandomState(5)
   new = next(s for s in ((rs.rand(*SHAPE).astype(np.float32), 1) for _ in range(200))
              if _part_of(parts, x, y, s) == largest)
-  inserted = _members(trainer, queries, dpa.DPA, cfg, np.concatenate([x, new[0][None]]), np.append(y, new[1]))
+  inserted = _members(trainer, queries, partition.DPA, cfg, np.concatenate([x, new[0][None]]), np.append(y, new[1]))
   assert inserted[2].lengths[largest] == base[2].lengths[largest] + 1  # the longest view got longer
   assert _changed(base, inserted) == {largest}
   # a deletion from the largest part
   gone = int(parts[largest][3])
   keep = np.arange(len(y)) != gone
-  deleted = _members(trainer, queries, dpa.DPA, cfg, x[keep], y[keep])
+  deleted = _members(trainer, queries, partition.DPA, cfg, x[keep], y[keep])
   assert _changed(base, deleted) == {largest}
 
 
 def test_dpa_modification_changes_the_parts_it_leaves_and_enters_only(trainer, queries):
   x, y = _data(48, seed=1)
-  for key in dpa.PARTITION_KEYS:
+  for key in partition.PARTITION_KEYS:
     cfg = _cfg("dpa", partition=key)
-    parts = dpa.partition(x, y, K, key)
-    base = _members(trainer, queries, dpa.DPA, cfg, x, y)
+    parts = partition.partition(x, y, K, key)
+    base = _members(trainer, queries, partition.DPA, cfg, x, y)
     for j in (int(parts[0][0]), int(parts[3][-1])):
       x2, y2 = x.copy(), y.copy()
       x2[j], y2[j] = 1.0 - x2[j], 1 - y2[j]  # image and label
-      parts2 = dpa.partition(x2, y2, K, key)
+      parts2 = partition.partition(x2, y2, K, key)
       where = lambda ps, j=j: next(i for i, p in enumerate(ps) if j in p)
       touched = {where(parts), where(parts2)}
       assert len(touched) == 1 or key == "sample"  # by position a modified sample keeps its part
-      assert _changed(base, _members(trainer, queries, dpa.DPA, cfg, x2, y2)) == touched
+      assert _changed(base, _members(trainer, queries, partition.DPA, cfg, x2, y2)) == touched
 
 
 def test_bagging_modification_changes_the_members_whose_bag_holds_it_only(trainer, queries):
   x, y = _data(40, seed=2)
   cfg = _cfg("bagging")
-  base = _members(trainer, queries, bagging.BAGGING, cfg, x, y)
+  base = _members(trainer, queries, bootstrap.BAGGING, cfg, x, y)
   bags = base[2].indices
   held = [int(j) for j in range(len(y)) if 0 < sum(j in b for b in bags) < K]  # in some bags, not all
   outside = [int(j) for j in range(len(y)) if not any(j in b for b in bags)]
@@ -113,7 +113,7 @@ def test_bagging_modification_changes_the_members_whose_bag_holds_it_only(traine
     x2, y2 = x.copy(), y.copy()
     x2[j], y2[j] = 1.0 - x2[j], 1 - y2[j]
     holding = {m for m in range(K) if j in bags[m]}
-    assert _changed(base, _members(trainer, queries, bagging.BAGGING, cfg, x2, y2)) == holding
+    assert _changed(base, _members(trainer, queries, bootstrap.BAGGING, cfg, x2, y2)) == holding
 
 
 def test_a_member_does_not_depend_on_the_other_views_lengths(trainer, queries):

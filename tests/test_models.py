@@ -371,7 +371,7 @@ def test_cifar_quick_config_runs(tmp_path):
   _write_cifar_pickles(folder, np.random.RandomState(0))
   # sample-specific sigmas searched for training and test (pilot model + searches); the undefended baseline
   # runs in the ImageNette test
-  c = config_lib.load_config(f"configs/cifar10.py:quick,data_dir={folder},sigma_mode=sample_specific,"
+  c = config_lib.load_config(f"configs/cifar10.py:quick,data_dir={folder},defense=cert_ssb,"
                              "poison_rate=0.1,train_sigma=search,undefended.enabled=false")
   assert c.model.name == "preact_resnet" and c.data.name == "cifar10" and tuple(c.data.classes) == (2, 0)
   workdir = str(tmp_path / "run")
@@ -394,12 +394,12 @@ def test_imagenette_quick_config_runs(tmp_path):
       for i in range(per_class if k < 2 else 2):
         img = np.clip(60 + 100 * k + rs.randint(-50, 50, (40, 48, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(img).save(d / f"{i:03d}.png")
-  c = config_lib.load_config(f"configs/imagenette.py:quick,data_dir={root},poison_rate=0.1,sigma_mode=fixed")
+  c = config_lib.load_config(f"configs/imagenette.py:quick,data_dir={root},poison_rate=0.1,defense=rab")
   assert c.model.name == "resnet18" and c.data.name == "imagenette" and c.data.image_size == 32
   workdir = str(tmp_path / "run")
   summary = pipeline.run(c, workdir)
   on_disk, sig = _check_run(workdir, summary, 24, 12, c.train.num_models, (32, 32, 3))
-  assert on_disk["sigma_mode"] == "fixed"
+  assert on_disk["defense"]["name"] == "rab"
   np.testing.assert_array_equal(sig["train"], np.full(24, c.sigma.sigma_0, np.float32))
 
 

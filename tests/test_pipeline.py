@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from certssb_jax import rng
+from certssb_jax import defenses, rng
 from certssb_jax.certify import bounds
 from certssb_jax.data import sources as data_lib
 from certssb_jax.ensemble import member, trained, trainer as ensemble
@@ -26,7 +26,7 @@ from certssb_jax.run import answering, config as config_lib, identity, pipeline,
 PROBS_TOL = dict(rtol=1e-5, atol=1e-6) if jax.default_backend() == "cpu" else dict(rtol=1e-3, atol=5e-4)
 
 SUMMARY_KEYS = ("dataset", "n_train", "n_test", "n_poisoned", "num_models", "models", "alpha", "bound",
-                "sigma_mode", "margin_ceiling", "radius_grid", "metrics", "pre_store", "consistency",
+                "defense", "margin_ceiling", "radius_grid", "metrics", "pre_store", "consistency",
                 "other_order", "probe", "timings_s", "versions", "devices", "undefended", "precision", "seed")
 OUTPUTS = ("config.json", "summary.json", "per_sample.csv", "votes.npz", "sigmas.npz", "certified_accuracy.png",
            "store.npz", "poison.npz", "sigma_histogram.png")
@@ -84,7 +84,7 @@ def test_radius_uses_the_sigma_the_kernel_sampled_with(tiny_run):
   sigma_x depends on the poisoned training set, so its joint radius is 0 (docs/soundness.md), before the store
   (radius) and in the answer (radius_joint_stored), where the test-input radius stands."""
   c, workdir, _ = tiny_run
-  searched = config_lib.searches(config_lib.resolve(c))
+  searched = defenses.noise_plan(config_lib.resolve(c)).search_test
   assert searched
   sig = np.load(os.path.join(workdir, "sigmas.npz"))
   sigma_train_min = float(sig["train"].min())
@@ -231,7 +231,7 @@ def test_same_seed_gives_identical_outputs(tiny_run, tmp_path):
 def test_a_run_trains_its_own_epochs_after_a_run_with_other_epochs(tmp_path):
   """The trainer (and its compiled step) is shared by runs that differ only in epochs; each run still trains
   for its own number: a run after a 2-epoch run in the same trainers equals the same run in new ones."""
-  overrides = dict(num_models=2, max_train=64, max_test=16, sigma_mode="fixed", **{"undefended.enabled": False})
+  overrides = dict(num_models=2, max_train=64, max_test=16, defense="rab", **{"undefended.enabled": False})
   pipeline.run(tiny_config(**overrides, epochs=1), str(tmp_path / "fresh"))
   shared = ensemble.Trainers()
   pipeline.run(tiny_config(**overrides, epochs=2), str(tmp_path / "two_epochs"), trainers=shared)
@@ -346,7 +346,8 @@ def test_the_default_cert_ssb_range_answers_at_sigma_0_without_a_pilot(tmp_path)
   """sigma.sigma_hi defaults to sigma_0: no pilot, no search, every sigma_x = sigma_0 (RAB's noise), and the store,
   the audit and the probe as in every Cert-SSB run."""
   c = tiny_config(num_models=4, epochs=1, max_train=64, max_test=16, **{"sigma.sigma_hi": None})
-  assert config_lib.resolve(c).sigma.sigma_hi == 0.25 and not config_lib.searches(config_lib.resolve(c))
+  cfg = config_lib.resolve(c)
+  assert cfg.sigma.sigma_hi == 0.25 and not defenses.noise_plan(cfg).search_test
   summary = pipeline.run(c, str(tmp_path / "d"))
   assert not os.path.exists(tmp_path / "d" / "pilot")
   sig = np.load(tmp_path / "d" / "sigmas.npz")
@@ -385,7 +386,7 @@ def test_a_field_an_older_config_lacks_counts_as_its_default():
       "model.conv: 'xla' -> 'patches'"]
   assert identity.differences({"train": {"checkpoint_every_s": 1}}, {"train": {"checkpoint_every_s": 9}}) == []
   # and the models such a config trained are found again (a sweep links them instead of retraining)
-  full = config_lib.to_json(config_lib.resolve(tiny_config(sigma_mode="fixed")))
+  full = config_lib.to_json(config_lib.resolve(tiny_config(defense="rab")))
   older = json.loads(json.dumps(full))
   del older["model"]["conv"], older["attack"]["selection"]
   assert identity.training_key(older) == identity.training_key(full)

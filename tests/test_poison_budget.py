@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pytest
 
+from certssb_jax import defenses
 from certssb_jax.certify import bounds
 from certssb_jax.run import config as config_lib
 from certssb_jax.store import certified as store_lib
@@ -181,7 +182,7 @@ def test_run_outputs_recompute_from_the_closed_form(tiny_run):
   s_train = float(np.load(os.path.join(workdir, "sigmas.npz"))["train"].min())
   t = on_disk["delta"]
   assert t == c.attack.delta
-  searched = config_lib.searches(config_lib.resolve(c))  # the tiny run searches sigma_x
+  searched = defenses.noise_plan(config_lib.resolve(c)).search_test  # the tiny run searches sigma_x
   for r in rows:
     want = _closed_form(float(r["margin_stored"]), s_train, float(r["sigma"]), t)
     if int(r["aligned"]):
@@ -212,7 +213,7 @@ def test_answer_metrics_report_the_budget_curves_of_a_run_without_a_search():
 
   from certssb_jax.run import metrics  # pylint: disable=g-import-not-at-top
 
-  cfg = config_lib.resolve(tiny_config(**{"sigma.mode": "fixed", "attack.delta": 0.02}))
+  cfg = config_lib.resolve(tiny_config(**{"defense.name": "rab", "attack.delta": 0.02}))
   ceiling, t, sigma = metrics.margin_ceiling(cfg), 0.02, 0.25
   margin = np.array([0.0, 0.01, ceiling / 2, 0.3, ceiling])  # (5,)
   labels = np.array([1, 0, 0, 1, 0])

@@ -10,14 +10,14 @@ import pytest
 from scipy import stats
 
 from certssb_jax import files, rng, sweep
-from certssb_jax.defenses import sigma_search
+from certssb_jax.defenses import sigma_search, smoothing
 from certssb_jax.ensemble import scorer as scorer_lib, trained, trainer as ensemble
 from certssb_jax.run import config as config_lib, identity, pipeline, rundir
 
 
 @pytest.mark.slow
 def test_three_classes_end_to_end(tmp_path):
-  c = tiny_config(classes="0 1 2", sigma_mode="fixed")
+  c = tiny_config(classes="0 1 2", defense="rab")
   summary = pipeline.run(c, str(tmp_path / "k3"))
   votes = np.load(tmp_path / "k3" / "votes.npz")
   assert votes["clean"].shape[1] == 3 and np.all(votes["clean"].sum(axis=1) == 8)
@@ -53,7 +53,7 @@ def test_search_models_score_and_never_vote(tmp_path):
   key = jax_fold(rng.stream(0, rng.SIGMA_SEARCH), 1)
   sigma, _ = sigma_search.find_sigmas(score_fn, score_fn.place(held_out.params, held_out.batch_stats),
                                       attacked.splits["clean"].x, None, np.arange(64, dtype=np.int32), key,
-                                      config_lib.search_config_of(cfg.sigma), cfg.sigma.objective, 128)
+                                      smoothing.search_config_of(cfg.sigma), cfg.sigma.objective, 128)
   np.testing.assert_array_equal(sigma, np.load(tmp_path / "s" / "sigmas.npz")["test_clean"])
 
 
@@ -99,7 +99,7 @@ def test_reference_compat_shows_the_reference_inflation(tmp_path):
 def test_sweep_table_shares_models_and_resumes(tmp_path):
   cfg = write_tiny_config(tmp_path / "tiny.py")
   out = str(tmp_path / "sweep")
-  paths = sweep.sweep([cfg], out, ["onepixel"], [0.25], ["fixed", "sample_specific"])
+  paths = sweep.sweep([cfg], out, ["onepixel"], [0.25], ["rab", "cert_ssb"])
   md = open(paths["table_md"]).read()
   lines = [l for l in md.splitlines() if l.startswith("| mnist")]
   assert len(lines) == 2 and "| RAB |" in lines[0] and "| Cert-SSB |" in lines[1]
@@ -117,11 +117,11 @@ def test_sweep_table_shares_models_and_resumes(tmp_path):
   assert a["clean_preds"].shape == b["clean_preds"].shape
   assert os.path.exists(os.path.join(out, "cra_mnist_0-1.png"))
   mtime = os.path.getmtime(os.path.join(rab, "summary.json"))
-  sweep.sweep([cfg], out, ["onepixel"], [0.25], ["fixed", "sample_specific"])  # finished rows are reused
+  sweep.sweep([cfg], out, ["onepixel"], [0.25], ["rab", "cert_ssb"])  # finished rows are reused
   assert os.path.getmtime(os.path.join(rab, "summary.json")) == mtime
   # a later sweep of Cert-SSB alone, with another search range, links the models RAB trained in the first one
   other = write_tiny_config(tmp_path / "other.py", **{"sigma.sigma_hi": 0.3125})
-  sweep.sweep([other], out, ["onepixel"], [0.25], ["sample_specific"])
+  sweep.sweep([other], out, ["onepixel"], [0.25], ["cert_ssb"])
   new = [d for d in os.listdir(os.path.join(out, "mnist_0-1")) if d not in dirs]
   assert len(new) == 1 and os.path.islink(os.path.join(out, "mnist_0-1", new[0], "undefended"))
   ensemble_dir = os.path.join(out, "mnist_0-1", new[0], "ensemble")
@@ -132,8 +132,8 @@ def test_sweep_table_shares_models_and_resumes(tmp_path):
 def test_a_larger_ensemble_reuses_a_smaller_ones_models(tmp_path):
   """A sweep row of 8 models links the 4 models of a finished 4-model row (model m depends on the seed and m only)
   and trains the other 4; its first 4 models vote exactly as the smaller run's."""
-  small = write_tiny_config(tmp_path / "small.py", sigma_mode="fixed", num_models=4, epochs=1)
-  large = write_tiny_config(tmp_path / "large.py", sigma_mode="fixed", num_models=8, epochs=1)
+  small = write_tiny_config(tmp_path / "small.py", defense="rab", num_models=4, epochs=1)
+  large = write_tiny_config(tmp_path / "large.py", defense="rab", num_models=8, epochs=1)
   out = str(tmp_path / "sweep")
   (a,) = sweep.run_grid([small], out, None, None, ["fixed"])
   (b,) = sweep.run_grid([large], out, None, None, ["fixed"])
@@ -161,8 +161,8 @@ def test_sweep_splits_config_lists_at_config_files():
 
 def test_training_key_says_which_runs_train_the_same_models():
   key = lambda **kw: identity.training_key(config_lib.to_json(config_lib.resolve(tiny_config(**kw))))
-  assert key(sigma_mode="fixed") == key() == key(objective="prediction", scorer="pilot")
-  assert key(sigma_mode="fixed") != key(train_sigma="search")
+  assert key(defense="rab") == key() == key(objective="prediction", scorer="pilot")
+  assert key(defense="rab") != key(train_sigma="search")
   assert key() != key(seed=3) and key() != key(sigma_0=0.5, **{"sigma.sigma_hi": 0.75})
   assert key() == key(**{"train.checkpoint_every_s": 5})
   sized = lambda **kw: identity.training_key(config_lib.to_json(config_lib.resolve(tiny_config(**kw))),
@@ -186,7 +186,7 @@ def test_the_reference_rule_and_searched_training_sigmas_run_end_to_end(tmp_path
 def test_the_patches_convolution_trains_the_same_models_end_to_end(tmp_path):
   """model.conv = patches computes the same models (to float32 rounding) through the whole pipeline: every
   model's class agrees with the xla formulation's on nearly every input."""
-  overrides = dict(num_models=4, epochs=1, max_train=128, max_test=32, sigma_mode="fixed",
+  overrides = dict(num_models=4, epochs=1, max_train=128, max_test=32, defense="rab",
                    **{"undefended.enabled": False})
   pipeline.run(tiny_config(**overrides), str(tmp_path / "xla"))
   pipeline.run(tiny_config(**overrides, **{"model.conv": "patches"}), str(tmp_path / "patches"))

@@ -125,7 +125,7 @@ def test_a_chunk_resumed_from_a_mid_training_checkpoint_ends_bit_identical(count
   the smoothing ensemble (fixed noise per sample, per-epoch orders) and members on views (their own streams)."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  from certssb_jax.defenses import dpa  # pylint: disable=g-import-not-at-top
+  from certssb_jax.defenses import partition  # pylint: disable=g-import-not-at-top
   from certssb_jax.ensemble import member, trainer as ensemble  # pylint: disable=g-import-not-at-top
   from certssb_jax.models import zoo as models  # pylint: disable=g-import-not-at-top
 
@@ -135,7 +135,7 @@ def test_a_chunk_resumed_from_a_mid_training_checkpoint_ends_bit_identical(count
   tr = ensemble.EnsembleTrainer(models.get_model("mnist_cnn", 2), (16, 16, 1),
                                 ensemble.TrainConfig(epochs=3, batch_size=8, learning_rate=1e-2, models_per_chunk=2))
   streams, ids = member.Streams.ensemble(0), np.arange(2)
-  kwargs = dict(views=dpa.views_of_parts(dpa.partition(x, y, 2)), sigma=None) if counting else \
+  kwargs = dict(views=partition.views_of_parts(partition.partition(x, y, 2)), sigma=None) if counting else \
       dict(sigma=np.full(40, 0.25, np.float32))
   saved = {}
   whole = tr.train_chunk(ids, streams, x, y, checkpoint=lambda g, get: saved.setdefault(g, get()), **kwargs)

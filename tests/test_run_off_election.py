@@ -11,7 +11,7 @@ import numpy as np
 
 from certssb_jax import defenses
 from certssb_jax.certify import kernel
-from certssb_jax.defenses import INSERTIONS_DELETIONS, MODIFICATIONS, dpa, finite_aggregation as fa
+from certssb_jax.defenses import INSERTIONS_DELETIONS, MODIFICATIONS, partition, bucket_aggregation as fa
 from certssb_jax.defenses import run_off_election as roe
 from certssb_jax.run import config as config_lib, identity, pipeline
 
@@ -133,7 +133,7 @@ def test_with_two_classes_the_run_off_is_the_base_defense():
   preds = ranks.argmin(-1)
   for key in ("sample", "position"):
     got = roe.certificate(ranks, np.arange(12)[:, None], key)
-    want = dpa.certificate(kernel.votes_from_preds(preds, 2), key)
+    want = partition.certificate(kernel.votes_from_preds(preds, 2), key)
     np.testing.assert_array_equal(got.pred, want.pred)
     for threat in want.counts:
       np.testing.assert_array_equal(got.counts[threat], want.counts[threat])
@@ -165,7 +165,7 @@ def test_a_run_recounts_from_its_ranks_and_trains_dpas_members(tmp_path):
   as_dpa = config_lib.resolve(tiny_config(**{"defense.name": "dpa", "train.num_models": 8, "train.epochs": 2,
                                              "data.classes": "0,1,2", "undefended.enabled": False}))
   assert identity.training_key(config_lib.to_json(resolved)) == identity.training_key(config_lib.to_json(as_dpa))
-  assert defenses.COUNTING["fa_roe"].trains == "finite_aggregation"
+  assert defenses.REGISTRY["fa_roe"].trains == "finite_aggregation"
 
 
 def test_the_count_study_reads_both_votes_from_one_run_and_writes_its_page(tmp_path):
@@ -183,7 +183,7 @@ def test_the_count_study_reads_both_votes_from_one_run_and_writes_its_page(tmp_p
   rows = count_study.read_rows(str(tmp_path / "w" / "k4" / "dpa_roe"))
   assert [r.method for r in rows] == ["DPA", "DPA+ROE"]
   votes = np.load(tmp_path / "w" / "k4" / "dpa_roe" / "votes.npz")
-  want = dpa.certificate(kernel.votes_from_preds(votes["clean_preds"].astype(np.int64), 3))
+  want = partition.certificate(kernel.votes_from_preds(votes["clean_preds"].astype(np.int64), 3))
   np.testing.assert_array_equal(rows[0].certified, want.counts[INSERTIONS_DELETIONS])
   with open(tmp_path / "w" / "k4" / "dpa_roe" / "per_sample.csv") as f:
     clean = [r for r in csv.DictReader(f) if r["split"] == "clean"]

@@ -205,8 +205,8 @@ def test_compare_torch_config_setup_and_outcomes(tmp_path):
 
   m = 12
   config = ct.benchmark_config("configs/quickstart.py", m, 1)
-  assert (config.sigma.mode, config.undefended.enabled, config.train.num_models, config.train.epochs) == (
-      "fixed", False, m, 1)
+  assert (config.defense.name, config.undefended.enabled, config.train.num_models, config.train.epochs) == (
+      "rab", False, m, 1)
   setup = ct.make_setup(config, str(tmp_path / "jax"))
   a = setup.attacked
   assert len(a.y_train) == len(setup.sigma_train) and np.all(setup.sigma_train == config.sigma.sigma_0)

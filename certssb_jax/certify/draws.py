@@ -2,7 +2,7 @@
 
     G_c(x) = (1 / k) sum_i P_e(f_i(x + e) = c),    e ~ N(0, sigma^2 I),
 
-the class probabilities of an ensemble smoothed at test time (``defenses.dpa_smoothing``). Draw j of every query
+the class probabilities of an ensemble smoothed at test time (``defenses.smoothed_partition``). Draw j of every query
 uses member ``m_j`` (drawn once per run, uniformly from the k members) and noise ``normal(fold_in(fold_in(key, j),
 q))`` for query q, so for each query the N draws are i.i.d. and its count of class c is Binomial(N, G_c(x)):
 Clopper-Pearson bounds apply as they are. (The kernel of the smoothing ensemble, ``kernel``, gives each member

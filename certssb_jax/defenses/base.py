@@ -8,15 +8,22 @@ certificate. Two families plug in:
   votes on noised queries; the certificate is an l2 radius (``certify.bounds``), answers go through the store.
 * counting (DPA, bagging): each member sees a part of the training set (a partition, a bag) without noise and
   votes on the clean query; the certificate is a number of poisoned training samples, labels included.
+
+A defense also owns its config section: ``resolve`` checks and fills the fields it reads and clears the ones it
+does not, so that two runs of one defense differ only by what they compute. ``settings`` binds a value's
+arguments (``defenses.dpa(k=50)``) to config fields, which is how a run records it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, NamedTuple
 
+from ml_collections import config_dict
 import numpy as np
 
+from certssb_jax import checks
 from certssb_jax.ensemble.views import MemberViews
 
 # The threats a count certifies against (``CountCertificate.counts``):
@@ -62,11 +69,20 @@ class CountCertificate:
     return self.counts[MODIFICATIONS]
 
 
+class NoisePlan(NamedTuple):
+  """Where a smoothing defense's noise levels come from (every field False: sigma_0 everywhere, no pilot)."""
+
+  search_train: bool = False  # sigma_j of each training sample searched with the pilot
+  search_test: bool = False  # sigma_x of each test input searched (the side-channel probe runs too)
+  pilot: bool = False  # the pilot model is trained: a search scores with it
+
+
 class Defense(NamedTuple):
   """How one defense uses the ensemble engine (see the module docstring).
 
   Attributes:
     name: as reported ("RAB", "Cert-SSB", "DPA", "bagging").
+    key: its ``defense.name`` in a config (``defenses.REGISTRY``): "rab", "cert_ssb", "dpa", "bagging", ...
     family: "smoothing" (certifies an l2 trigger radius) or "counting" (certifies a number of poisoned samples).
     member_views: (config, poisoned training inputs, labels) -> the members' training views
       (``ensemble.views.MemberViews``), each a function of the member's own view alone; None: every member
@@ -89,11 +105,17 @@ class Defense(NamedTuple):
       changes one bucket, or two for a modification under a hash of the sample); None where members' views
       overlap at random (bagging).
     member_ranks: ``certify_votes`` gets every member's rank of every class (M, N, K) in place of its vote.
-    trains: the ``defenses.COUNTING`` name of the defense whose members this one votes with (both share trained
-      models); None: its own.
+    trains: the key of the defense whose members this one votes with (both share trained models); None: its own.
+    resolve: (mutable config) -> None: checks the defense's fields and fills or clears them (module docstring);
+      raises ValueError in one line naming the field.
+    noise: config -> ``NoisePlan``, where the noise levels come from (smoothing).
+    training_identity: JSON config -> what, beside data, attack, model, training and seed, decides the models
+      its members are (``run.identity.training_key``): two runs whose identities agree share trained models.
+    settings: config field (dotted) -> value, the arguments a factory bound (``with_defense`` applies them).
   """
 
   name: str
+  key: str
   family: str
   member_views: Callable[[Any, np.ndarray, np.ndarray], MemberViews] | None
   certify_votes: Callable[[Any, np.ndarray, int, np.ndarray | None], CountCertificate] | None
@@ -106,6 +128,10 @@ class Defense(NamedTuple):
   buckets: Callable[[Any], np.ndarray] | None = None
   member_ranks: bool = False
   trains: str | None = None
+  resolve: Callable[[Any], None] = lambda c: None
+  noise: Callable[[Any], NoisePlan] = lambda cfg: NoisePlan()
+  training_identity: Callable[[dict[str, Any]], dict[str, Any]] = lambda j: {}
+  settings: dict[str, Any] = {}
 
 
 def top_two(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -118,3 +144,54 @@ def top_two(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
   others[rows, c] = -1
   c2 = others.argmax(1)
   return c, votes[rows, c], c2, votes[rows, c2]
+
+
+# ---------------------------------------------------------------------------------------------- config sections
+
+# The sigma fields only a search of noise levels reads (Cert-SSB's); every other defense records them as None.
+SEARCH_FIELDS = ("train", "objective", "rule", "sigma_lo", "sigma_hi", "num_steps", "num_draws", "lr", "kappa",
+                 "target_draws", "start", "scorer", "search_models", "batch_size", "pilot_epochs", "pilot_sigma")
+PARTITION_KEYS = ("sample", "position")  # what decides a training sample's part (``dpa``)
+
+
+def resolve_fixed_noise(c: Any) -> None:
+  """One noise level, sigma_0, and no search: the sigma section records sigma_0 alone."""
+  s = c.sigma
+  checks.check(s.sigma_0 > 0 and math.isfinite(s.sigma_0), f"sigma.sigma_0 must be > 0, got {s.sigma_0}")
+  for name in SEARCH_FIELDS:
+    s[name] = None
+
+
+def resolve_counting(c: Any) -> None:
+  """The counting defenses' section: partition key, spread, bag size and member batch; a noise level sigma_0 (the
+  members' augmentation and the queries' noise where the defense uses one) and no search; their own bound."""
+  f, cert = c.defense, c.certify
+  checks.one_of(f.partition, PARTITION_KEYS, "defense.partition")
+  if f.bag_size == 0:  # configs written before the bag size was recorded: 0 meant "derive it"
+    f.bag_size = None
+  checks.check(isinstance(f.spread, int) and f.spread >= 1, f"defense.spread must be an int >= 1, got {f.spread!r}")
+  for name in ("bag_size", "member_batch_size"):
+    checks.check(f[name] is None or (isinstance(f[name], int) and f[name] >= 1),
+                 f"defense.{name} must be an int >= 1 or None, got {f[name]!r}")
+  resolve_fixed_noise(c)
+  checks.check(isinstance(cert.draws, int) and cert.draws >= 1,
+               f"certify.draws must be an int >= 1, got {cert.draws!r}")
+  checks.check(cert.bound == "clopper_pearson" and cert.correction == "bonferroni" and cert.compat == "none",
+               f"defense.name={f.name} certifies with its own bound: leave certify.bound, correction and compat at "
+               "their defaults")
+
+
+def counting_identity(defense: Defense) -> Callable[[dict[str, Any]], dict[str, Any]]:
+  """A counting defense's training identity: its section (under the name of the defense whose members it trains)
+  and its members' augmentation."""
+  def identity(j: dict[str, Any]) -> dict[str, Any]:
+    noise = defense.train_sigma(config_dict.ConfigDict(j))
+    return {"defense": {**j["defense"], "name": defense.trains or defense.key}, "sigma_0": noise, "sigma": None}
+
+  return identity
+
+
+def counting(**fields: Any) -> Defense:
+  """A counting defense: its fields, with the family's config section and training identity."""
+  defense = Defense(family="counting", resolve=resolve_counting, **fields)
+  return defense._replace(training_identity=counting_identity(defense))

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from certssb_jax.defenses import dpa
+from certssb_jax.defenses import partition
 from certssb_jax.defenses.base import CountCertificate, Defense
 
 
@@ -102,21 +102,26 @@ def certified_buckets(ranks: np.ndarray, feeds: np.ndarray) -> tuple[np.ndarray,
 
 
 def certificate(ranks: np.ndarray, feeds: np.ndarray, key: str = "sample") -> CountCertificate:
-  """The run-off certificate per threat of the partition ``key`` (``dpa.THREATS``)."""
+  """The run-off certificate per threat of the partition ``key`` (``partition.THREATS``)."""
   c, n_c, n_runner, buckets = certified_buckets(ranks, feeds)
-  return CountCertificate(pred=c, votes_top=n_c, votes_runner=n_runner, counts=dpa.counts_of_parts(buckets, key),
+  return CountCertificate(pred=c, votes_top=n_c, votes_runner=n_runner, counts=partition.counts_of_parts(buckets, key),
                           exact=True)
 
 
-def run_off(base: Defense, base_name: str) -> Defense:
-  """``base`` (DPA or Finite Aggregation, registered as ``base_name``) with a run-off election for its vote; its
-  members are the base's (the two share trained models)."""
-  if base.buckets is None:
-    raise ValueError(f"a run-off election needs a defense whose members' buckets are known, not {base.name}")
+# the key of the run-off on each base's members
+KEYS = {"dpa": "dpa_roe", "finite_aggregation": "fa_roe"}
+
+
+def run_off(base: Defense) -> Defense:
+  """``base`` (DPA or Finite Aggregation, or a value of theirs such as ``dpa(50)``) with a run-off election for its
+  vote; its members are the base's (the two share trained models)."""
+  if base.buckets is None or base.key not in KEYS:
+    raise ValueError(f"a run-off election runs on the members of {sorted(KEYS)}, not {base.key}")
 
   def certify_votes(cfg: Any, votes: np.ndarray, n_train: int, ranks: np.ndarray) -> CountCertificate:
     del votes, n_train
     return certificate(ranks, base.buckets(cfg), cfg.defense.partition)
 
-  return base._replace(name=f"{base.name}+ROE", certify_votes=certify_votes, member_ranks=True, trains=base_name,
+  return base._replace(name=f"{base.name}+ROE", key=KEYS[base.key], certify_votes=certify_votes,
+                       member_ranks=True, trains=base.trains or base.key,
                        describe=lambda cfg: {**base.describe(cfg), "vote": "run-off election"})

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from certssb_jax import files, sweep
+from certssb_jax import defenses, files, sweep
 from certssb_jax.certify import bounds
 from certssb_jax.data.attacked import SPLITS
 from certssb_jax.defenses import grid_selector as grid_selector_lib
@@ -95,7 +95,7 @@ def answers_of_run(workdir: str, name: str | None = None) -> Answers:
   voting = summary["models"]["voting"]
   k = len(cfg["data"]["classes"])
   col = lambda s, c, t: np.array([t(r[c]) for r in rows if r["split"] == s])
-  fixed = cfg["sigma"]["mode"] == "fixed"
+  fixed = cfg["sigma"]["sigma_hi"] is None  # RAB records no search range
   return Answers(
       name=name or (f"RAB sigma={cfg['sigma']['sigma_0']:g}" if fixed else f"Cert-SSB {sweep.design(cfg)}"),
       sigma=cfg["sigma"]["sigma_0"] if fixed else None, voting=voting,
@@ -128,7 +128,7 @@ def grid_selector(rab_runs: dict[float, str], x: dict[str, np.ndarray], selector
   if not 1 <= selector_models < m:
     raise ValueError(f"selector_models must be in [1, {m}) (the ensembles have {m} models), got {selector_models}")
   keys = {identity.training_key(dict(c, sigma=dict(c["sigma"], sigma_0=0.0))) for c in cfgs.values()}
-  if len(keys) != 1 or any(c["sigma"]["mode"] != "fixed" for c in cfgs.values()):
+  if len(keys) != 1 or any(defenses.upgrade(c)["defense"]["name"] != defenses.RAB.key for c in cfgs.values()):
     raise ValueError("the grid selector needs RAB runs that differ in sigma only")
   votes = {s: files.load_npz(os.path.join(d, "votes.npz")) for s, d in rab_runs.items()}
   choose = lambda split: grid_selector_lib.select_sigmas(

@@ -40,14 +40,15 @@ def run_envelope(spec: str, workdir: str, sigmas: list[float], designs: list[str
 
   os.makedirs(workdir, exist_ok=True)
   trainers = ensemble.Trainers()
-  records = sweep.run_grid([spec], workdir, None, sigmas, ["fixed"], progress, trainers)
+  rab_runs = {r["sigma_0"]: r["workdir"] for r in sweep.run_grid([spec], workdir, None, sigmas, ["rab"], progress,
+                                                                  trainers)}
+  searched = []
   for variant in designs:
     base, _, arg = spec.partition(":")
-    records += sweep.run_grid([f"{base}:{arg},{variant}" if arg else f"{base}:{variant}"], workdir, None, None,
-                              ["sample_specific"], progress, trainers)
-  rab_runs = {r["sigma_0"]: r["workdir"] for r in records if r["mode"] == "fixed"}
+    searched += sweep.run_grid([f"{base}:{arg},{variant}" if arg else f"{base}:{variant}"], workdir, None, None,
+                               ["cert_ssb"], progress, trainers)
   rab = [answers.answers_of_run(d) for d in rab_runs.values()]
-  rows = [answers.answers_of_run(r["workdir"]) for r in records if r["mode"] != "fixed"]
+  rows = [answers.answers_of_run(r["workdir"]) for r in searched]
   cfg = config_lib.resolve(config_lib.load_config(spec))
   m = cfg.train.num_models
   selector_models = [max(1, m // 8)] if selector_models is None else selector_models

@@ -8,7 +8,7 @@ import dataclasses
 
 import numpy as np
 
-from certssb_jax import multihost
+from certssb_jax import defenses, multihost
 from certssb_jax.certify import bounds, kernel as certify_lib
 from certssb_jax.data import triggers
 from certssb_jax.data.attacked import SPLITS, Attacked
@@ -27,7 +27,7 @@ def kernel_requests(cfg: Config, attacked: Attacked, sigma_test: dict[str, np.nd
   ``compat=reference`` the clean and the triggered test set (target class included) at sigma_0, as the
   reference release samples."""
   req = {s: (attacked.splits[s].x, sigma_test[s]) for s in SPLITS}
-  if config_lib.searches(cfg):
+  if defenses.noise_plan(cfg).search_test:
     used = np.concatenate([sigma_test[s] for s in SPLITS])
     for name, level in (("at_min", used.min()), ("at_max", used.max())):
       req.update({f"{name}_{s}": (attacked.splits[s].x, np.full(len(sigma_test[s]), level, np.float32))
@@ -97,7 +97,7 @@ def certificates(cfg: Config, votes: dict[str, np.ndarray], sigma_test: dict[str
   sigma_min = {s: bounds.sigma_min_of(sigma_test[s], sigma_train) for s in SPLITS}
   certs = {s: bound_split(cfg, votes[f"{s}_preds"], votes[f"{s}_probs_sum"], sigma_test[s], sigma_min[s])
            for s in SPLITS}
-  if config_lib.searches(cfg):
+  if defenses.noise_plan(cfg).search_test:
     certs = {s: dataclasses.replace(c, radius=np.zeros_like(c.radius)) for s, c in certs.items()}
     sigma_min = {s: np.zeros_like(v) for s, v in sigma_min.items()}
   return certs, sigma_min

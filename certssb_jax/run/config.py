@@ -8,7 +8,6 @@ stages read and what ``config.json`` records. The derivations live here and nowh
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import json
 import math
@@ -20,18 +19,14 @@ import ml_collections
 from ml_collections import config_dict
 
 from certssb_jax import defenses
+from certssb_jax.checks import check as _check, did_you_mean, one_of as _one_of
 from certssb_jax.certify import bounds
 from certssb_jax.data import sources as data, triggers
-from certssb_jax.defenses import sigma_search
 from certssb_jax.models import layers, zoo as models
 
 # A resolved run config (``resolve``): every field checked and derived, read-only.
 Config = ml_collections.FrozenConfigDict
 
-SIGMA_MODES = ("fixed", "sample_specific")
-TRAIN_SIGMAS = ("base", "search")
-SCORERS = ("pilot", "ensemble")
-STARTS = ("sigma_hi", "sigma_0")
 QUERY_ORDERS = ("clean_first", "triggered_first")
 POISON_BASES = ("all", "non_target")
 SELECTIONS = ("random", "least_confident")
@@ -82,16 +77,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every_s = 10.0  # save training at most this often: whole chunks, or a chunk's state mid-training
 
   c.defense = ml_collections.ConfigDict()
-  c.defense.name = "smoothing"  # smoothing (RAB, Cert-SSB by sigma.mode) | a key of defenses.COUNTING: dpa, fa_roe, ...
+  c.defense.name = "cert_ssb"  # a key of defenses.REGISTRY: cert_ssb | rab | dpa | bagging | finite_aggregation | ...
   c.defense.partition = "sample"  # dpa & kin: sample (image, label: insertions, deletions) | position (modifications)
   c.defense.spread = 1  # finite_aggregation, fa_roe: d, the members each sample feeds (train.num_models = k x d)
   c.defense.bag_size = config_dict.placeholder(int)  # bagging: samples per member (with replacement); None: n // M
   c.defense.member_batch_size = config_dict.placeholder(int)  # counting: a member's batch; None: min(batch, view)
 
   c.sigma = ml_collections.ConfigDict()
-  c.sigma.mode = "sample_specific"  # sample_specific (Cert-SSB) | fixed (RAB: every sigma = sigma_0)
-  c.sigma.sigma_0 = 0.25  # base noise level
-  c.sigma.train = "base"  # sample_specific: base (every training sigma_j = sigma_0) | search (per sample, the paper's)
+  c.sigma.sigma_0 = 0.25  # base noise level (RAB, Cert-SSB; the augmentation and query noise of dpa_smoothing)
+  c.sigma.train = "base"  # cert_ssb: base (every training sigma_j = sigma_0) | search (per sample, the paper's)
   c.sigma.objective = "robust_prediction"  # a key of sigma_search.OBJECTIVES: which class's radius is maximised
   c.sigma.rule = "reparam"  # a key of sigma_search.RULES: reparam | reference (the reference release's rule)
   c.sigma.sigma_lo = config_dict.placeholder(float)  # lower clip of the search; None: sigma_0
@@ -145,7 +139,7 @@ def make_quick(c: ml_collections.ConfigDict, num_models: int) -> ml_collections.
 ALIASES = {
     "trigger": "attack.trigger", "poison_rate": "attack.poison_rate", "poison_base": "attack.poison_base",
     "selection": "attack.selection", "delta": "attack.delta", "target_class": "attack.target_class",
-    "sigma_0": "sigma.sigma_0", "sigma_mode": "sigma.mode", "train_sigma": "sigma.train",
+    "sigma_0": "sigma.sigma_0", "defense": "defense.name", "train_sigma": "sigma.train",
     "objective": "sigma.objective", "rule": "sigma.rule", "scorer": "sigma.scorer", "start": "sigma.start",
     "num_models": "train.num_models", "epochs": "train.epochs", "batch_size": "train.batch_size",
     "learning_rate": "train.learning_rate", "models_per_chunk": "train.models_per_chunk",
@@ -154,6 +148,12 @@ ALIASES = {
     "data_dir": "data.data_dir", "max_train": "data.max_train", "max_test": "data.max_test",
     "classes": "data.classes", "model": "model.name",
 }
+
+
+# Fields of earlier versions that a command line may still name: what replaced them.
+RETIRED = {"sigma_mode": "defense.name picks RAB or Cert-SSB: use defense=rab (was sigma_mode=fixed) or "
+                         "defense=cert_ssb (was sample_specific)"}
+RETIRED["sigma.mode"] = RETIRED["sigma_mode"]
 
 
 def parse_variant(arg: str | None) -> dict[str, str]:
@@ -188,15 +188,11 @@ def _known_fields(c: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
   return out
 
 
-def did_you_mean(name: str, choices: list[str]) -> str:
-  """`` (did you mean X?)`` for the closest choice, or ``""``."""
-  close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
-  return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def apply_overrides(c: ml_collections.ConfigDict, overrides: dict[str, str]) -> ml_collections.ConfigDict:
   """Sets fields from ``key=value`` strings (aliases or dotted paths), converting to the field's type."""
   for key, raw in overrides.items():
+    if key in RETIRED:
+      raise ValueError(f"config field {key!r} is gone: {RETIRED[key]}")
     path = ALIASES.get(key, key)
     node = c
     *parents, leaf = path.split(".")
@@ -257,31 +253,18 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
 # ---------------------------------------------------------------------------------------------- resolution
 
 
-def _check(ok: bool, message: str) -> None:
-  if not ok:
-    raise ValueError(f"invalid config: {message}")
-
-
-def _one_of(value: Any, choices, field: str) -> None:
-  choices = sorted(choices) if isinstance(choices, dict) else list(choices)
-  _check(value in choices, f"{field} {value!r} is not one of {choices}{did_you_mean(str(value), choices)}")
-
-
 def resolve(config: ml_collections.ConfigDict) -> Config:
   """Checks the config and fills every derived (``None``) field; returns a frozen copy.
 
   Raises:
     ValueError: the first problem, in one line naming the field (nothing has been computed yet).
   """
-  c = ml_collections.ConfigDict(config.to_dict(), type_safe=False)
+  c = ml_collections.ConfigDict(defenses.upgrade(config.to_dict()), type_safe=False)
   _check(isinstance(c.seed, int) and 0 <= c.seed < 2**31, f"seed must be an int in [0, 2^31) or 'random', got {c.seed!r}")
   _check_data_attack_training(c)
-  _resolve_defense(c)
-  voters = _resolve_sigma(c)
-  _resolve_certify(c, voters)
-  if c.sigma.mode == "fixed":  # RAB searches nothing: its config records no search settings (and so does not
-    for name in _SEARCH_FIELDS:  # differ from another RAB run's by settings it never used)
-      c.sigma[name] = None
+  _one_of(c.defense.name, defenses.REGISTRY, "defense.name")
+  defenses.get(c).resolve(c)  # the defense's own fields: checked, filled, or cleared where it does not read them
+  _resolve_certify(c, num_voters(c))
   return ml_collections.FrozenConfigDict(c)
 
 
@@ -317,27 +300,17 @@ def _check_data_attack_training(c: ml_collections.ConfigDict) -> None:
   c.undefended.epochs = c.undefended.epochs or t.epochs
 
 
-def _resolve_defense(c: ml_collections.ConfigDict) -> None:
-  f, s, cert = c.defense, c.sigma, c.certify
-  _one_of(f.name, defenses.NAMES, "defense.name")
-  _one_of(f.partition, defenses.dpa.PARTITION_KEYS, "defense.partition")
-  if f.bag_size == 0:  # configs written before the bag size was recorded: 0 meant "derive it"
-    f.bag_size = None
-  _check(isinstance(f.spread, int) and f.spread >= 1, f"defense.spread must be an int >= 1, got {f.spread!r}")
-  for name in ("bag_size", "member_batch_size"):
-    _check(f[name] is None or (isinstance(f[name], int) and f[name] >= 1),
-           f"defense.{name} must be an int >= 1 or None, got {f[name]!r}")
-  if f.name == "smoothing":
-    f.partition, f.bag_size, f.member_batch_size = "sample", None, None  # not used: not recorded either
-    return
-  # a counting defense searches no noise level: of the sigma section only sigma_0 may apply (the members'
-  # augmentation and the queries' noise of dpa_smoothing); the rest is not recorded, so that it cannot make two
-  # runs of the same defense differ
-  s.mode, s.sigma_lo, s.sigma_hi, s.search_models = "fixed", None, None, None
-  _check(isinstance(cert.draws, int) and cert.draws >= 1, f"certify.draws must be an int >= 1, got {cert.draws!r}")
-  _check(cert.bound == "clopper_pearson" and cert.correction == "bonferroni" and cert.compat == "none",
-         f"defense.name={f.name} certifies with its own bound: leave certify.bound, correction and compat at "
-         "their defaults")
+def with_defense(config: ml_collections.ConfigDict, defense: defenses.Defense) -> ml_collections.ConfigDict:
+  """``config`` running ``defense``, a value of ``certssb_jax.defenses`` (``dpa(50)``, ``rab(0.5)``): its
+  ``defense.name`` and the fields its arguments set; ``resolve`` then checks them as any other."""
+  c = ml_collections.ConfigDict(config.to_dict(), type_safe=False)
+  for path, value in {"defense.name": defense.key, **defense.settings}.items():
+    *parents, leaf = path.split(".")
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
 
 
 def resolve_for_data(cfg: Config, n_train: int) -> Config:
@@ -350,7 +323,7 @@ def resolve_for_data(cfg: Config, n_train: int) -> Config:
   f, t = cfg.defense, cfg.train
   _check(t.batch_size <= n_train, f"train.batch_size {t.batch_size} is more than the {n_train} training samples; use "
                                   f"train.batch_size={n_train} or less")
-  if f.name == "smoothing":
+  if defenses.get(cfg).view_size is None:  # every member sees the whole training set
     return cfg
   c = ml_collections.ConfigDict(cfg.to_dict(), type_safe=False)
   view = defenses.get(c).view_size(c, n_train)
@@ -360,46 +333,6 @@ def resolve_for_data(cfg: Config, n_train: int) -> Config:
                                f"({t.epochs} x {view}): a member would take no step; use "
                                f"defense.member_batch_size={min(t.batch_size, view)}")
   return ml_collections.FrozenConfigDict(c)
-
-
-def _resolve_sigma(c: ml_collections.ConfigDict) -> int:
-  """Checks and derives the ``sigma`` section; returns the number of voting models."""
-  s, t = c.sigma, c.train
-  _one_of(s.mode, SIGMA_MODES, "sigma.mode")
-  _one_of(s.train, TRAIN_SIGMAS, "sigma.train")
-  _one_of(s.objective, sigma_search.OBJECTIVES, "sigma.objective")
-  _one_of(s.rule, sigma_search.RULES, "sigma.rule")
-  _one_of(s.scorer, SCORERS, "sigma.scorer")
-  s.start = s.start or ("sigma_hi" if s.objective == "robust_prediction" and s.rule == "reparam" else "sigma_0")
-  _one_of(s.start, STARTS, "sigma.start")
-  _check(s.sigma_0 > 0 and math.isfinite(s.sigma_0), f"sigma.sigma_0 must be > 0, got {s.sigma_0}")
-  rule = sigma_search.RULES[s.rule]
-  s.num_steps = rule.num_steps(c.attack.trigger) if s.num_steps is None else s.num_steps
-  s.num_draws = s.num_draws or rule.num_draws
-  s.lr = s.lr or rule.lr
-  s.sigma_lo = s.sigma_lo or s.sigma_0
-  if s.sigma_hi is None:
-    # sigma_0: measured on full-size data, every test-noise level above sigma_0 that a search chose cost accuracy
-    # on some class pair (and gave the attacker more) or, with a few dozen models, certified accuracy through
-    # abstentions (README, docs/soundness.md); searching is a choice the user makes with sigma.sigma_hi.
-    s.sigma_hi = s.sigma_0
-    if rule.unbounded_above:  # twice what the rule can reach: the reference does not clip
-      s.sigma_hi = s.sigma_0 + 2 * sigma_search.largest_increment(search_config_of(s))
-  s.pilot_epochs = s.pilot_epochs or t.epochs
-  # The pilot trains at twice the base level, above the search's top: a small trigger it would otherwise learn
-  # is drowned, so the pilot cannot steer the search by it (docs/soundness.md).
-  s.pilot_sigma = s.pilot_sigma or 2 * s.sigma_0
-  _check(s.pilot_sigma > 0, f"sigma.pilot_sigma must be > 0, got {s.pilot_sigma}")
-  if s.mode == "sample_specific":
-    search_config_of(s).validate()
-  s.search_models = (s.search_models if s.search_models is not None else
-                     (max(1, t.num_models // 20) if s.scorer == "ensemble" else 0))
-  if s.scorer == "ensemble":
-    _check(s.search_models >= 1, "sigma.scorer 'ensemble' needs sigma.search_models >= 1: a sigma_x chosen by "
-                                 "the models that then vote breaks the bound's coverage")
-  else:
-    _check(s.search_models == 0, "sigma.search_models is for sigma.scorer 'ensemble' (the pilot never votes)")
-  return t.num_models - (s.search_models if s.mode == "sample_specific" else 0)
 
 
 def _resolve_certify(c: ml_collections.ConfigDict, voters: int) -> None:
@@ -420,29 +353,7 @@ def _resolve_certify(c: ml_collections.ConfigDict, voters: int) -> None:
     cc.holdout_models = 0
   _check(voters >= 1, f"no model is left to vote: train.num_models {t.num_models}, search models {s.search_models}")
   cc.models_per_chunk = cc.models_per_chunk or t.models_per_chunk
-  _check(cc.batch_size >= 1 and s.batch_size >= 1, "certify.batch_size and sigma.batch_size must be >= 1")
-
-
-# The sigma fields only a sample-specific run uses.
-_SEARCH_FIELDS = ("train", "objective", "rule", "sigma_lo", "sigma_hi", "num_steps", "num_draws", "lr", "kappa",
-                  "target_draws", "start", "scorer", "search_models", "batch_size", "pilot_epochs", "pilot_sigma")
-
-
-def search_config_of(s: ml_collections.ConfigDict) -> sigma_search.SearchConfig:
-  """The sigma search's settings from a (resolved) ``sigma`` section."""
-  return sigma_search.SearchConfig(sigma_0=s.sigma_0, sigma_lo=s.sigma_lo, sigma_hi=s.sigma_hi or 2 * s.sigma_0,
-                                   num_steps=s.num_steps, num_draws=s.num_draws, lr=s.lr, kappa=s.kappa,
-                                   rule=s.rule, target_draws=s.target_draws, start_at_hi=s.start == "sigma_hi")
-
-
-def searches(c: ml_collections.FrozenConfigDict) -> bool:
-  """Whether the run searches noise levels: Cert-SSB with a search range wider than one point."""
-  return c.sigma.mode == "sample_specific" and c.sigma.sigma_hi > c.sigma.sigma_lo
-
-
-def uses_pilot(c: ml_collections.FrozenConfigDict) -> bool:
-  """Whether the run needs the pilot model: a search that scores test inputs or training samples with it."""
-  return searches(c) and (c.sigma.scorer == "pilot" or c.sigma.train == "search")
+  _check(cc.batch_size >= 1, f"certify.batch_size must be >= 1, got {cc.batch_size}")
 
 
 def num_voters(c: ml_collections.FrozenConfigDict) -> int:

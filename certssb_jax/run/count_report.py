@@ -106,7 +106,7 @@ def summarize_counts(cfg: Config, defense: Defense, attacked: Attacked, certs: d
       "n_poisoned": int(len(attacked.poison_indices)), "trigger": cfg.attack.trigger, "delta": cfg.attack.delta,
       "poison_rate": cfg.attack.poison_rate, "poison_base": cfg.attack.poison_base,
       "selection": cfg.attack.selection, "target_class": target, "seed": cfg.seed,
-      "method": defense.name, "family": defense.family, "defense": defense.describe(cfg),
+      "method": defense.name, "family": defense.family, "defense": {"name": cfg.defense.name, **defense.describe(cfg)},
       "num_models": cfg.train.num_models,
       "threats": {threat: THREAT_TEXT[threat] + joint for threat in certs["clean"].counts},
       "trigger_norm": certs["clean"].trigger_norm,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ml_collections import config_dict
 
 from certssb_jax import defenses
 from certssb_jax.run.config import base_config, to_json
@@ -42,7 +41,7 @@ def with_defaults(j: dict[str, Any], defaults: dict[str, Any] | None = None) -> 
   values earlier versions wrote for "derive it" in today's spelling."""
   top = defaults is None
   defaults = to_json(base_config()) if defaults is None else defaults
-  out = dict(j)
+  out = defenses.upgrade(dict(j)) if top else dict(j)
   if top and (out.get("defense") or {}).get("bag_size") == 0:  # 0 meant n // M before the size was recorded
     out["defense"] = {**out["defense"], "bag_size": None}
   for k, v in defaults.items():
@@ -59,21 +58,16 @@ _TRAINING_SECTIONS = ("data", "attack", "model", "train", "undefended")
 
 def training_key(j: dict[str, Any], *, num_models: bool = True) -> str:
   """A string equal for two resolved configs (as JSON, ``to_json``) exactly when they train the same models: same
-  data, attack, model, training and seed, and every training sigma equal to sigma_0 (RAB, or Cert-SSB with
-  ``sigma.train = base``). Runs with searched training sigmas get a key of their own.
+  data, attack, model, training and seed, and the same defense's training identity
+  (``Defense.training_identity``: RAB's, Cert-SSB's with ``sigma.train = base``, DPA's and its run-off's agree).
 
   With ``num_models=False`` the ensemble size is left out: model m depends on the seed and m only, so two runs of
   equal key that train in chunks of the same size share their first models (a larger run's first M models are
   the M-model run's)."""
   j = with_defaults(j)
-  shared = j["sigma"]["mode"] == "fixed" or j["sigma"]["train"] == "base"  # every training sigma is sigma_0
   key = {k: dict(j[k]) for k in _TRAINING_SECTIONS}
   key["train"].pop("checkpoint_every_s", None)
   if not num_models:
     key["train"].pop("num_models")
-  key.update(seed=j["seed"], sigma_0=j["sigma"]["sigma_0"], sigma=None if shared else j["sigma"])
-  if j["defense"]["name"] != "smoothing":  # a counting defense's members see their views, with its own noise
-    defense = defenses.COUNTING[j["defense"]["name"]]
-    noise = defense.train_sigma(config_dict.ConfigDict(j))
-    key.update(defense={**j["defense"], "name": defense.trains or j["defense"]["name"]}, sigma_0=noise, sigma=None)
+  key.update(seed=j["seed"], **defenses.REGISTRY[j["defense"]["name"]].training_identity(j))
   return json.dumps(key, sort_keys=True)

@@ -102,7 +102,7 @@ def certifies_training_perturbations(cfg: Config) -> bool:
   """Whether the answers' joint certificates hold: not when the sigmas were searched, since a searched sigma
   (chosen by models trained on the poisoned training set) moves with the training set the certificate holds
   fixed; such a run certifies the test input alone."""
-  return not config_lib.searches(cfg)
+  return not defenses.noise_plan(cfg).search_test
 
 
 def poison_budgets(cfg: Config, answers: dict[str, store_lib.StoreAnswer], sigma_train: np.ndarray,
@@ -207,7 +207,7 @@ def side_channel_probe(cfg: Config, attacked: Attacked, votes: dict[str, np.ndar
   voters = cfg.train.num_models - config_lib.num_voters(cfg)
   for name, level in (("at_min", used.min()), ("at_max", used.max())):  # majority votes, as in majority_metrics
     # without a search every input was voted on at sigma_0 already, so the kernel ran no probe requests
-    key = f"{name}_{{}}_preds" if config_lib.searches(cfg) else "{}_preds"
+    key = f"{name}_{{}}_preds" if defenses.noise_plan(cfg).search_test else "{}_preds"
     pred = {s: _majority(votes[key.format(s)][voters:], len(cfg.data.classes)) for s in SPLITS}
     out[name] = {"sigma_x": float(level), "clean_accuracy": float(np.mean(pred["clean"] == attacked.splits["clean"].y)),
                  "era": float(np.mean(pred["triggered"] == trig.y)),

@@ -22,7 +22,7 @@ from certssb_jax import defenses, multihost, rng
 from certssb_jax.certify import kernel as certify_lib
 from certssb_jax.data import readers, sources as data_lib, triggers
 from certssb_jax.data.attacked import SPLITS, Attacked, Split
-from certssb_jax.defenses import sigma_search
+from certssb_jax.defenses import sigma_search, smoothing
 from certssb_jax.ensemble import scorer as scorer_lib, trained, trainer as ensemble
 from certssb_jax.ensemble.member import MemberState, Streams, member_logits
 from certssb_jax.ensemble.views import MemberViews
@@ -39,13 +39,16 @@ Config = config_lib.Config
 # ---------------------------------------------------------------------------------------------- the run
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *, progress: Progress | None = None,
-        fresh: bool = False, trainers: ensemble.Trainers | None = None) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str, *, defense: defenses.Defense | None = None,
+        progress: Progress | None = None, fresh: bool = False,
+        trainers: ensemble.Trainers | None = None) -> dict[str, Any]:
   """Runs (or resumes) the whole experiment and writes every output file into ``workdir``.
 
   Args:
     config: a run config (``config.base_config``, the files in ``configs/``, ``config.load_config``).
     workdir: output folder; a run already there with the same config is resumed.
+    defense: a defense value (``defenses.dpa(50)``, ``defenses.rab(0.5)``) to run in place of the config's
+      ``defense.name`` (``config.with_defense``; ``config.json`` records it).
     progress: progress-bar factory; default: tqdm bars when a person is watching (a terminal or a notebook).
     fresh: discard the results of a workdir whose config differs instead of refusing.
     trainers: the compiled training programs to use and add to (shared by the runs of a sweep); default: new.
@@ -53,7 +56,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: Progress |
   Returns:
     The summary (also written to ``summary.json``).
   """
-  cfg = config_lib.resolve(config)
+  cfg = config_lib.resolve(config if defense is None else config_lib.with_defense(config, defense))
   progress = progress or default_progress(multihost.is_primary())
   ds = load_data(cfg)  # data problems, and fields that need the data's size, are refused before any work ...
   cfg = config_lib.resolve_for_data(cfg, len(ds.y_train))
@@ -80,7 +83,7 @@ def run_arrays(config: ml_collections.ConfigDict, workdir: str, x_train: np.ndar
   if not os.path.exists(path):
     readers.save_npz_data(path + ".tmp.npz", *arrays)
     os.replace(path + ".tmp.npz", path)
-  c = ml_collections.ConfigDict(config.to_dict())
+  c = ml_collections.ConfigDict(config.to_dict(), type_safe=False)
   c.data.source, c.data.data_dir, c.data.name = "npz", path, name
   return run(c, workdir, **kwargs)
 
@@ -96,12 +99,11 @@ def _run_stages(cfg: Config, ds: data_lib.Dataset, rd: RunDir, progress: Progres
 def _smoothing_stages(cfg: Config, ds: data_lib.Dataset, rd: RunDir, defense: defenses.Defense,
                       progress: Progress, trainers: ensemble.Trainers) -> dict[str, Any]:
   """RAB and Cert-SSB: training sigmas, the noised ensemble, test sigmas, votes, bounds, the store."""
-  del defense  # RAB and Cert-SSB differ by the sigma settings the stages read
   report.warn_if_uncertifiable(cfg)
 
   attacked = poison(cfg, ds, rd, progress)
   undefended = train_undefended(cfg, attacked, rd, progress, trainers) if cfg.undefended.enabled else None
-  pilot = train_pilot(cfg, attacked, rd, progress, trainers) if config_lib.uses_pilot(cfg) else None
+  pilot = train_pilot(cfg, attacked, rd, progress, trainers) if defense.noise(cfg).pilot else None
   sigma_train, disagree = training_sigmas(cfg, attacked, pilot, rd, progress)
   members = train_ensemble(cfg, attacked, sigma_train, rd, progress, trainers=trainers)
   sigma_test = test_sigmas(cfg, attacked, pilot, members, rd, progress)
@@ -153,20 +155,23 @@ def _counting_stages(cfg: Config, ds: data_lib.Dataset, rd: RunDir, defense: def
   return count_report.write_count_outputs(cfg, defense, attacked, certs, counts, votes, undefended, rd)
 
 
-def compare_modes(config: ml_collections.ConfigDict, workdir: str, *, progress: Progress | None = None,
-                  fresh: bool = False, trainers: ensemble.Trainers | None = None) -> dict[str, dict[str, Any]]:
-  """RAB and Cert-SSB on the same data and seeds, into ``workdir/fixed`` and ``workdir/sample_specific``; the
-  models both train (``identity.training_key``) are trained once. Returns {"RAB": summary, "Cert-SSB": summary}."""
-  runs, previous, trainers = {}, None, trainers or ensemble.Trainers()
-  for mode in config_lib.SIGMA_MODES:
-    c = config.copy_and_resolve_references()
-    c.sigma.mode = mode
-    d = os.path.join(workdir, mode)
-    resolved = config_lib.resolve(c)
-    if previous is not None:
-      rundir.link_trained(previous, d, resolved)
-    runs[defenses.get(resolved).name] = run(c, d, progress=progress, fresh=fresh, trainers=trainers)
-    previous = d
+def compare(config: ml_collections.ConfigDict, workdir: str, names: tuple[str, ...] = ("rab", "cert_ssb"), *,
+            progress: Progress | None = None, fresh: bool = False,
+            trainers: ensemble.Trainers | None = None) -> dict[str, dict[str, Any]]:
+  """Several defenses (``defenses.REGISTRY`` names) on the same data and seeds, each into ``workdir/<name>``; the
+  models two of them both train (``identity.training_key``: RAB and Cert-SSB at ``sigma.train = base``, DPA and
+  DPA+ROE) are trained once. Returns {name: summary}."""
+  configs = {}
+  for name in names:  # every config is checked before anything runs
+    configs[name] = config.copy_and_resolve_references()
+    configs[name].defense.name = name
+    config_lib.resolve(configs[name])
+  runs, trainers = {}, trainers or ensemble.Trainers()
+  for name, c in configs.items():
+    d = os.path.join(workdir, name)
+    for done in runs:
+      rundir.link_trained(os.path.join(workdir, done), d, config_lib.resolve(c))
+    runs[name] = run(c, d, progress=progress, fresh=fresh, trainers=trainers)
   return runs
 
 
@@ -283,7 +288,7 @@ def find_sigmas(cfg: Config, scorer: tuple[Callable, Any], split: str, x: np.nda
       done[0] = num_done
 
     return sigma_search.find_sigmas(score_fn, params, x, labels, np.arange(len(x), dtype=np.int32), key,
-                                    config_lib.search_config_of(cfg.sigma), cfg.sigma.objective,
+                                    smoothing.search_config_of(cfg.sigma), cfg.sigma.objective,
                                     cfg.sigma.batch_size, progress=on_batch)
 
 
@@ -296,7 +301,7 @@ def training_sigmas(cfg: Config, attacked: Attacked, pilot: Any, rd: RunDir,
   sample with the pilot, as the paper does.
   """
   n = len(attacked.y_train)
-  if not config_lib.searches(cfg) or cfg.sigma.train == "base":
+  if not defenses.noise_plan(cfg).search_train:
     return np.full(n, cfg.sigma.sigma_0, np.float32), None
 
   def search():
@@ -319,7 +324,7 @@ def test_sigmas(cfg: Config, attacked: Attacked, pilot: Any, members: trained.Tr
   ``sigma.search_models``) are left out of the votes, so sigma_x is chosen independently of the noise that
   then bounds the prediction.
   """
-  if not config_lib.searches(cfg):  # RAB, or Cert-SSB with its default range [sigma_0, sigma_0]
+  if not defenses.noise_plan(cfg).search_test:  # RAB, or Cert-SSB with its default range [sigma_0, sigma_0]
     return {s: np.full(len(attacked.splits[s].y), cfg.sigma.sigma_0, np.float32) for s in SPLITS}
   if cfg.sigma.scorer == "pilot":
     scorer = (pilot_score_fn(attacked.model), pilot)

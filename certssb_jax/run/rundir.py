@@ -358,7 +358,7 @@ def link_trained(src: str, dst: str, config: Any, *, any_size: bool = False) -> 
   """Lets the run folder ``dst`` reuse the models trained in ``src`` when ``config`` trains the same ones.
 
   A Cert-SSB run with ``sigma.train = base`` trains exactly RAB's models (same data, seeds and training noise),
-  so a sweep or ``--compare_modes`` trains them once: ``dst`` gets links to ``src``'s undefended model,
+  so a sweep or ``--compare rab,cert_ssb`` trains them once: ``dst`` gets links to ``src``'s undefended model,
   surrogate and ensemble checkpoints (whatever ``dst`` does not hold yet). With ``any_size`` the ensembles may
   differ in size (``identity.training_key(num_models=False)``): the caller checks that both train in chunks of
   the same size, so that chunk c holds the same models in both; ``dst`` trains only the chunks it lacks.

@@ -1,6 +1,6 @@
 """Finite Aggregation (Wang, Levine, Feizi, ICML 2022): DPA with every training sample in d members.
 
-The training set is hashed into kd buckets (``dpa.partition`` with kd parts: by sample, image and label, or by
+The training set is hashed into kd buckets (``partition.partition`` with kd parts: by sample, image and label, or by
 position); d shifts s_1..s_d, a fixed function of the seed, put bucket b into the members (b + s_l) mod kd, so
 member i trains on the union of the d buckets (i - s_l) mod kd and every bucket feeds exactly d members. A
 changed training sample changes one bucket (by sample: an insertion or a deletion; a modification is two) and
@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from certssb_jax.defenses import dpa
-from certssb_jax.defenses.base import CountCertificate, Defense, top_two
+from certssb_jax.defenses import partition
+from certssb_jax.defenses.base import CountCertificate, Defense, counting, top_two
 from certssb_jax.ensemble.views import MemberViews, Views
 
 
@@ -48,7 +48,7 @@ def views_of_buckets(buckets: list[np.ndarray], offsets: np.ndarray) -> MemberVi
 
 def member_views(cfg: Any, x: np.ndarray, y: np.ndarray) -> MemberViews:
   m = cfg.train.num_models
-  return views_of_buckets(dpa.partition(x, y, m, cfg.defense.partition), shifts(cfg.seed, cfg.defense.spread, m))
+  return views_of_buckets(partition.partition(x, y, m, cfg.defense.partition), shifts(cfg.seed, cfg.defense.spread, m))
 
 
 def certified_buckets(preds: np.ndarray, offsets: np.ndarray, num_classes: int) -> tuple[np.ndarray, ...]:
@@ -77,9 +77,9 @@ def certified_buckets(preds: np.ndarray, offsets: np.ndarray, num_classes: int) 
 
 
 def certificate(preds: np.ndarray, offsets: np.ndarray, num_classes: int, key: str = "sample") -> CountCertificate:
-  """The Finite Aggregation certificate per threat of the partition ``key`` (``dpa.THREATS``)."""
+  """The Finite Aggregation certificate per threat of the partition ``key`` (``partition.THREATS``)."""
   c, n_c, n_runner, buckets = certified_buckets(preds, offsets, num_classes)
-  return CountCertificate(pred=c, votes_top=n_c, votes_runner=n_runner, counts=dpa.counts_of_parts(buckets, key),
+  return CountCertificate(pred=c, votes_top=n_c, votes_runner=n_runner, counts=partition.counts_of_parts(buckets, key),
                           exact=True)
 
 
@@ -98,7 +98,7 @@ def bucket_members(cfg: Any) -> np.ndarray:
 def largest_certificate(cfg: Any, n: int) -> dict[str, int]:
   """Unanimous votes: every bucket's members vote c (a fall of 2d each), so floor(kd / 2d) = floor(k / 2) buckets."""
   del n
-  return dpa.counts_of_parts(cfg.train.num_models // (2 * cfg.defense.spread), cfg.defense.partition)
+  return partition.counts_of_parts(cfg.train.num_models // (2 * cfg.defense.spread), cfg.defense.partition)
 
 
 def view_size(c: Any, n: int) -> int:
@@ -107,11 +107,17 @@ def view_size(c: Any, n: int) -> int:
   if m % d:
     raise ValueError(f"invalid config: defense finite_aggregation: train.num_models {m} (k x d members) is not a "
                      f"multiple of defense.spread {d}; use train.num_models={max(d, m - m % d)}")
-  return d * dpa.view_size(c, n)
+  return d * partition.view_size(c, n)
 
 
-FINITE_AGGREGATION = Defense(
-    name="FA", family="counting", member_views=member_views, certify_votes=certify_votes,
-    describe=lambda cfg: {**dpa.describe(cfg), "spread": cfg.defense.spread,
+FINITE_AGGREGATION = counting(
+    name="FA", key="finite_aggregation", member_views=member_views, certify_votes=certify_votes,
+    describe=lambda cfg: {**partition.describe(cfg), "spread": cfg.defense.spread,
                           "k": cfg.train.num_models // cfg.defense.spread},
     largest_certificate=largest_certificate, view_size=view_size, buckets=bucket_members)
+
+
+def finite_aggregation(k: int, d: int, partition: str = "sample") -> Defense:
+  """Finite Aggregation with k x d members, each trained on d of the k x d buckets (``partition`` as DPA's)."""
+  return FINITE_AGGREGATION._replace(settings={"train.num_models": int(k) * int(d), "defense.spread": int(d),
+                                               "defense.partition": partition})

@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from certssb_jax.defenses.base import INSERTIONS_DELETIONS, MODIFICATIONS, CountCertificate, Defense, top_two
+from certssb_jax.defenses.base import (INSERTIONS_DELETIONS, MODIFICATIONS, PARTITION_KEYS, CountCertificate, Defense,
+                                       counting, top_two)
 from certssb_jax.ensemble.views import MemberViews, Views
 
-PARTITION_KEYS = ("sample", "position")
 THREATS = {"sample": (INSERTIONS_DELETIONS, MODIFICATIONS), "position": (MODIFICATIONS,)}
 
 
@@ -124,5 +124,10 @@ def bucket_members(cfg: Any) -> np.ndarray:
   return np.arange(cfg.train.num_models)[:, None]
 
 
-DPA = Defense(name="DPA", family="counting", member_views=member_views, certify_votes=certify_votes,
-              describe=describe, largest_certificate=largest_certificate, view_size=view_size, buckets=bucket_members)
+DPA = counting(name="DPA", key="dpa", member_views=member_views, certify_votes=certify_votes, describe=describe,
+               largest_certificate=largest_certificate, view_size=view_size, buckets=bucket_members)
+
+
+def dpa(k: int, partition: str = "sample") -> Defense:
+  """DPA with k parts, a sample's part decided by ``partition`` ("sample" or "position", module docstring)."""
+  return DPA._replace(settings={"train.num_models": int(k), "defense.partition": partition})

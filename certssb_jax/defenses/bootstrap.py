@@ -32,7 +32,7 @@ import numpy as np
 
 from certssb_jax import rng
 from certssb_jax.certify import bounds
-from certssb_jax.defenses.base import INSERTIONS_DELETIONS, MODIFICATIONS, CountCertificate, Defense, top_two
+from certssb_jax.defenses.base import INSERTIONS_DELETIONS, MODIFICATIONS, CountCertificate, Defense, counting, top_two
 from certssb_jax.ensemble.views import MemberViews, Views
 
 
@@ -119,8 +119,13 @@ def view_size(c: Any, n: int) -> int:
   return c.defense.bag_size
 
 
-BAGGING = Defense(name="bagging", family="counting", member_views=member_views, certify_votes=certify_votes,
-                  describe=lambda cfg: {"bag_size": cfg.defense.bag_size, "with_replacement": True,
-                                        "alpha": cfg.certify.alpha, "correction": "bonferroni",
-                                        "threats": list(COUNTS)},
-                  largest_certificate=largest_certificate, view_size=view_size)
+BAGGING = counting(name="bagging", key="bagging", member_views=member_views, certify_votes=certify_votes,
+                   describe=lambda cfg: {"bag_size": cfg.defense.bag_size, "with_replacement": True,
+                                         "alpha": cfg.certify.alpha, "correction": "bonferroni",
+                                         "threats": list(COUNTS)},
+                   largest_certificate=largest_certificate, view_size=view_size)
+
+
+def bagging(num_models: int, bag_size: int | None = None) -> Defense:
+  """Bagging with ``num_models`` members, each on ``bag_size`` samples drawn with replacement (None: n // M)."""
+  return BAGGING._replace(settings={"train.num_models": int(num_models), "defense.bag_size": bag_size})

@@ -28,8 +28,8 @@ import numpy as np
 from scipy import special
 
 from certssb_jax.certify import bounds, draws
-from certssb_jax.defenses import dpa
-from certssb_jax.defenses.base import INSERTIONS_DELETIONS, MODIFICATIONS, CountCertificate, Defense, top_two
+from certssb_jax.defenses import partition
+from certssb_jax.defenses.base import INSERTIONS_DELETIONS, MODIFICATIONS, CountCertificate, Defense, counting, top_two
 
 TIE_MARGIN = 1e-12  # p_low - R / k must exceed p_high + R / k by more than float64 rounding
 
@@ -86,7 +86,7 @@ def certificate(votes: np.ndarray, *, alpha: float, k: int, sigma: float, trigge
 
 
 def member_views(cfg: Any, x: np.ndarray, y: np.ndarray):
-  return dpa.member_views(cfg, x, y)
+  return partition.member_views(cfg, x, y)
 
 
 def query_votes(cfg: Any, members: Any, x: np.ndarray, progress: Any) -> np.ndarray:
@@ -113,10 +113,18 @@ def largest_certificate(cfg: Any, n: int) -> dict[str, int]:
 
 
 def _describe(cfg: Any) -> dict[str, Any]:
-  return {**dpa.describe(cfg), "sigma": cfg.sigma.sigma_0, "draws": cfg.certify.draws, "alpha": cfg.certify.alpha,
+  return {**partition.describe(cfg), "sigma": cfg.sigma.sigma_0, "draws": cfg.certify.draws, "alpha": cfg.certify.alpha,
           "trigger_norm": cfg.attack.delta}
 
 
-DPA_SMOOTHING = Defense(name="DPA+smoothing", family="counting", member_views=member_views,
-                        certify_votes=certify_votes, describe=_describe, largest_certificate=largest_certificate,
-                        view_size=dpa.view_size, train_sigma=lambda cfg: cfg.sigma.sigma_0, query_votes=query_votes)
+DPA_SMOOTHING = counting(name="DPA+smoothing", key="dpa_smoothing", member_views=member_views,
+                         certify_votes=certify_votes, describe=_describe, largest_certificate=largest_certificate,
+                         view_size=partition.view_size, train_sigma=lambda cfg: cfg.sigma.sigma_0,
+                         query_votes=query_votes)
+
+
+def dpa_smoothing(k: int, sigma: float, draws: int = 1000, partition: str = "sample") -> Defense:
+  """DPA's k parts trained with Gaussian augmentation at ``sigma``, each query answered by ``draws`` noised
+  (member, noise) draws at ``sigma``."""
+  return DPA_SMOOTHING._replace(settings={"train.num_models": int(k), "sigma.sigma_0": float(sigma),
+                                          "certify.draws": int(draws), "defense.partition": partition})
