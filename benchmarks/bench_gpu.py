@@ -68,7 +68,7 @@ from certssb_jax.models import (
   layers,  # noqa: E402
   zoo as models_lib,  # noqa: E402
 )
-from certssb_jax.run import (
+from certssb_jax.experiment import (
   config as config_lib,  # noqa: E402
   pipeline,  # noqa: E402
   report,  # noqa: E402

@@ -5,8 +5,8 @@ poisoned training set and certify the clean and triggered test splits. certssb-j
 with ``defense.name=rab`` and ``undefended.enabled=False``; its storage update runs as in every run and changes
 nothing here (RAB's certificates of one fixed sigma never contradict each other, so every stored answer is the
 certificate itself). The baseline is ``benchmarks/torch_baseline.py``. Both sides' votes go through the SAME host-side
-bounds (``certssb_jax.run.answering.bound_split`` -> ``bounds.certify_counts``, same alpha, bound and correction),
-so the metrics differ only by the random draws (noise, init, batch order) and the frameworks. Agreement is
+bounds (``certssb_jax.experiment.answering.bound_split`` -> ``bounds.certify_counts``, same alpha, bound and
+correction), so the metrics differ only by the random draws (noise, init, batch order) and the frameworks. Agreement is
 judged per metric with an exact McNemar test on the paired per-input outcomes (the same N test inputs on both
 sides; a paired t-test for the mean certified radius), with a Bonferroni threshold over the metrics that are not
 identical on both sides.
@@ -54,7 +54,7 @@ from certssb_jax.ensemble import (
   trainer as ensemble,  # noqa: E402
 )
 from certssb_jax.models import zoo as models_lib  # noqa: E402
-from certssb_jax.run import (
+from certssb_jax.experiment import (
   answering,  # noqa: E402
   config as config_lib,  # noqa: E402
   metrics,  # noqa: E402

@@ -21,7 +21,7 @@ of every epoch is dropped, as in certssb-jax), instead of going through a ``Data
 anything, faster than the reference code, so it is a demanding yardstick.
 
 Inputs are numpy arrays in the project's layout, (n, H, W, C) float32 in [0, 1], so the baseline sees exactly
-the data and poisoning of the JAX pipeline (``certssb_jax.run.pipeline.load_data`` / ``poison``).
+the data and poisoning of the JAX pipeline (``certssb_jax.experiment.pipeline.load_data`` / ``poison``).
 """
 
 from __future__ import annotations

@@ -9,10 +9,11 @@ The Python API, the same functions ``python -m certssb_jax.launch`` uses:
   summary = cj.run(c, "/tmp/run")                        # the whole experiment, resumable
   summary = cj.run(c, "/tmp/dpa", defense=cj.dpa(50))    # another defense, as a value
 
-The layers, bottom to top: ``rng``, ``backend``, ``multihost``, ``files`` (ground floor); ``data``, ``models``;
-``ensemble`` (members, sharding, training programs); ``certify`` (kernel, bounds); ``store``; ``defenses``;
-``run`` (config, run folder, pipeline, metrics, report); ``launch``, ``sweep``, ``envelope``, ``families`` and
-``apidoc`` on top. docs/api.md documents the names below.
+The layers, bottom to top: ``rng``, ``backend``, ``multihost``, ``files``, ``progress``, ``checks`` (ground
+floor); ``data``, ``models``; ``ensemble`` (members, sharding, training programs); ``certify`` (kernel, bounds);
+``store``; ``defenses``; ``experiment`` (config, run folder, pipeline, metrics, report); ``launch``, ``studies``
+(``sweep``, ``envelope``, ``families``, ``count_study``) and ``apidoc`` on top. docs/api.md documents the names
+below.
 """
 
 from certssb_jax.certify.bounds import Certificate, certify_counts, poison_budget
@@ -24,8 +25,8 @@ from certssb_jax.defenses import (CountCertificate, Defense, bagging, cert_ssb, 
 from certssb_jax.ensemble.trained import TrainedEnsemble
 from certssb_jax.ensemble.trainer import EnsembleTrainer
 from certssb_jax.ensemble.views import Views
-from certssb_jax.run.config import base_config, load_config, with_defense
-from certssb_jax.run.pipeline import compare, run, run_arrays
+from certssb_jax.experiment.config import base_config, load_config, with_defense
+from certssb_jax.experiment.pipeline import compare, run, run_arrays
 from certssb_jax.store.certified import CertifiedStore, StoreAnswer
 
 __version__ = "0.1.0"

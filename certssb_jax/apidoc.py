@@ -10,7 +10,7 @@ from absl import flags
 
 import certssb_jax
 from certssb_jax import files
-from certssb_jax.run import cli
+from certssb_jax.experiment import cli
 
 
 def page() -> str:

@@ -1,6 +1,6 @@
 r"""The count family on a many-class task: DPA, Finite Aggregation and a run-off election over each, at several k.
 
-  python -m certssb_jax.count_study --config configs/fashion_mnist10.py --workdir runs/count10 --ks 50,250 \
+  python -m certssb_jax.studies counts --config configs/fashion_mnist10.py --workdir runs/count10 --ks 50,250 \
       --spread 2 --fa_ks 50 --results_md docs/count_family.md
 
 For every k of ``--ks`` it trains (or reuses) DPA's k members and, for every k of ``--fa_ks``, Finite
@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 
 from absl import flags
 import numpy as np
 
 from certssb_jax import files
-from certssb_jax.run import cli
+from certssb_jax.experiment import cli
 
 POISONS = (1, 2, 5, 10, 20, 50, 100)
 COLORS = {"DPA": "C2", "DPA+ROE": "C1", "FA": "C0", "FA+ROE": "C3"}
@@ -62,16 +61,13 @@ class Row:
 
 def read_rows(workdir: str) -> list[Row]:
   """The plurality's and the run-off's rows of one finished run-off run, from its config and votes."""
-  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
-
   from certssb_jax import defenses  # pylint: disable=g-import-not-at-top
   from certssb_jax.defenses import INSERTIONS_DELETIONS  # pylint: disable=g-import-not-at-top
+  from certssb_jax.experiment import finished  # pylint: disable=g-import-not-at-top
 
-  summary = files.load_json(os.path.join(workdir, "summary.json"))
-  cfg = config_dict.ConfigDict(files.load_json(os.path.join(workdir, "config.json")))
-  run_off = defenses.REGISTRY[cfg.defense.name]
+  run = finished.FinishedRun(workdir)
+  cfg, summary, votes, run_off = run.resolved, run.summary, run.votes, run.defense
   plurality = defenses.REGISTRY[run_off.trains]
-  votes = np.load(os.path.join(workdir, "votes.npz"))
   label, k = votes["clean_label"], cfg.train.num_models // cfg.defense.spread
   rows = []
   for defense, members in ((plurality, votes["clean_preds"].astype(np.int64)), (run_off, votes["clean_ranks"])):
@@ -82,10 +78,10 @@ def read_rows(workdir: str) -> list[Row]:
 
 def run_rows(spec: str, workdir: str, ks: list[int], fa_ks: list[int], spread: int, progress) -> list[Row]:
   """Runs (or reuses) every run-off run of the study; returns the plurality's and the run-off's rows of each."""
-  from certssb_jax.ensemble import trainer as ensemble  # pylint: disable=g-import-not-at-top
-  from certssb_jax.run import config as config_lib, pipeline  # pylint: disable=g-import-not-at-top
+  from certssb_jax.ensemble import trainer  # pylint: disable=g-import-not-at-top
+  from certssb_jax.experiment import config as config_lib, pipeline  # pylint: disable=g-import-not-at-top
 
-  trainers = ensemble.Trainers()
+  trainers = trainer.Trainers()
   runs = [(k, "dpa_roe", 1) for k in ks] + [(k, "fa_roe", spread) for k in fa_ks]
   rows = []
   for k, name, d in runs:
@@ -165,49 +161,38 @@ def write_page(path: str, rows: list[Row], command: str, workdir: str) -> None:
   """The page (e.g. docs/count_family.md) with its figure under figures/ beside it."""
   name = f"count_family_{rows[0].summary['dataset']}.png"
   plot(rows, os.path.join(workdir, name))
-  folder = os.path.join(os.path.dirname(os.path.abspath(path)), "figures")
-  os.makedirs(folder, exist_ok=True)
-  shutil.copyfile(os.path.join(workdir, name), os.path.join(folder, name))
+  image = files.copy_figures(path, [os.path.join(workdir, name)])
   s0 = rows[0].summary
   page = [f"# The count family on {len(s0['classes'])} classes", "",
           "Written by the command below from the run folders; do not edit by hand. DPA, Finite Aggregation (FA) and "
           "a run-off election (ROE) over each, trained once per k on the training set as the config gives it "
           f"({s0['n_poisoned']} samples poisoned), every certificate against training samples inserted or deleted. "
-          "The papers report their own numbers on MNIST, CIFAR-10 and GTSRB with a Network-in-Network; the run-off paper's abstract (arXiv 2302.02300v1) "
-          "states gains in certified accuracy of up to 4.73, 3.63 and 3.54 points there. This page is a "
+          "The papers report their own numbers on MNIST, CIFAR-10 and GTSRB with a Network-in-Network; the run-off "
+          "paper's abstract (arXiv 2302.02300v1) states gains in certified accuracy of up to 4.73, 3.63 and 3.54 "
+          "points there. This page is a "
           "different task, network and training budget: for scale, not a like-for-like comparison.", "",
-          markdown(rows, command), f"![{name}](figures/{name})", ""]
+          markdown(rows, command), *image, ""]
   files.atomic_write_bytes(path, "\n".join(page).encode())
 
 
-def _define_flags() -> None:
-  flags.DEFINE_string("config", None, "Config file with optional :variant (data, training of the members).")
-  flags.DEFINE_string("workdir", None, "Folder of every run.")
+def define_flags() -> None:
+  """The study's own flags (``studies`` defines the common ones), defined only by the program that runs."""
   flags.DEFINE_list("ks", ["50", "250"], "DPA's partitions k (a run-off election over the same members each).")
   flags.DEFINE_list("fa_ks", ["50"], "Finite Aggregation's k (k x spread members each); empty: none.")
   flags.DEFINE_integer("spread", 2, "Finite Aggregation's d: the members every training sample feeds.")
-  flags.DEFINE_string("results_md", None, "Also write this page (e.g. docs/count_family.md).")
-  flags.DEFINE_bool("progress", True, "Show progress.")
 
 
 def main() -> None:
   f = flags.FLAGS
-  cli.require(config=f.config, workdir=f.workdir)
-  try:
-    ks, fa_ks = [int(v) for v in f.ks], [int(v) for v in f.fa_ks]
-  except ValueError:
-    raise ValueError(f"--ks and --fa_ks take integers, e.g. --ks 50,250; got {','.join(f.ks + f.fa_ks)}") from None
+  spec = cli.one_config(f.config)
+  cli.require(workdir=f.workdir)
+  ks, fa_ks = cli.numbers(f.ks, int, "ks"), cli.numbers(f.fa_ks, int, "fa_ks")
   if not ks + fa_ks or min(ks + fa_ks + [f.spread]) < 1:
     raise ValueError("--ks, --fa_ks and --spread must be >= 1 (e.g. --ks 50,250 --spread 2)")
-  rows = run_rows(f.config, f.workdir, ks, fa_ks, f.spread, cli.progress(f.progress))
-  command = (f"python -m certssb_jax.count_study --config {f.config} --workdir {f.workdir} --ks {','.join(f.ks)} "
+  rows = run_rows(spec, f.workdir, ks, fa_ks, f.spread, cli.progress(f.progress))
+  command = (f"python -m certssb_jax.studies counts --config {spec} --workdir {f.workdir} --ks {','.join(f.ks)} "
              f"--spread {f.spread} --fa_ks {','.join(f.fa_ks)}"
              + (f" --results_md {f.results_md}" if f.results_md else ""))
   if f.results_md:
     write_page(f.results_md, rows, command, f.workdir)
   print(markdown(rows, command))
-
-
-if __name__ == "__main__":
-  _define_flags()
-  cli.run(main)

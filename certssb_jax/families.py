@@ -1,6 +1,6 @@
 r"""Certified poisoning defenses at equal ensemble sizes, each at its best setting, against the whole backdoor.
 
-  python -m certssb_jax.families --config configs/fashion_mnist.py --workdir runs/families --sizes 32,64,128 \
+  python -m certssb_jax.studies families --config configs/fashion_mnist.py --workdir runs/families --sizes 32,64,128 \
       --sigmas 0.25,0.5,1,2 --results_md docs/families.md
 
 For every ensemble size M of ``--sizes`` it trains (or reuses) on the same data, attack and seed:
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 from typing import Any, Callable
 
 from absl import flags
@@ -37,7 +36,7 @@ import numpy as np
 
 from certssb_jax import files
 from certssb_jax.certify import bounds
-from certssb_jax.run import cli
+from certssb_jax.experiment import cli, config as config_lib, finished
 
 POISON_GRID = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)
 FAMILY_COLORS = {"RAB": "C0", "DPA": "C2", "bagging": "C3", "DPA+smoothing": "C1"}
@@ -76,25 +75,22 @@ class Row:
 
 def read_row(method: str, setting: str, workdir: str) -> Row:
   """A finished run as a Row, from its summary.json and per_sample.csv."""
-  from certssb_jax import sweep  # pylint: disable=g-import-not-at-top
   from certssb_jax.defenses import smoothed_partition  # pylint: disable=g-import-not-at-top
 
-  summary = files.load_json(os.path.join(workdir, "summary.json"))
-  clean = [r for r in sweep.read_rows(workdir) if r["split"] == "clean"]
-  label = np.array([int(r["label"]) for r in clean])
+  run = finished.FinishedRun(workdir)
+  summary, label = run.summary, run.column("clean", "label", int)
   if "threats" not in summary:  # an l2 certificate (RAB): its poison budget at t, from the margins of its answers
-    correct = np.array([int(r["pred_stored"]) for r in clean]) == label
-    margin = np.array([float(r["margin_stored"]) for r in clean])
+    correct = run.column("clean", "pred_stored", int) == label
+    margin = run.column("clean", "margin_stored")
     sigma = float(summary["sigma_0"])
     rab = lambda t: None if t <= 0 else bounds.poison_budget(margin, sigma, sigma, t)
     return Row(method, setting, summary["num_models"], workdir, summary, correct, rab)
-  correct = np.array([int(r["pred"]) for r in clean]) == label
+  correct = run.column("clean", "pred", int) == label
   if summary.get("trigger_norm") is None:  # DPA, bagging: the test input as given, nothing said about a trigger
-    counts = np.array([int(r["certified_modifications"]) for r in clean], np.int64)
+    counts = run.column("clean", "certified_modifications", int).astype(np.int64)
     plain = lambda t: counts if t <= 0 else None
     return Row(method, setting, summary["num_models"], workdir, summary, correct, plain)
-  p_low = np.array([float(r["p_lower"]) for r in clean])
-  p_high = np.array([float(r["p_upper_runner"]) for r in clean])
+  p_low, p_high = run.column("clean", "p_lower"), run.column("clean", "p_upper_runner")
   d = summary["defense"]
   per = smoothed_partition.members_per_change(d["key"])["modifications"]
   smoothed = lambda t: smoothed_partition.largest_changes(p_low, p_high, d["partitions"], d["sigma"], t, per)
@@ -119,10 +115,10 @@ def run_rows(spec: str, workdir: str, sizes: list[int], sigmas: list[float], bag
   """Runs (or reuses) every row of the study; returns them, read back from their folders. RAB runs at the
   sizes ``smoothing_sizes`` (default: every size), the counting defenses at every size."""
   from certssb_jax import sweep  # pylint: disable=g-import-not-at-top
-  from certssb_jax.ensemble import trainer as ensemble  # pylint: disable=g-import-not-at-top
-  from certssb_jax.run import config as config_lib, pipeline  # pylint: disable=g-import-not-at-top
+  from certssb_jax.ensemble import trainer  # pylint: disable=g-import-not-at-top
+  from certssb_jax.experiment import pipeline  # pylint: disable=g-import-not-at-top
 
-  trainers = ensemble.Trainers()
+  trainers = trainer.Trainers()
   n_train = len(pipeline.load_data(config_lib.resolve(config_lib.load_config(spec))).y_train)
   rows = []
   for m in sorted(sizes, reverse=True):  # the largest first: the smaller RAB ensembles reuse its first models
@@ -316,77 +312,60 @@ def write_page(path: str, rows: list[Row], norms: tuple[float, ...], command: st
   name = f"families_{s0['dataset']}_{'-'.join(str(c) for c in s0['classes'])}.png"
   heat = name.replace("families_", "whole_backdoor_")
   plot(rows, norms, os.path.join(workdir, name))
-  folder = os.path.join(os.path.dirname(os.path.abspath(path)), "figures")
-  os.makedirs(folder, exist_ok=True)
   figures = [name] + ([heat] if plot_whole_backdoor(rows, os.path.join(workdir, heat)) else [])
-  for f in figures:
-    shutil.copyfile(os.path.join(workdir, f), os.path.join(folder, f))
+  images = files.copy_figures(path, [os.path.join(workdir, f) for f in figures])
   page = ["# Certified poisoning defenses side by side", "",
           "Written by the command below from the run folders; do not edit by hand. Every family runs on the same "
           "data, attack and seed with the same number of members M, each at its best setting for each number k "
           "of modified training samples and each norm t of a trigger on the test input. A backdoor has both "
           "halves: DPA and bagging certify the training half only (t = 0), RAB both halves with labels kept "
           "(docs/method.md, section 3), DPA with test-time smoothing both halves with labels changed at will "
-          "(docs/method.md, section 9).", "",
-          markdown(rows, norms, command)] + [f"![{f}](figures/{f})\n" for f in figures]
+          "(docs/method.md, section 9). The counting family on ten classes (DPA, Finite Aggregation and their "
+          "run-off elections, at k = 50 and 250) is on its own page, [count_family.md](count_family.md).", "",
+          markdown(rows, norms, command)] + [f"{line}\n" for line in images]
   files.atomic_write_bytes(path, "\n".join(page).encode())
 
 
-def _define_flags() -> None:
-  flags.DEFINE_string("config", None, "Config file with optional :variant (data, attack, seed, RAB's training).")
-  flags.DEFINE_string("workdir", None, "Folder of every row.")
+def define_flags() -> None:
+  """The study's own flags (``studies`` defines the common ones), defined only by the program that runs."""
   flags.DEFINE_list("sizes", ["32", "64", "128"], "Ensemble sizes M (members of every family).")
   flags.DEFINE_list("sigmas", ["0.25", "0.5", "1", "2"], "RAB's sigmas (its envelope); empty: no RAB rows.")
   flags.DEFINE_list("smoothing_sizes", None, "The sizes of --sizes at which RAB runs (it trains on the whole set at "
                                              "every sigma, the costly rows); default: all.")
   flags.DEFINE_list("bag_fractions", ["0.5", "1", "2"], "bagging's bag sizes, as fractions of n / M.")
   flags.DEFINE_list("partition_sigmas", ["0.5", "1"], "DPA with smoothing: its sigmas; empty: no such rows.")
-  flags.DEFINE_integer("counting_epochs", 50, "Epochs of a counting member (it sees about n / M samples).")
-  flags.DEFINE_integer("counting_batch_size", 32, "Batch of a counting member.")
+  flags.DEFINE_string("counting", "train.epochs=50,defense.member_batch_size=32",
+                      "Config fields of the counting members, as a config variant (a member sees about n / M "
+                      "samples, so it trains for more epochs on smaller batches).")
   flags.DEFINE_float("small_norm", 0.1, "The smaller test trigger norm t of the middle panels (the attack's is the "
                      "last, t = 0 the first).")
-  flags.DEFINE_string("results_md", None, "Also write this page (e.g. docs/families.md).")
-  flags.DEFINE_bool("progress", True, "Show progress.")
-
-
-def _numbers(values: list[str], kind: type, flag: str) -> list[Any]:
-  try:
-    return [kind(v) for v in values]
-  except ValueError:
-    raise ValueError(f"--{flag} takes numbers, e.g. --{flag} {'32,64' if kind is int else '0.5,1'}; got "
-                     f"{','.join(values)}") from None
 
 
 def main() -> None:
   f = flags.FLAGS
-  cli.require(config=f.config, workdir=f.workdir)
-  sizes = _numbers(f.sizes, int, "sizes")
-  sigmas, fractions = _numbers(f.sigmas, float, "sigmas"), _numbers(f.bag_fractions, float, "bag_fractions")
-  partition_sigmas = _numbers(f.partition_sigmas, float, "partition_sigmas")
-  smoothing_sizes = None if f.smoothing_sizes is None else _numbers(f.smoothing_sizes, int, "smoothing_sizes")
+  spec = cli.one_config(f.config)
+  cli.require(workdir=f.workdir)
+  sizes = cli.numbers(f.sizes, int, "sizes")
+  sigmas, fractions = cli.numbers(f.sigmas, float, "sigmas"), cli.numbers(f.bag_fractions, float, "bag_fractions")
+  partition_sigmas = cli.numbers(f.partition_sigmas, float, "partition_sigmas")
+  smoothing_sizes = None if f.smoothing_sizes is None else cli.numbers(f.smoothing_sizes, int, "smoothing_sizes")
   if smoothing_sizes is not None and not set(smoothing_sizes) <= set(sizes):
     raise ValueError(f"--smoothing_sizes must be among --sizes {','.join(f.sizes)}, got {','.join(f.smoothing_sizes)}")
-  if not sizes or min(sizes + [f.counting_epochs, f.counting_batch_size]) < 1:
-    raise ValueError("--sizes, --counting_epochs and --counting_batch_size must be >= 1 (e.g. --sizes 32,64)")
+  if not sizes or min(sizes) < 1:
+    raise ValueError("--sizes must be >= 1 (e.g. --sizes 32,64)")
   if min(sigmas + fractions + partition_sigmas + [f.small_norm]) <= 0:
     raise ValueError("--sigmas, --bag_fractions, --partition_sigmas and --small_norm must be > 0")
-  counting = {"train.epochs": str(f.counting_epochs), "defense.member_batch_size": str(f.counting_batch_size),
-              "undefended.enabled": "False"}
-  rows = run_rows(f.config, f.workdir, sizes, sigmas, fractions, partition_sigmas, counting,
-                  cli.progress(f.progress), smoothing_sizes)
+  counting = {**config_lib.parse_variant(f.counting), "undefended.enabled": "False"}
+  config_lib.apply_overrides(config_lib.load_config(spec), counting)  # a bad field stops here, before any work
+  rows = run_rows(spec, f.workdir, sizes, sigmas, fractions, partition_sigmas, counting, cli.progress(f.progress),
+                  smoothing_sizes)
   norms = (0.0, f.small_norm, float(rows[0].summary["delta"]))
-  command = (f"python -m certssb_jax.families --config {f.config} --workdir {f.workdir} --sizes {','.join(f.sizes)} "
-             f"--sigmas {','.join(f.sigmas)}"
+  command = (f"python -m certssb_jax.studies families --config {spec} --workdir {f.workdir} "
+             f"--sizes {','.join(f.sizes)} --sigmas {','.join(f.sigmas)}"
              + (f" --smoothing_sizes {','.join(f.smoothing_sizes)}" if f.smoothing_sizes is not None else "")
-             + f" --bag_fractions {','.join(f.bag_fractions)} --partition_sigmas "
-             f"{','.join(f.partition_sigmas)} --counting_epochs {f.counting_epochs} --counting_batch_size "
-             f"{f.counting_batch_size} --small_norm {f.small_norm:g}"
+             + f" --bag_fractions {','.join(f.bag_fractions)} --partition_sigmas {','.join(f.partition_sigmas)}"
+             f" --counting {f.counting} --small_norm {f.small_norm:g}"
              + (f" --results_md {f.results_md}" if f.results_md else ""))
   if f.results_md:
     write_page(f.results_md, rows, norms, command, f.workdir)
   print(markdown(rows, norms, command))
-
-
-if __name__ == "__main__":
-  _define_flags()
-  cli.run(main)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -28,6 +29,19 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def copy_figures(page: str, paths: list[str]) -> list[str]:
+  """Copies each figure into ``figures/`` beside the page ``page`` (a study's markdown); returns the markdown
+  image lines that show them there."""
+  folder = os.path.join(os.path.dirname(os.path.abspath(page)), "figures")
+  os.makedirs(folder, exist_ok=True)
+  lines = []
+  for path in paths:
+    name = os.path.basename(path)
+    shutil.copyfile(path, os.path.join(folder, name))
+    lines.append(f"![{name}](figures/{name})")
+  return lines
 
 
 def save_npz(path: str, **arrays: Any) -> None:

@@ -1,7 +1,7 @@
 r"""Command-line entry point: ``python -m certssb_jax.launch --config configs/quickstart.py --workdir /tmp/run``.
 
 Thin on purpose: reads the config (``--config FILE[:variant]`` and ``--config.field=value`` overrides), sets up
-logging, progress bars and (optionally) multi-host JAX, calls ``certssb_jax.run.pipeline.run`` and prints the
+logging, progress bars and (optionally) multi-host JAX, calls ``certssb_jax.experiment.pipeline.run`` and prints the
 headline table. A workdir that already holds a run with the same config is resumed. A user mistake (config
 file, field, value, data, workdir) ends with one line on stderr and exit code 2, before anything is computed;
 so do a workdir another live run holds and, when the run reaches it, a damaged checkpoint (the line names its
@@ -32,7 +32,7 @@ from typing import Any
 
 from absl import flags
 
-from certssb_jax.run import cli
+from certssb_jax.experiment import cli
 
 logger = logging.getLogger("certssb_jax.launch")
 
@@ -87,7 +87,7 @@ def split_config_args(argv: list[str]) -> tuple[str | None, dict[str, str], list
 
 def load(spec: str | None, overrides: dict[str, str]):
   """The config of the command line: the file's ``get_config(variant)`` with the overrides applied."""
-  from certssb_jax.run import config as config_lib  # pylint: disable=g-import-not-at-top
+  from certssb_jax.experiment import config as config_lib  # pylint: disable=g-import-not-at-top
 
   if not spec:
     raise UsageError("--config is required: --config configs/FILE.py[:variant] (see configs/)")
@@ -219,7 +219,7 @@ def main(spec: str | None, overrides: dict[str, str]) -> None:
   primary = jax.process_index() == 0
   if not primary:  # the other processes compute; process 0 reports
     logging.getLogger("certssb_jax").setLevel(logging.WARNING)
-  from certssb_jax.run import pipeline  # pylint: disable=g-import-not-at-top
+  from certssb_jax.experiment import pipeline  # pylint: disable=g-import-not-at-top
 
   progress = cli.progress(_PROGRESS.value and primary)
   workdir = _WORKDIR.value

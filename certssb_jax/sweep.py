@@ -9,10 +9,10 @@ RAB and Cert-SSB side by side (clean accuracy, ERA, ASR, abstentions, CRA on the
 radius, the side-channel probe, the aligned answers); it is written as ``table.md`` and ``table.csv``, with
 one plot of step-shaped CRA curves per data set.
 
-  python -m certssb_jax.sweep --configs configs/fashion_mnist.py:num_models=16 \
+  python -m certssb_jax.studies sweep --config configs/fashion_mnist.py:num_models=16 \
       --triggers onepixel,fourpixel,blending --workdir runs/sweep_fm
-  python -m certssb_jax.sweep --configs configs/quickstart.py:quick,num_models=16 --triggers onepixel \
-      --sigma_0 0.25 --workdir /tmp/sweep_q
+  python -m certssb_jax.studies sweep --config configs/quickstart.py:quick,num_models=16 --triggers onepixel \
+      --sigmas 0.25 --workdir /tmp/sweep_q
 """
 
 from __future__ import annotations
@@ -31,19 +31,13 @@ from absl import flags
 import numpy as np
 
 from certssb_jax import files
-from certssb_jax.ensemble import trainer as ensemble
-from certssb_jax.run import cli, config as config_lib, identity, rundir
+from certssb_jax.ensemble import trainer
+from certssb_jax.experiment import cli, config as config_lib, finished, identity, rundir
 
 # Radii of the CRA columns, in units u = ceiling * sigma_0: half of RAB's largest certifiable radius, just below
 # it (an input certified at the ceiling counts: CRA counts radius > r) and just below Cert-SSB's largest (at
 # sigma_hi = 1.5 sigma_0). The joint radius of either method stops at u (every training sigma is sigma_0).
 TABLE_UNITS = (0.5, 0.95, 1.45)
-
-
-def split_specs(text: str) -> list[str]:
-  """Splits ``--configs`` at the commas that start another config file, so variants keep their commas:
-  ``a.py:quick,num_models=16,b.py`` -> [``a.py:quick,num_models=16``, ``b.py``]."""
-  return [s for s in re.split(r",(?=[^,:=]*\.py)", text) if s]
 
 
 def row_dir(workdir: str, c: Any) -> str:
@@ -65,13 +59,13 @@ def row_dir(workdir: str, c: Any) -> str:
 
 
 def run_grid(specs: list[str], workdir: str, triggers: list[str] | None, sigmas: list[float] | None,
-             names: list[str], progress=None, trainers: ensemble.Trainers | None = None,
+             names: list[str], progress=None, trainers: trainer.Trainers | None = None,
              overrides: dict[str, str] | None = None) -> list[dict[str, Any]]:
   """Runs (or reuses) every row of the grid; returns one record per row. ``triggers`` / ``sigmas`` None: each
   config's own; ``overrides`` (field -> value) apply to every config. Every config is checked first, so a bad
   one stops the sweep before any training. The rows share ``trainers`` (default: new), so rows that agree on the
   training settings compile their programs once."""
-  from certssb_jax.run import pipeline  # pylint: disable=g-import-not-at-top
+  from certssb_jax.experiment import pipeline  # pylint: disable=g-import-not-at-top
 
   rows = []
   for spec in specs:
@@ -83,7 +77,7 @@ def run_grid(specs: list[str], workdir: str, triggers: list[str] | None, sigmas:
           c.attack.trigger, c.sigma.sigma_0, c.defense.name = trigger, float(sigma_0), name
           resolved = config_lib.resolve(c)
           rows.append((spec, c, resolved, row_dir(workdir, resolved)))
-  records, trained, trainers = [], _finished_rows(workdir), trainers or ensemble.Trainers()
+  records, trained, trainers = [], _finished_rows(workdir), trainers or trainer.Trainers()
   for spec, c, resolved, d in rows:
     path = os.path.join(d, "summary.json")
     if os.path.exists(path):  # row_dir found the folder by its config, so a finished run there is this row's
@@ -104,12 +98,12 @@ def run_grid(specs: list[str], workdir: str, triggers: list[str] | None, sigmas:
 
 def _finished_rows(workdir: str) -> list[tuple[dict[str, Any], str]]:
   """(config, folder) of the finished rows already in ``workdir``, from earlier sweeps too."""
-  return [(files.load_json(os.path.join(os.path.dirname(p), "config.json")), os.path.dirname(p))
+  return [(finished.FinishedRun(os.path.dirname(p)).config, os.path.dirname(p))
           for p in sorted(glob.glob(os.path.join(workdir, "*", "*", "summary.json")))]
 
 
 def _chunk_size(j: dict[str, Any]) -> int:
-  return ensemble.auto_models_per_chunk(j["train"]["models_per_chunk"], j["train"]["num_models"])
+  return trainer.auto_models_per_chunk(j["train"]["models_per_chunk"], j["train"]["num_models"])
 
 
 def _donor(finished: list[tuple[dict[str, Any], str]], j: dict[str, Any]) -> str | None:
@@ -137,22 +131,16 @@ def _fmt(v: Any) -> str:
   return "-" if v is None else f"{v:.3f}"
 
 
-def read_rows(workdir: str) -> list[dict[str, str]]:
-  """The rows of a finished run's per_sample.csv."""
-  with open(os.path.join(workdir, "per_sample.csv")) as f:
-    return list(csv.DictReader(f))
-
-
-def _clean_rows(workdir: str) -> list[dict[str, str]]:
-  return [r for r in read_rows(workdir) if r["split"] == "clean"]
+def _correct(run: finished.FinishedRun) -> np.ndarray:
+  """Which clean answers of a row are right (an abstention is not)."""
+  return run.column("clean", "pred_stored", int) == run.column("clean", "label", int)
 
 
 def _cra_from_rows(workdir: str, radii: list[float]) -> dict[str, list[float]]:
   """CRA of a row's clean answers at the given radii, from its per_sample.csv (test-input and joint radius)."""
-  rows = _clean_rows(workdir)
-  correct = np.array([int(r["pred_stored"]) == int(r["label"]) for r in rows])
-  test = np.array([float(r["radius_stored"]) for r in rows])
-  joint = np.array([float(r["radius_joint_stored"]) for r in rows])
+  run = finished.FinishedRun(workdir)
+  correct = _correct(run)
+  test, joint = run.column("clean", "radius_stored"), run.column("clean", "radius_joint_stored")
   return {"test": [float(np.mean(correct & (test > x))) for x in radii],
           "joint": [float(np.mean(correct & (joint > x))) for x in radii]}
 
@@ -172,7 +160,7 @@ def table(records: list[dict[str, Any]]) -> tuple[str, str]:
     m, probe = s["metrics"], s.get("probe", {})
     unit = s["margin_ceiling"] * s["sigma_0"]
     cra = _cra_from_rows(r["workdir"], [u * unit for u in TABLE_UNITS])
-    design_ = design(files.load_json(os.path.join(r["workdir"], "config.json")))
+    design_ = design(finished.FinishedRun(r["workdir"]).config)
     lines.append([r["dataset"], r["trigger"], f"{r['sigma_0']:g}", s["method"], design_,
                   str(s["models"]["voting"]), _fmt(m["clean_accuracy"]), _fmt(m["era"]), _fmt(m["asr"]),
                   f"{_fmt(m['abstain_rate'])} / {_fmt(m['abstain_rate_triggered'])}",
@@ -204,7 +192,7 @@ def plot(records: list[dict[str, Any]], workdir: str) -> list[str]:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  from certssb_jax.run import report  # pylint: disable=g-import-not-at-top
+  from certssb_jax.experiment import report  # pylint: disable=g-import-not-at-top
 
   colors = {"RAB": "C0", "Cert-SSB": "C1"}
   styles = ("-", "--", ":", "-.")
@@ -214,12 +202,12 @@ def plot(records: list[dict[str, Any]], workdir: str) -> list[str]:
     keys = list(dict.fromkeys((r["trigger"], r["sigma_0"]) for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for r in rows:
-      clean = _clean_rows(r["workdir"])
-      correct = np.array([int(c["pred_stored"]) == int(c["label"]) for c in clean])
+      run = finished.FinishedRun(r["workdir"])
+      correct = _correct(run)
       ls = styles[keys.index((r["trigger"], r["sigma_0"])) % len(styles)]
       label = f"{r['summary']['method']} {r['trigger']} sigma_0={r['sigma_0']:g}"
       for ax, column in ((axes[0], "radius_stored"), (axes[1], "radius_joint_stored")):
-        radius = np.array([float(c[column]) for c in clean])
+        radius = run.column("clean", column)
         color = colors.get(r["summary"]["method"], "C2")
         ax.step(*report.cra_curve(radius, correct), where="post", color=color, ls=ls, label=label)
     for ax, name in zip(axes, ("test-input radius r", "joint radius r")):
@@ -251,30 +239,23 @@ def sweep(specs: list[str], workdir: str, triggers: list[str], sigmas: list[floa
           "plots": ", ".join(plots)}
 
 
-def _define_flags() -> None:
-  """The CLI's flags (defined only when run as a program, so importing this module next to
-  ``certssb_jax.launch``, which has flags of the same names, is fine)."""
-  flags.DEFINE_string("configs", None, "Config files (with optional :variant, which may hold commas), "
-                                       "comma-separated.")
-  flags.DEFINE_string("workdir", None, "Folder of the whole sweep.")
+def define_flags() -> None:
+  """The study's own flags (``studies`` defines the common ones), defined only by the program that runs."""
   flags.DEFINE_list("triggers", None, "Triggers of the grid (default: each config's own); the paper's: "
                                       "onepixel,fourpixel,blending.")
-  flags.DEFINE_list("sigma_0", None, "Base sigmas of the grid (default: each config's own); the paper's: "
-                                     "0.12,0.25,0.5,1.0 (0.25,0.5,1.0 at 224 pixels).")
+  flags.DEFINE_list("sigmas", None, "Base sigmas sigma_0 of the grid (default: each config's own); the paper's: "
+                                    "0.12,0.25,0.5,1.0 (0.25,0.5,1.0 at 224 pixels).")
   flags.DEFINE_list("defenses", ["rab", "cert_ssb"], "Smoothing defenses of the grid (defense.name values).")
-  flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 
 def main() -> None:
   f = flags.FLAGS
-  cli.require(configs=f.configs, workdir=f.workdir)
-  sigmas = [float(s) for s in f.sigma_0] if f.sigma_0 else None
-  paths = sweep(split_specs(f.configs), f.workdir, f.triggers, sigmas, f.defenses, cli.progress(f.progress))
+  cli.require(config=f.config, workdir=f.workdir)
+  sigmas = cli.numbers(f.sigmas, float, "sigmas") if f.sigmas else None
+  paths = sweep(f.config, f.workdir, f.triggers, sigmas, f.defenses, cli.progress(f.progress))
+  if f.results_md:
+    images = files.copy_figures(f.results_md, paths["plots"].split(", "))
+    files.atomic_write_bytes(f.results_md, "\n".join([open(paths["table_md"]).read(), *images, ""]).encode())
   print(open(paths["table_md"]).read())
   for k, v in paths.items():
     print(f"{k}: {v}")
-
-
-if __name__ == "__main__":
-  _define_flags()
-  cli.run(main)

@@ -25,7 +25,7 @@ same data source (its CI test passes `source=cifar_pickle,data_dir=...` with tin
 
 from __future__ import annotations
 
-from certssb_jax.run import config as config_lib
+from certssb_jax.experiment import config as config_lib
 
 
 def get_config(arg: str | None = None):

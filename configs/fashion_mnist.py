@@ -12,16 +12,16 @@ then (M = 16 takes about 8 minutes for RAB on a 2-core CPU; the paper's M = 1000
   python -m certssb_jax.launch --config configs/fashion_mnist.py:num_models=16 --workdir runs/fm
   python -m certssb_jax.launch --config configs/fashion_mnist.py:num_models=16,classes=7+9 --workdir runs/fm79
   python -m certssb_jax.launch --config configs/fashion_mnist.py:num_models=16 --workdir runs/fm2 --compare rab,cert_ssb
-  python -m certssb_jax.sweep --configs configs/fashion_mnist.py:num_models=16 --triggers onepixel,fourpixel \
-      --sigma_0 0.25 --workdir runs/sweep_fm
+  python -m certssb_jax.studies sweep --config configs/fashion_mnist.py:num_models=16 --triggers onepixel,fourpixel \
+      --sigmas 0.25 --workdir runs/sweep_fm
 
 Variants (comma-separated key=value): classes (two class ids joined by +, the first is the target: 0 T-shirt,
 1 Trouser, 2 Pullover, 3 Dress, 4 Coat, 5 Sandal, 6 Shirt, 7 Sneaker, 8 Bag, 9 Ankle boot), trigger, sigma_0,
-defense (cert_ssb | rab | dpa | ...), num_models, and every short name of certssb_jax/run/config.py; `quick`: 400 /
+defense (cert_ssb | rab | dpa | ...), num_models, and every short name of certssb_jax/experiment/config.py; `quick`: 400 /
 100 images, 16 models, one epoch (the CI smoke test).
 """
 
-from certssb_jax.run import config as config_lib
+from certssb_jax.experiment import config as config_lib
 
 
 def get_config(arg: str | None = None):

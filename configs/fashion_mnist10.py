@@ -2,16 +2,16 @@ r"""The count family's 10-class benchmark: all of Fashion-MNIST (60,000 / 10,000
 training set (no attack: certified accuracy against poisoned samples, as the DPA, Finite Aggregation and Run-off
 Election papers report it), members trained 10 epochs with batch 32 on their views.
 
-  python -m certssb_jax.count_study --config configs/fashion_mnist10.py --workdir runs/count10 --ks 50,250 \
+  python -m certssb_jax.studies counts --config configs/fashion_mnist10.py --workdir runs/count10 --ks 50,250 \
       --spread 2 --fa_ks 50 --results_md docs/count_family.md
 
 or one run: python -m certssb_jax.launch --config configs/fashion_mnist10.py:num_models=50 --workdir runs/c10
 
 Variants (comma-separated key=value): num_models (k, or k x d for Finite Aggregation), and every short name of
-certssb_jax/run/config.py; `quick`: 2,000 / 500 images and 10 members (a smoke test).
+certssb_jax/experiment/config.py; `quick`: 2,000 / 500 images and 10 members (a smoke test).
 """
 
-from certssb_jax.run import config as config_lib
+from certssb_jax.experiment import config as config_lib
 
 
 def get_config(arg: str | None = None):

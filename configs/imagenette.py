@@ -30,7 +30,7 @@ scratch unless `model.pretrained=weights.npz` names saved ImageNet weights (`cer
 
 from __future__ import annotations
 
-from certssb_jax.run import config as config_lib
+from certssb_jax.experiment import config as config_lib
 
 
 def get_config(arg: str | None = None):

@@ -23,7 +23,7 @@ certssb_jax.data fetch fashion_mnist` (or `sudo apt-get install dataset-fashion-
 `--config configs/mnist.py:data.name=fashion_mnist`.
 """
 
-from certssb_jax.run import config as config_lib
+from certssb_jax.experiment import config as config_lib
 
 
 def get_config(arg: str | None = None):

@@ -12,7 +12,7 @@ that docs/results.md finds below RAB's envelope on full-size data.
   python -m certssb_jax.launch --config configs/quickstart.py --workdir /tmp/both --compare rab,cert_ssb
 """
 
-from certssb_jax.run import config as config_lib
+from certssb_jax.experiment import config as config_lib
 
 
 def get_config(arg: str | None = None):

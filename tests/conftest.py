@@ -17,7 +17,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 import pytest  # noqa: E402
 
-from certssb_jax.run import config as config_lib  # noqa: E402
+from certssb_jax.experiment import config as config_lib  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,7 +58,7 @@ def write_tiny_config(path, **overrides) -> str:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
   """(config, workdir, summary) of one tiny sample-specific run."""
-  from certssb_jax.run import pipeline  # pylint: disable=g-import-not-at-top
+  from certssb_jax.experiment import pipeline  # pylint: disable=g-import-not-at-top
 
   workdir = str(tmp_path_factory.mktemp("tiny_run"))
   c = tiny_config()

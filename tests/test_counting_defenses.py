@@ -15,7 +15,7 @@ import scipy.optimize
 from certssb_jax import rng
 from certssb_jax.certify import bounds
 from certssb_jax.defenses import INSERTIONS_DELETIONS, MODIFICATIONS, bootstrap, partition
-from certssb_jax.run import pipeline
+from certssb_jax.experiment import pipeline
 
 # ---------------------------------------------------------------------------------------------- DPA
 
@@ -288,11 +288,14 @@ def test_families_study_counts_from_the_run_folders(tmp_path):
     (["--config", "configs/quickstart.py", "--workdir", "W", "--sigmas", "0.5,big"], "--sigmas takes numbers"),
     (["--config", "configs/quickstart.py", "--workdir", "W", "stray"], "unexpected arguments: stray"),
     (["--config", "configs/quickstart.py", "--workdir", "W", "--counting_model", "3"], "counting_model"),
+    (["--config", "configs/quickstart.py", "--workdir", "W", "--counting", "train.epocs=3"],
+     "unknown config field 'train.epocs' (did you mean 'train.epochs'?)"),
+    (["--config", "configs/quickstart.py", "--config", "configs/mnist.py", "--workdir", "W"], "takes one --config"),
 ])
 def test_families_command_stops_with_one_line_before_any_work(tmp_path, args, message):
   from helpers import run_module  # pylint: disable=g-import-not-at-top
 
-  proc = run_module("certssb_jax.families", *[str(tmp_path / "w") if a == "W" else a for a in args])
+  proc = run_module("certssb_jax.studies", "families", *[str(tmp_path / "w") if a == "W" else a for a in args])
   assert proc.returncode == 2 and message in proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
   assert not os.path.exists(tmp_path / "w")

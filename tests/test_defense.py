@@ -12,7 +12,7 @@ channel"), on poisoned fixtures of real digits (the built-in MNIST sample, 800 t
 from conftest import tiny_config  # pylint: disable=g-bad-import-order
 import pytest
 
-from certssb_jax.run import pipeline
+from certssb_jax.experiment import pipeline
 
 PAPER = {"train_sigma": "search", "objective": "label", "start": "sigma_0", "sigma.sigma_lo": 0.125,
          "sigma.sigma_hi": 0.5, "sigma.pilot_sigma": 0.25}

@@ -45,7 +45,7 @@ def _rab_folder(path, sigma, preds, labels, num_models):
   """A finished RAB run as the grid selector reads it: config.json (a tiny config at this sigma, trigger norm
   0.05) and votes.npz with every model's class on each split; ``preds[split]`` is (M, N)."""
   from certssb_jax import files  # pylint: disable=g-import-not-at-top
-  from certssb_jax.run import config as config_lib  # pylint: disable=g-import-not-at-top
+  from certssb_jax.experiment import config as config_lib  # pylint: disable=g-import-not-at-top
 
   cfg = tiny_config(**{"defense.name": "rab", "sigma.sigma_0": sigma, "train.num_models": num_models,
                        "attack.delta": 0.05})
@@ -135,7 +135,7 @@ def test_the_envelope_is_the_best_rab_at_each_radius():
 def test_the_envelope_command_on_real_digits(tmp_path):
   """RAB at two sigmas and the grid selector on their models: the table, the plots, a selector whose sigma_x
   take both values, answers consistent through one store, and a joint radius of 0 for selected answers."""
-  from certssb_jax.run import config as config_lib, pipeline  # pylint: disable=g-import-not-at-top
+  from certssb_jax.experiment import config as config_lib, pipeline  # pylint: disable=g-import-not-at-top
 
   spec = write_tiny_config(tmp_path / "tiny.py", num_models=16, alpha=0.2)
   result = program.run_envelope(spec, str(tmp_path / "env"), [0.25, 0.5], [], [4])
@@ -191,7 +191,7 @@ def test_bad_arguments_stop_with_one_line_before_any_work(tmp_path, args, messag
   from helpers import run_module  # pylint: disable=g-import-not-at-top
 
   args = [str(tmp_path / "w") if a == "W" else a for a in args]
-  proc = run_module("certssb_jax.envelope", *args)
+  proc = run_module("certssb_jax.studies", "envelope", *args)
   assert proc.returncode == 2 and message in proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
   assert not os.path.exists(tmp_path / "w" / "mnist_0-1")

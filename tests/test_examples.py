@@ -93,7 +93,7 @@ def executed(tmp_path_factory, monkeypatch_module):
   from IPython import display  # pylint: disable=g-import-not-at-top
   import matplotlib  # pylint: disable=g-import-not-at-top
 
-  from certssb_jax.run import pipeline  # pylint: disable=g-import-not-at-top
+  from certssb_jax.experiment import pipeline  # pylint: disable=g-import-not-at-top
 
   matplotlib.use("Agg")
   shown, defaults = [], []

@@ -28,7 +28,7 @@ from PIL import Image
 import pytest
 
 from certssb_jax.data import fetch, sources as data
-from certssb_jax.run import config as config_lib
+from certssb_jax.experiment import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHIVES = {"cifar10": "cifar-10-python.tar.gz", "imagenette": "imagenette2-320.tgz"}
@@ -286,7 +286,7 @@ def test_fetch_archive_extracts_where_the_loader_reads(name, algo, releases, ser
 
 def test_fetch_into_the_default_folders_then_load_without_data_dir(releases, serve, tmp_path, monkeypatch):
   """`fetch NAME` with no --dir fills default_data_dir(NAME), which the paper configs' data_dir="" reads."""
-  from certssb_jax.run import pipeline  # pylint: disable=g-import-not-at-top
+  from certssb_jax.experiment import pipeline  # pylint: disable=g-import-not-at-top
 
   monkeypatch.setenv(data.DATA_ENV, str(tmp_path / "root"))
   monkeypatch.setattr(data, "_DEBIAN_FASHION_MNIST", str(tmp_path / "no_debian"))
@@ -311,7 +311,7 @@ def test_paper_quick_configs_run_on_fetched_files(spec, name, overrides, release
   """Each paper config's quick variant, end to end on the fetched files (2 models, no undefended model: the
   quick runs of tests/test_models.py and tests/test_launch.py cover those parts; 10% poisoning, as 2% of the
   20 non-target images selects none)."""
-  from certssb_jax.run import pipeline  # pylint: disable=g-import-not-at-top
+  from certssb_jax.experiment import pipeline  # pylint: disable=g-import-not-at-top
 
   folder, _ = _fetch_fixture(name, releases, serve, str(tmp_path / "data" / name))
   c = config_lib.load_config(os.path.join(ROOT, f"{spec},{overrides}data_dir={folder},num_models=2,"

@@ -1,5 +1,5 @@
 """The figures read without the README: a flat or one-valued panel says why in a sentence, legends stay off the
-data, no curve hides under another, and every marker is named (certssb_jax/run/report.py,
+data, no curve hides under another, and every marker is named (certssb_jax/experiment/report.py,
 certssb_jax/envelope/figures.py).
 
 The plotting functions save and close their figures; the fixture keeps each figure instead of writing it, so its
@@ -15,7 +15,7 @@ import pytest
 
 from certssb_jax.data.attacked import SPLITS
 from certssb_jax.envelope import answers as answers_lib, comparison, figures as figures_lib
-from certssb_jax.run import config as config_lib, report
+from certssb_jax.experiment import config as config_lib, report
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import numpy as np
 from certssb_jax.defenses import INSERTIONS_DELETIONS, MODIFICATIONS, partition, bucket_aggregation as fa
 from certssb_jax.ensemble import member, trainer as ensemble
 from certssb_jax.models import zoo as models
-from certssb_jax.run import pipeline
+from certssb_jax.experiment import pipeline
 
 
 def _plurality(preds_column, k):

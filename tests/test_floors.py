@@ -7,9 +7,8 @@ import pytest
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "certssb_jax")
 FLOORS = {"rng": 0, "backend": 0, "multihost": 0, "files": 0, "progress": 0, "checks": 0, "data": 1, "models": 1,
-          "ensemble": 2, "certify": 3,
-          "store": 3, "defenses": 4, "run": 5, "launch": 6, "sweep": 6, "envelope": 6, "families": 6, "count_study": 6,
-          "apidoc": 6}
+          "ensemble": 2, "certify": 3, "store": 3, "defenses": 4, "experiment": 5, "launch": 6, "sweep": 6, "envelope": 6,
+          "families": 6, "count_study": 6, "studies": 6, "apidoc": 6}
 
 
 def _modules():

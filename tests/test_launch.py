@@ -90,7 +90,7 @@ def test_a_workdir_of_another_run_is_refused_and_kept(tmp_path):
 
 
 def test_the_sweep_refuses_a_bad_config_before_any_training(tmp_path):
-  proc = helpers.run_module("certssb_jax.sweep", "--configs", "configs/quickstart.py:quick,sigma_0=-1",
+  proc = helpers.run_module("certssb_jax.studies", "sweep", "--config", "configs/quickstart.py:quick,sigma_0=-1",
                             "--workdir", str(tmp_path / "s"), "--noprogress")
   _one_error_line(proc, "sigma.sigma_0 must be > 0")
   assert not os.path.exists(tmp_path / "s" / "mnist_0-1")

@@ -8,7 +8,7 @@ import ml_collections
 import pytest
 
 from certssb_jax import defenses, files
-from certssb_jax.run import config as config_lib, identity, pipeline
+from certssb_jax.experiment import config as config_lib, identity, pipeline
 from conftest import tiny_config
 
 LEGACY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "legacy_configs")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from certssb_jax.data import readers
-from certssb_jax.run import pipeline
+from certssb_jax.experiment import pipeline
 
 
 def test_arrays_give_the_run_of_the_same_images_from_a_source(tmp_path):

@@ -19,7 +19,7 @@ from certssb_jax.certify import bounds
 from certssb_jax.data import sources as data_lib
 from certssb_jax.ensemble import member, trained, trainer as ensemble
 from certssb_jax.models import zoo as models_lib
-from certssb_jax.run import answering, config as config_lib, identity, pipeline, report, rundir
+from certssb_jax.experiment import answering, config as config_lib, identity, pipeline, report, rundir
 
 # The kernel's summed probabilities against a plain loop: to the backend's default matmul precision (float32 on
 # CPU, TF32 convolutions on recent NVIDIA GPUs), as in tests/test_certify_kernel.py.
@@ -373,7 +373,7 @@ def test_too_few_models_warns_with_the_number_needed(caplog):
 
 def test_margin_ceiling_and_radius_grid():
   cfg = config_lib.resolve(tiny_config(num_models=60, alpha=0.001))
-  from certssb_jax.run import metrics  # pylint: disable=g-import-not-at-top
+  from certssb_jax.experiment import metrics  # pylint: disable=g-import-not-at-top
   ceiling = bounds.margin_ceiling(60, 0.001, num_classes=2)
   assert metrics.margin_ceiling(cfg) == ceiling
   assert metrics.radius_grid(cfg)[4] == pytest.approx(0.95 * ceiling * 0.25, abs=1e-4)

@@ -12,7 +12,7 @@ import pytest
 
 from certssb_jax import defenses
 from certssb_jax.certify import bounds
-from certssb_jax.run import config as config_lib
+from certssb_jax.experiment import config as config_lib
 from certssb_jax.store import certified as store_lib
 
 
@@ -153,7 +153,7 @@ def test_budget_grid_and_curve():
 def test_an_aligned_answer_uses_its_joint_radius():
   """A query inside the ball of a larger sigma_x takes its label; its margin_stored (at its own, smaller sigma_x)
   exceeds the source ball's margin, so only the joint radius gives a sound budget."""
-  from certssb_jax.run import metrics  # pylint: disable=g-import-not-at-top
+  from certssb_jax.experiment import metrics  # pylint: disable=g-import-not-at-top
 
   st = store_lib.CertifiedStore((2,))
   s_train, t = 0.25, 0.2
@@ -211,7 +211,7 @@ def test_answer_metrics_report_the_budget_curves_of_a_run_without_a_search():
 
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
 
-  from certssb_jax.run import metrics  # pylint: disable=g-import-not-at-top
+  from certssb_jax.experiment import metrics  # pylint: disable=g-import-not-at-top
 
   cfg = config_lib.resolve(tiny_config(**{"defense.name": "rab", "attack.delta": 0.02}))
   ceiling, t, sigma = metrics.margin_ceiling(cfg), 0.02, 0.25

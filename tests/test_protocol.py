@@ -12,7 +12,7 @@ from scipy import stats
 from certssb_jax import files, rng, sweep
 from certssb_jax.defenses import sigma_search, smoothing
 from certssb_jax.ensemble import scorer as scorer_lib, trained, trainer as ensemble
-from certssb_jax.run import config as config_lib, identity, pipeline, rundir
+from certssb_jax.experiment import config as config_lib, identity, pipeline, rundir
 
 
 @pytest.mark.slow
@@ -154,9 +154,17 @@ def test_no_models_are_linked_between_chunkings_of_another_size(monkeypatch):
   assert sweep._donor([(conf(100), "small"), (conf(400), "big")], conf(300)) == "big"  # pylint: disable=protected-access
 
 
-def test_sweep_splits_config_lists_at_config_files():
-  assert sweep.split_specs("a.py:quick,num_models=16,classes=0,1,b.py,c/d.py:x=1") == [
-      "a.py:quick,num_models=16,classes=0,1", "b.py", "c/d.py:x=1"]
+def test_the_studies_command_names_its_studies_and_takes_one_dialect(tmp_path):
+  """No study, or a misspelt one: one line naming them; each study takes --config, --workdir, --results_md."""
+  from helpers import run_module  # pylint: disable=g-import-not-at-top
+
+  for args, message in (((), "name a study first"), (("famlies",), "did you mean 'families'")):
+    proc = run_module("certssb_jax.studies", *args)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+  for study in ("sweep", "envelope", "families", "counts"):
+    proc = run_module("certssb_jax.studies", study, "--helpfull")
+    for flag in ("--config", "--workdir", "--results_md", "--[no]progress"):
+      assert flag in proc.stdout, (study, flag)
 
 
 def test_training_key_says_which_runs_train_the_same_models():

@@ -17,6 +17,7 @@ def test_readme_python_api_runs(tmp_path, monkeypatch):
       'config_lib.load_config("configs/quickstart.py:num_models=16")':
           'config_lib.load_config("configs/quickstart.py:quick,num_models=12")',
       '"/tmp/q16"': f'{str(tmp_path / "q16")!r}',
+      '"/tmp/q16_dpa"': f'{str(tmp_path / "q16_dpa")!r}',
       '"/tmp/store.npz"': f'{str(tmp_path / "store.npz")!r}',
   }
   for old, new in shrink.items():
@@ -25,6 +26,7 @@ def test_readme_python_api_runs(tmp_path, monkeypatch):
   namespace = {}
   exec(compile(code, README, "exec"), namespace)  # pylint: disable=exec-used
   assert namespace["summary"]["consistency"]["contradictions"] == 0
+  assert namespace["counts"]["method"] == "DPA" and namespace["counts"]["defense"]["partitions"] == 16
   assert namespace["cert"].pred.shape == (200,) and namespace["answer"].pred.shape == (200,)
   assert namespace["right"].mean() > 0.5  # the example certifies most inputs, as it says in words
   assert os.path.exists(tmp_path / "store.npz")
@@ -39,7 +41,7 @@ def _two_commands() -> list[str]:
 def test_the_readme_gives_the_two_commands_ci_runs(monkeypatch):
   """Two commands: a launch of a config that exists and resolves, and the test command CI's script ends with."""
   from certssb_jax import launch  # pylint: disable=g-import-not-at-top
-  from certssb_jax.run import config as config_lib  # pylint: disable=g-import-not-at-top
+  from certssb_jax.experiment import config as config_lib  # pylint: disable=g-import-not-at-top
 
   main, tests = _two_commands()
   words = main.split()

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from certssb_jax import files
-from certssb_jax.run import config as config_lib, folder_lock, rundir
+from certssb_jax.experiment import config as config_lib, folder_lock, rundir
 
 SMALL = dict(max_train=128, max_test=32, num_models=4, models_per_chunk=2,
              **{"train.epochs": 1, "undefended.epochs": 1, "train.checkpoint_every_s": 0})
@@ -73,7 +73,7 @@ def test_a_stale_lock_of_a_dead_pid_is_taken_over_with_a_warning(tmp_path, cfg, 
   workdir = str(tmp_path / "w")
   dead = _dead_pid()
   _write_lock(workdir, pid=dead)
-  with caplog.at_level(logging.WARNING, logger="certssb_jax.run.folder_lock"):
+  with caplog.at_level(logging.WARNING, logger="certssb_jax.experiment.folder_lock"):
     rd = rundir.RunDir.open(workdir, cfg)
   assert f"taking over the lock of pid {dead} on host {socket.gethostname()}" in caplog.text
   assert json.load(open(os.path.join(workdir, folder_lock.LOCK_FILE)))["pid"] == os.getpid()
@@ -119,7 +119,7 @@ def test_a_process_opening_its_folder_again_takes_its_own_lock_over(tmp_path, cf
 
 
 def test_a_failing_run_releases_the_lock(tmp_path, monkeypatch):
-  from certssb_jax.run import pipeline  # pylint: disable=g-import-not-at-top
+  from certssb_jax.experiment import pipeline  # pylint: disable=g-import-not-at-top
 
   def fail(*args, **kwargs):
     raise RuntimeError("a stage failed")
@@ -158,7 +158,7 @@ def test_a_damaged_single_model_names_it_and_the_folder_to_delete(tmp_path):
 _RESTORE_REPEATEDLY = """
 import gc, os, sys, time
 import numpy as np
-from certssb_jax.run import rundir
+from certssb_jax.experiment import rundir
 rd = rundir.RunDir(sys.argv[1])
 rng = np.random.default_rng(0)
 tree = {f"layer{i}": rng.normal(size=(64, 64, 8)).astype(np.float32) for i in range(12)}

@@ -13,7 +13,7 @@ from certssb_jax import defenses
 from certssb_jax.certify import kernel
 from certssb_jax.defenses import INSERTIONS_DELETIONS, MODIFICATIONS, partition, bucket_aggregation as fa
 from certssb_jax.defenses import run_off_election as roe
-from certssb_jax.run import config as config_lib, identity, pipeline
+from certssb_jax.experiment import config as config_lib, identity, pipeline
 
 
 def _winner(rankings):
@@ -175,7 +175,7 @@ def test_the_count_study_reads_both_votes_from_one_run_and_writes_its_page(tmp_p
   spec = write_tiny_config(tmp_path / "c.py", **{"data.classes": "0,1,2", "undefended.enabled": False,
                                                  "train.epochs": 2})
   page = tmp_path / "docs" / "count.md"
-  proc = run_module("certssb_jax.count_study", "--config", spec, "--workdir", str(tmp_path / "w"), "--ks", "4",
+  proc = run_module("certssb_jax.studies", "counts", "--config", spec, "--workdir", str(tmp_path / "w"), "--ks", "4",
                     "--fa_ks", "2", "--spread", "2", "--results_md", str(page), "--noprogress")
   assert proc.returncode == 0, proc.stderr[-3000:]
   from certssb_jax import count_study  # pylint: disable=g-import-not-at-top
@@ -197,8 +197,8 @@ def test_the_count_study_reads_both_votes_from_one_run_and_writes_its_page(tmp_p
 def test_the_count_study_stops_with_one_line_before_any_work(tmp_path):
   from helpers import run_module  # pylint: disable=g-import-not-at-top
 
-  proc = run_module("certssb_jax.count_study", "--config", "configs/quickstart.py", "--workdir",
+  proc = run_module("certssb_jax.studies", "counts", "--config", "configs/quickstart.py", "--workdir",
                     str(tmp_path / "w"), "--ks", "50,many")
-  assert proc.returncode == 2 and "--ks and --fa_ks take integers" in proc.stderr
+  assert proc.returncode == 2 and "--ks takes numbers, e.g. --ks 32,64; got 50,many" in proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
   assert not os.path.exists(tmp_path / "w")

@@ -15,9 +15,9 @@ pair, seed and M (``<key>``: ``fashion_mnist_0-1_onepixel_seed0_M64``, say):
 
 The modules, in the order the program uses them: ``answers`` (the rows' certified answers, read from finished
 runs, and the grid selector's), ``comparison`` (every row against the envelope), ``figures`` (the plots),
-``pages`` (the markdown: the section, docs/results.md, the README block), ``program`` (``run_envelope`` and the
-command line):
+``pages`` (the markdown: the section and docs/results.md), ``program`` (``run_envelope`` and the study's
+flags):
 
-  python -m certssb_jax.envelope --config configs/fashion_mnist.py:num_models=32 \
+  python -m certssb_jax.studies envelope --config configs/fashion_mnist.py:num_models=32 \
       --sigmas 0.12,0.25,0.375,0.5,1.0 --workdir runs/envelope --results_md docs/results.md
 """

@@ -23,8 +23,8 @@ from certssb_jax import defenses, files, sweep
 from certssb_jax.certify import bounds
 from certssb_jax.data.attacked import SPLITS
 from certssb_jax.defenses import grid_selector as grid_selector_lib
-from certssb_jax.run import identity
-from certssb_jax.store import certified as store_lib
+from certssb_jax.experiment import finished, identity, metrics
+from certssb_jax.store.certified import CertifiedStore
 
 RADII = ("joint", "test")
 KINDS = RADII + ("budget",)  # the certified poison budget at the trigger norm: images k, not a radius
@@ -80,21 +80,11 @@ class Answers:
 # ---------------------------------------------------------------------------------------------- reading runs
 
 
-def _majority(preds: np.ndarray, num_classes: int) -> np.ndarray:
-  """Plain majority (ties to the lowest class) of (M, N) per-model classes."""
-  counts = np.stack([(preds == c).sum(axis=0) for c in range(num_classes)], axis=1)  # (N, K)
-  return counts.argmax(axis=1)
-
-
 def answers_of_run(workdir: str, name: str | None = None) -> Answers:
   """A finished run's storage-update answers (its certificates), read from its folder."""
-  cfg = files.load_json(os.path.join(workdir, "config.json"))
-  summary = files.load_json(os.path.join(workdir, "summary.json"))
-  votes = files.load_npz(os.path.join(workdir, "votes.npz"))
-  rows = sweep.read_rows(workdir)
-  voting = summary["models"]["voting"]
+  run = finished.FinishedRun(workdir)
+  cfg, voting, col = run.config, run.summary["models"]["voting"], run.column
   k = len(cfg["data"]["classes"])
-  col = lambda s, c, t: np.array([t(r[c]) for r in rows if r["split"] == s])
   fixed = cfg["sigma"]["sigma_hi"] is None  # RAB records no search range
   return Answers(
       name=name or (f"RAB sigma={cfg['sigma']['sigma_0']:g}" if fixed else f"Cert-SSB {sweep.design(cfg)}"),
@@ -104,7 +94,8 @@ def answers_of_run(workdir: str, name: str | None = None) -> Answers:
       radius_joint={s: col(s, "radius_joint_stored", float) for s in SPLITS},
       sigma_x={s: col(s, "sigma", float) for s in SPLITS},
       label={s: col(s, "label", int) for s in SPLITS},
-      majority={s: _majority(votes[f"{s}_preds"][-voting:], k) for s in SPLITS}, delta=cfg["attack"]["delta"],
+      majority={s: metrics.majority(run.votes[f"{s}_preds"][-voting:], k) for s in SPLITS},
+      delta=cfg["attack"]["delta"],
       sigma_range=((cfg["sigma"]["sigma_0"],) * 2 if fixed else (cfg["sigma"]["sigma_lo"], cfg["sigma"]["sigma_hi"])))
 
 
@@ -157,7 +148,7 @@ def _voters_answers(name: str, votes: dict[float, dict[str, np.ndarray]], x: dic
                     sigma: float | None = None) -> Answers:
   """The store's answers (clean split first) when each input votes with the models from ``first_voter`` on at the
   sigma ``choose(split)`` picks for it; ``joint``: whether a joint radius is certified (sigma fixed, not chosen)."""
-  st = store_lib.CertifiedStore(x["clean"].shape[1:])
+  st = CertifiedStore(x["clean"].shape[1:])
   out: dict[str, dict[str, np.ndarray]] = {f: {} for f in ("pred", "test", "joint", "sigma", "label", "majority")}
   for split in SPLITS:  # clean first: the order of every run's store
     chosen = choose(split)

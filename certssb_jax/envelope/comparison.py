@@ -9,6 +9,7 @@ import numpy as np
 
 from certssb_jax.data.attacked import SPLITS
 from certssb_jax.envelope.answers import KINDS, RADII, Answers
+from certssb_jax.experiment import metrics
 
 
 def envelope(rab: list[Answers], kind: str, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -36,16 +37,9 @@ def crossings(diff: np.ndarray, r: np.ndarray) -> list[dict[str, float]]:
 def metrics_of(a: Answers, target_class: int) -> dict[str, Any]:
   """Clean accuracy, ERA, ASR and abstentions of the answers, certified and by majority vote."""
   clean, trig = SPLITS
-  answered = a.pred[trig] != -1
-  return {
-      "clean_accuracy": float(np.mean(a.pred[clean] == a.label[clean])),
-      "era": float(np.mean(a.pred[trig] == a.label[trig])),
-      "asr": float(np.mean(a.pred[trig] == target_class)) if answered.any() else None,
-      "abstain_clean": float(np.mean(a.pred[clean] == -1)), "abstain_triggered": float(np.mean(~answered)),
-      "majority": {"clean_accuracy": float(np.mean(a.majority[clean] == a.label[clean])),
-                   "era": float(np.mean(a.majority[trig] == a.label[trig])),
-                   "asr": float(np.mean(a.majority[trig] == target_class))},
-  }
+  return {**metrics.attack_metrics(a.pred, a.label, target_class),
+          "abstain_clean": float(np.mean(a.pred[clean] == -1)), "abstain_triggered": float(np.mean(a.pred[trig] == -1)),
+          "majority": metrics.attack_metrics(a.majority, a.label, target_class)}
 
 
 def spread(a: Answers, grid: list[float]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from certssb_jax.envelope.answers import KINDS
-from certssb_jax.run import report
+from certssb_jax.experiment import report
 
 
 def plot_envelope(path: str, title: str, result: dict[str, Any]) -> None:

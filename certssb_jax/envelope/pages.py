@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from typing import Any
 
 import numpy as np
@@ -78,7 +77,7 @@ RESULTS_HEADER = [
     "section 3). A Cert-SSB search is named training sigmas / class A / update rule / [sigma_lo, sigma_hi] / pilot "
     "sigma (docs/method.md section 4). A searched sigma_x depends on the poisoned training set, so a searched design "
     "certifies no joint radius (docs/soundness.md). The counting defenses (DPA, bagging) beside RAB and Cert-SSB "
-    "on the main pair: [families.md](families.md) (written by `python -m certssb_jax.families`).", ""]
+    "on the main pair: [families.md](families.md) (written by `python -m certssb_jax.studies families`).", ""]
 SECTION_START, SECTION_END = "<!-- section {} -->", "<!-- end of section {} -->"
 
 
@@ -91,49 +90,13 @@ def page_sections(text: str) -> dict[str, str]:
 def write_results_page(path: str, sections: list[dict[str, Any]], command: str) -> None:
   """docs/results.md from the outputs of ``run_envelope`` (plots copied next to it, under ``figures/``): the
   sections of this command's pairs replace their earlier versions; other sections stay as written."""
-  folder = os.path.join(os.path.dirname(os.path.abspath(path)), "figures")
-  os.makedirs(folder, exist_ok=True)
   merged = page_sections(open(path).read()) if os.path.exists(path) else {}
   for sec in sections:
     parts = [sec["markdown"]]
-    for plot in sec["plots"]:
-      shutil.copyfile(plot, os.path.join(folder, os.path.basename(plot)))
-      parts += [f"![{os.path.basename(plot)}](figures/{os.path.basename(plot)})", ""]
+    for line in files.copy_figures(path, sec["plots"]):
+      parts += [line, ""]
     merged[sec["key"]] = "\n".join(parts + ["Written by", "", "```", command, "```", ""])
   page = list(RESULTS_HEADER)
   for key, body in merged.items():
     page += [SECTION_START.format(key), body.rstrip("\n"), SECTION_END.format(key), ""]
   files.atomic_write_bytes(path, "\n".join(page).encode())
-
-
-README_START, README_END = "<!-- envelope:start -->", "<!-- envelope:end -->"
-
-
-def readme_block(sec: dict[str, Any], figure: str) -> str:
-  """The README's small table for one class pair: every row's certified and majority-vote numbers and its
-  certified accuracy at two radii (a quarter and half of the largest radius RAB certifies), with the figure."""
-  res = sec["result"]
-  r = np.asarray(res["radii"]["test"])
-  env = np.asarray(res["envelope"]["test"]["cra"])
-  top = r[np.flatnonzero(env > 0).max()] if (env > 0).any() else r[-1]
-  at = [float(r[np.searchsorted(r, f * top)]) for f in (0.25, 0.5)]
-  cra = lambda row, kind, x: row["cra"][kind][int(np.searchsorted(r, x))]
-  lines = [f"![{res['title']}]({figure})", "", res["context"], "",
-           "| method | sigma | M voting | clean acc | ERA / ASR | majority ASR | "
-           + " | ".join(f"CRA {k} r={x:.4f}" for k in ("test", "joint") for x in at) + " |", "|" + "---|" * 10]
-  for row in res["rows"]:
-    sigma = "per input" if row["sigma"] is None else f"{row['sigma']:g}"
-    lines.append(f"| {row['name']} | {sigma} | {row['voting']} | {_fmt(row['clean_accuracy'])} | "
-                 f"{_fmt(row['era'])} / {_fmt(row['asr'])} | {_fmt(row['majority']['asr'])} | "
-                 + " | ".join(f"{cra(row, k, x):.3f}" for k in ("test", "joint") for x in at) + " |")
-  return "\n".join(lines) + "\n"
-
-
-def update_readme(path: str, block: str) -> None:
-  """Replaces the README's text between ``README_START`` and ``README_END`` with ``block``."""
-  text = open(path).read()
-  if README_START not in text or README_END not in text:
-    raise ValueError(f"{path} has no {README_START} ... {README_END} block to write the results into")
-  head, rest = text.split(README_START, 1)
-  _, tail = rest.split(README_END, 1)
-  files.atomic_write_bytes(path, f"{head}{README_START}\n{block}{README_END}{tail}".encode())

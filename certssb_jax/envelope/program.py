@@ -1,9 +1,9 @@
-"""The envelope program, ``python -m certssb_jax.envelope`` (what it writes: the package's docstring).
+"""The envelope study, ``python -m certssb_jax.studies envelope`` (what it writes: the package's docstring).
 
 ``run_envelope`` trains or reuses RAB at every sigma of the grid and the Cert-SSB designs asked for (one
 ``sweep`` folder), builds the grid selector's rows from RAB's votes, compares every design with RAB's envelope
 and writes the section's plots, tables and JSON; ``main`` runs it for every ``--config`` and writes the results
-page and the README block.
+page.
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from absl import flags
 
 from certssb_jax import files, sweep
 from certssb_jax.data.attacked import SPLITS
-from certssb_jax.ensemble import trainer as ensemble
+from certssb_jax.ensemble import trainer
 from certssb_jax.envelope import answers, comparison, figures, pages
-from certssb_jax.run import cli, config as config_lib
+from certssb_jax.experiment import cli, config as config_lib
 
 PAPER_SIGMAS = (0.12, 0.25, 0.5, 1.0)
 
@@ -36,10 +36,10 @@ def run_envelope(spec: str, workdir: str, sigmas: list[float], designs: list[str
     {"markdown": the section's text, "json": path, "plots": [paths], "result": the comparison (with its
     title, context and RAB's folders), "key": the section's name (pair, seed and M)}.
   """
-  from certssb_jax.run import pipeline  # pylint: disable=g-import-not-at-top
+  from certssb_jax.experiment import pipeline  # pylint: disable=g-import-not-at-top
 
   os.makedirs(workdir, exist_ok=True)
-  trainers = ensemble.Trainers()
+  trainers = trainer.Trainers()
   rab_runs = {r["sigma_0"]: r["workdir"] for r in sweep.run_grid([spec], workdir, None, sigmas, ["rab"], progress,
                                                                   trainers)}
   searched = []
@@ -86,19 +86,13 @@ def run_envelope(spec: str, workdir: str, sigmas: list[float], designs: list[str
 
 
 def define_flags() -> None:
-  """The command line's flags; only ``__main__`` defines them, so that importing this module defines none."""
-  flags.DEFINE_multi_string("config", None, "Config file with optional :variant; repeat for more class pairs.")
-  flags.DEFINE_string("workdir", None, "Folder of every row (a sweep folder).")
+  """The study's own flags (``studies`` defines the common ones), defined only by the program that runs."""
   flags.DEFINE_multi_string("sigmas", [",".join(f"{s:g}" for s in PAPER_SIGMAS)],
                             "RAB's sigma grid, comma-separated; add every sigma a design tests at. Once for every "
                             "--config, or once per --config in the same order.")
   flags.DEFINE_multi_string("design", [], "A Cert-SSB design as a config variant (e.g. sigma.sigma_hi=0.375).")
   flags.DEFINE_list("selector_models", None, "Models of each RAB ensemble that choose the grid selector's "
                                              "sigma_x (never voting), one design per value; default M // 8; 0: none.")
-  flags.DEFINE_string("results_md", None, "Also write this results page (e.g. docs/results.md).")
-  flags.DEFINE_string("readme", None, "Also write the first config's table and figure into this README's "
-                                      "envelope block (needs --results_md: the figure is linked from there).")
-  flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 
 def _grid(text: str) -> list[float]:
@@ -117,24 +111,17 @@ def main() -> None:
   if len(f.sigmas) not in (1, len(f.config)):
     raise ValueError(f"--sigmas is given {len(f.sigmas)} times for {len(f.config)} configs: give it once or once "
                      "per --config")
-  if f.readme and not f.results_md:
-    raise ValueError("--readme needs --results_md (the README links the figure the results page keeps)")
   grids = [_grid(text) for text in f.sigmas] * (len(f.config) if len(f.sigmas) == 1 else 1)
   selector = None if f.selector_models is None else [int(v) for v in f.selector_models if int(v) > 0]
   progress = cli.progress(f.progress)
   sections = [run_envelope(spec, f.workdir, grid, f.design, selector, progress) for spec, grid in zip(f.config, grids)]
   if f.results_md:
-    command = "python -m certssb_jax.envelope " + " ".join(
+    command = "python -m certssb_jax.studies envelope " + " ".join(
         [f"--config {c}" for c in f.config] + [f"--workdir {f.workdir}"] + [f"--sigmas {g}" for g in f.sigmas]
         + [f"--design {d}" for d in f.design]
         + ([f"--selector_models {','.join(f.selector_models)}"] if f.selector_models is not None else [])
-        + [f"--results_md {f.results_md}"] + ([f"--readme {f.readme}"] if f.readme else []))
+        + [f"--results_md {f.results_md}"])
     pages.write_results_page(f.results_md, sections, command)
-    if f.readme:
-      figure = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(f.results_md)), "figures",
-                                            os.path.basename(sections[0]["plots"][0])),
-                               os.path.dirname(os.path.abspath(f.readme)))
-      pages.update_readme(f.readme, pages.readme_block(sections[0], figure))
   for sec in sections:
     print(sec["markdown"])
     print("\n".join(sec["plots"]))

@@ -7,7 +7,7 @@ import sys
 from conftest import tiny_config
 import jax
 
-from certssb_jax.run import pipeline
+from certssb_jax.experiment import pipeline
 
 
 def main() -> None:

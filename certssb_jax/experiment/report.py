@@ -19,8 +19,8 @@ import numpy as np
 from certssb_jax import defenses, files
 from certssb_jax.certify import bounds, kernel as certify_lib
 from certssb_jax.data.attacked import SPLITS, Attacked
-from certssb_jax.run import config as config_lib, metrics, rundir
-from certssb_jax.run.config import Config
+from certssb_jax.experiment import config as config_lib, metrics, rundir
+from certssb_jax.experiment.config import Config
 
 logger = logging.getLogger(__name__)
 

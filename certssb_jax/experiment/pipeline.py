@@ -23,13 +23,14 @@ from certssb_jax.certify import kernel as certify_lib
 from certssb_jax.data import readers, sources as data_lib, triggers
 from certssb_jax.data.attacked import SPLITS, Attacked, Split
 from certssb_jax.defenses import sigma_search, smoothing
-from certssb_jax.ensemble import scorer as scorer_lib, trained, trainer as ensemble
+from certssb_jax.ensemble import scorer as scorer_lib, trained
+from certssb_jax.ensemble.trainer import Trainers, auto_models_per_chunk, check_losses
 from certssb_jax.ensemble.member import MemberState, Streams, member_logits
 from certssb_jax.ensemble.views import MemberViews
 from certssb_jax.models import zoo as models_lib
 from certssb_jax.progress import Progress, default_progress, no_progress, tqdm_progress  # noqa: F401
-from certssb_jax.run import answering, config as config_lib, count_report, metrics, report, rundir
-from certssb_jax.run.rundir import RunDir
+from certssb_jax.experiment import answering, config as config_lib, count_report, metrics, report, rundir
+from certssb_jax.experiment.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ Config = config_lib.Config
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, defense: defenses.Defense | None = None,
         progress: Progress | None = None, fresh: bool = False,
-        trainers: ensemble.Trainers | None = None) -> dict[str, Any]:
+        trainers: Trainers | None = None) -> dict[str, Any]:
   """Runs (or resumes) the whole experiment and writes every output file into ``workdir``.
 
   Args:
@@ -63,7 +64,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, defense: defenses.De
   rundir.check_config(workdir, cfg, fresh=fresh)  # ... and so is a folder of another run
   rd = RunDir.open(workdir, cfg, fresh=fresh)
   try:
-    return _run_stages(cfg, ds, rd, progress, trainers or ensemble.Trainers())
+    return _run_stages(cfg, ds, rd, progress, trainers or Trainers())
   finally:
     rd.close()  # the folder's lock ends with the run, also when a stage fails
 
@@ -89,7 +90,7 @@ def run_arrays(config: ml_collections.ConfigDict, workdir: str, x_train: np.ndar
 
 
 def _run_stages(cfg: Config, ds: data_lib.Dataset, rd: RunDir, progress: Progress,
-                trainers: ensemble.Trainers) -> dict[str, Any]:
+                trainers: Trainers) -> dict[str, Any]:
   """The stages of ``run`` in the opened (and locked) run folder ``rd``: those of the defense's family."""
   defense = defenses.get(cfg)
   stages = {"smoothing": _smoothing_stages, "counting": _counting_stages}[defense.family]
@@ -97,7 +98,7 @@ def _run_stages(cfg: Config, ds: data_lib.Dataset, rd: RunDir, progress: Progres
 
 
 def _smoothing_stages(cfg: Config, ds: data_lib.Dataset, rd: RunDir, defense: defenses.Defense,
-                      progress: Progress, trainers: ensemble.Trainers) -> dict[str, Any]:
+                      progress: Progress, trainers: Trainers) -> dict[str, Any]:
   """RAB and Cert-SSB: training sigmas, the noised ensemble, test sigmas, votes, bounds, the store."""
   report.warn_if_uncertifiable(cfg)
 
@@ -126,7 +127,7 @@ def _smoothing_stages(cfg: Config, ds: data_lib.Dataset, rd: RunDir, defense: de
 
 
 def _counting_stages(cfg: Config, ds: data_lib.Dataset, rd: RunDir, defense: defenses.Defense,
-                     progress: Progress, trainers: ensemble.Trainers) -> dict[str, Any]:
+                     progress: Progress, trainers: Trainers) -> dict[str, Any]:
   """The defenses that count poisoned samples (DPA, Finite Aggregation, bagging, DPA with test-time smoothing):
   members trained on their views (parts, unions of buckets, bags), with the defense's augmentation if any; votes
   on the queries (every member on the clean query, or the defense's own draws); certificates that count changed
@@ -157,7 +158,7 @@ def _counting_stages(cfg: Config, ds: data_lib.Dataset, rd: RunDir, defense: def
 
 def compare(config: ml_collections.ConfigDict, workdir: str, names: tuple[str, ...] = ("rab", "cert_ssb"), *,
             progress: Progress | None = None, fresh: bool = False,
-            trainers: ensemble.Trainers | None = None) -> dict[str, dict[str, Any]]:
+            trainers: Trainers | None = None) -> dict[str, dict[str, Any]]:
   """Several defenses (``defenses.REGISTRY`` names) on the same data and seeds, each into ``workdir/<name>``; the
   models two of them both train (``identity.training_key``: RAB and Cert-SSB at ``sigma.train = base``, DPA and
   DPA+ROE) are trained once. Returns {name: summary}."""
@@ -166,7 +167,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str, names: tuple[str, .
     configs[name] = config.copy_and_resolve_references()
     configs[name].defense.name = name
     config_lib.resolve(configs[name])
-  runs, trainers = {}, trainers or ensemble.Trainers()
+  runs, trainers = {}, trainers or Trainers()
   for name, c in configs.items():
     d = os.path.join(workdir, name)
     for done in runs:
@@ -227,13 +228,13 @@ def test_splits(cfg: Config, ds: data_lib.Dataset) -> dict[str, Split]:
 
 
 def single_model(cfg: Config, attacked: Attacked, rd: RunDir, name: str, *, epochs: int, sigma: float | None,
-                 progress: Progress, trainers: ensemble.Trainers | None = None) -> MemberState:
+                 progress: Progress, trainers: Trainers | None = None) -> MemberState:
   """The auxiliary model ``name`` (``undefended``, ``pilot`` or ``surrogate``), restored or trained and saved.
 
   It trains on ``attacked``'s training set, with Gaussian augmentation at ``sigma`` re-drawn every epoch
   (pilot) or without noise (``sigma=None``). Returns its state with a leading axis of 1.
   """
-  trainer = (trainers or ensemble.Trainers()).get(attacked.model, attacked.data.input_shape, cfg,
+  trainer = (trainers or Trainers()).get(attacked.model, attacked.data.input_shape, cfg,
                                                   models_per_chunk=1, devices=jax.local_devices()[:1])
   if rd.has_model(name):
     return MemberState(*rd.restore_model(name, trainer.abstract_state()))
@@ -250,19 +251,16 @@ def single_model(cfg: Config, attacked: Attacked, rd: RunDir, name: str, *, epoc
 
 
 def train_undefended(cfg: Config, attacked: Attacked, rd: RunDir, progress: Progress,
-                     trainers: ensemble.Trainers | None = None) -> dict[str, float]:
+                     trainers: Trainers | None = None) -> dict[str, float]:
   """Clean accuracy, ERA and ASR of one model trained on the poisoned data without noise: what the attack does."""
   state = single_model(cfg, attacked, rd, "undefended", epochs=cfg.undefended.epochs, sigma=None,
                        progress=progress, trainers=trainers)
   pred = {s: trained.predict_probs(attacked.model, state, attacked.splits[s].x).argmax(-1) for s in SPLITS}
-  trig = attacked.splits["triggered"]
-  return {"clean_accuracy": float(np.mean(pred["clean"] == attacked.splits["clean"].y)),
-          "era": float(np.mean(pred["triggered"] == trig.y)),
-          "asr": float(np.mean(pred["triggered"] == cfg.attack.target_class))}
+  return metrics.attack_metrics(pred, {s: attacked.splits[s].y for s in SPLITS}, cfg.attack.target_class)
 
 
 def train_pilot(cfg: Config, attacked: Attacked, rd: RunDir, progress: Progress,
-                trainers: ensemble.Trainers | None = None) -> tuple[Any, Any]:
+                trainers: Trainers | None = None) -> tuple[Any, Any]:
   """The pilot model, the default sigma-search scorer: trained on the poisoned data with Gaussian augmentation at
   ``sigma.pilot_sigma`` (2 sigma_0 by default) redrawn every epoch. Returns its (params, batch_stats)."""
   state = single_model(cfg, attacked, rd, "pilot", epochs=cfg.sigma.pilot_epochs, sigma=cfg.sigma.pilot_sigma,
@@ -353,7 +351,7 @@ def pilot_score_fn(model) -> Callable[[Any, jax.Array], jax.Array]:
 
 def train_ensemble(cfg: Config, attacked: Attacked, sigma_train: np.ndarray | None, rd: RunDir,
                    progress: Progress, views: MemberViews | None = None,
-                   trainers: ensemble.Trainers | None = None) -> trained.TrainedEnsemble:
+                   trainers: Trainers | None = None) -> trained.TrainedEnsemble:
   """Trains the M models chunk by chunk: model m on its own fixed noised copy of the training set (smoothing,
   ``sigma_train`` per sample) or without noise on its view of it (``views``: a part, a bag).
 
@@ -364,9 +362,9 @@ def train_ensemble(cfg: Config, attacked: Attacked, sigma_train: np.ndarray | No
   no checkpoint holds, from the last saved step, with the same results bit for bit.
   """
   t = cfg.train
-  trainer = (trainers or ensemble.Trainers()).get(
+  trainer = (trainers or Trainers()).get(
       attacked.model, attacked.data.input_shape, cfg,
-      models_per_chunk=ensemble.auto_models_per_chunk(t.models_per_chunk, t.num_models),
+      models_per_chunk=auto_models_per_chunk(t.models_per_chunk, t.num_models),
       batch_size=cfg.defense.member_batch_size if views is not None else None)
   members = trained.TrainedEnsemble(trainer, t.num_models, rd)
   chunks = trainer.chunks(t.num_models)
@@ -410,7 +408,7 @@ def train_ensemble(cfg: Config, attacked: Attacked, sigma_train: np.ndarray | No
       state, losses = trainer.train_chunk(ids, streams, attacked.x_train, attacked.y_train, sigma_train,
                                           views=views, epochs=t.epochs, on_step=update, return_losses=True,
                                           start=start, checkpoint=checkpoint)
-      ensemble.check_losses(losses, ids)
+      check_losses(losses, ids)
       pending.append((c, members.keep(c, state)))
       due = time.monotonic() - last_save >= t.checkpoint_every_s or c == 0
       if c + 1 == len(chunks) or c + 1 in done or multihost.agree(due):  # a checkpoint holds consecutive chunks

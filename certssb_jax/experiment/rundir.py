@@ -25,8 +25,8 @@ import orbax.checkpoint as ocp
 
 from certssb_jax import multihost
 from certssb_jax.files import load_json, load_npz, save_json, save_npz
-from certssb_jax.run import config as config_lib, identity
-from certssb_jax.run.folder_lock import FolderLock, RunFolderBusyError
+from certssb_jax.experiment import config as config_lib, identity
+from certssb_jax.experiment.folder_lock import FolderLock, RunFolderBusyError
 
 logger = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from certssb_jax.data import triggers
 from certssb_jax.data.attacked import SPLITS, Attacked
 from certssb_jax.ensemble import trained
 from certssb_jax.progress import Progress
-from certssb_jax.run import config as config_lib
-from certssb_jax.run.rundir import RunDir
-from certssb_jax.store import certified as store_lib
+from certssb_jax.experiment import config as config_lib
+from certssb_jax.experiment.rundir import RunDir
+from certssb_jax.store.certified import CertifiedStore, StoreAnswer
 
 Config = config_lib.Config
 
@@ -74,7 +74,7 @@ def bound_split(cfg: Config, preds: np.ndarray, probs_sum: np.ndarray, sigma_x: 
   """
   c = cfg.certify
   k = probs_sum.shape[1]
-  voters = preds[cfg.train.num_models - config_lib.num_voters(cfg):]
+  voters = preds[config_lib.voting(cfg)]
   kwargs = dict(alpha=c.alpha, bound=c.bound, correction=c.correction, sigma_x=sigma_x, sigma_min=sigma_min)
   if c.correction == "holdout":
     m0 = c.holdout_models
@@ -105,7 +105,7 @@ def certificates(cfg: Config, votes: dict[str, np.ndarray], sigma_test: dict[str
 
 def storage_update(cfg: Config, attacked: Attacked, certs: dict[str, bounds.Certificate],
                    sigma_test: dict[str, np.ndarray], sigma_min: dict[str, np.ndarray], order: str,
-                   rd: RunDir | None = None) -> dict[str, store_lib.StoreAnswer]:
+                   rd: RunDir | None = None) -> dict[str, StoreAnswer]:
   """Answers every query of the run through ONE store of certified balls, in the given order (section 5).
 
   ``clean_first``: the clean split, then the triggered split, each in dataset order; ``triggered_first``
@@ -113,7 +113,7 @@ def storage_update(cfg: Config, attacked: Attacked, certs: dict[str, bounds.Cert
   depend on the order (whoever queries first decides). The store is saved as ``store.npz`` when ``rd`` is
   given, so a later stream can continue it (``CertifiedStore.load``).
   """
-  st = store_lib.CertifiedStore(attacked.data.input_shape)
+  st = CertifiedStore(attacked.data.input_shape)
   answers = {}
   for s in (SPLITS if order == "clean_first" else SPLITS[::-1]):
     answers[s] = st.certify(attacked.splits[s].x, certs[s].pred, certs[s].radius_test, sigma_test[s],

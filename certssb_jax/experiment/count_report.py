@@ -18,9 +18,9 @@ from certssb_jax import files
 from certssb_jax.certify import bounds
 from certssb_jax.data.attacked import SPLITS, Attacked
 from certssb_jax.defenses.base import INSERTIONS_DELETIONS, MODIFICATIONS, THREAT_TEXT, Defense
-from certssb_jax.run import rundir
-from certssb_jax.run.config import Config
-from certssb_jax.run.report import budget_curve, figure, versions
+from certssb_jax.experiment import metrics, rundir
+from certssb_jax.experiment.config import Config
+from certssb_jax.experiment.report import budget_curve, figure, versions
 
 logger = logging.getLogger(__name__)
 
@@ -71,12 +71,9 @@ def summarize_counts(cfg: Config, defense: Defense, attacked: Attacked, certs: d
   given = {s: (c.at_norm(0.0) if c.at_norm is not None else c.counts)[MODIFICATIONS] >= 0 for s, c in certs.items()}
   pred = {s: np.where(given[s], certs[s].pred, -1) for s in SPLITS}
   target = cfg.attack.target_class
-  answered = pred["triggered"] != -1
-  m = {"clean_accuracy": float(np.mean(pred["clean"] == y["clean"])),
-       "abstain_rate": float(np.mean(pred["clean"] == -1)),
-       "era": float(np.mean(pred["triggered"] == y["triggered"])),
-       "asr": float(np.mean(pred["triggered"] == target)) if answered.any() else None,
-       "abstain_rate_triggered": float(np.mean(~answered))}
+  attack = metrics.attack_metrics(pred, y, target)
+  m = {"clean_accuracy": attack["clean_accuracy"], "abstain_rate": float(np.mean(pred["clean"] == -1)),
+       "era": attack["era"], "asr": attack["asr"], "abstain_rate_triggered": float(np.mean(pred["triggered"] == -1))}
   grids = {}
   for threat in certs["clean"].counts:
     grids[threat] = bounds.budget_grid(int(max(certs[s].counts[threat].max(initial=-1) for s in SPLITS)))
@@ -84,9 +81,7 @@ def summarize_counts(cfg: Config, defense: Defense, attacked: Attacked, certs: d
                                                           certs["clean"].pred == y["clean"], grids[threat])
   for s, key in (("clean", "cra_poison_budget"), ("triggered", "cra_poison_budget_triggered")):
     m[key] = bounds.certified_accuracy_budget(certs[s].modifications, certs[s].pred == y[s], grids[MODIFICATIONS])
-  majority = {"clean_accuracy": float(np.mean(certs["clean"].pred == y["clean"])),
-              "era": float(np.mean(certs["triggered"].pred == y["triggered"])),
-              "asr": float(np.mean(certs["triggered"].pred == target))}
+  majority = metrics.attack_metrics({s: certs[s].pred for s in SPLITS}, y, target)
   train_s = timings.get("train_ensemble")
   exact = certs["clean"].exact
   joint = "" if certs["clean"].trigger_norm is None else \

@@ -9,7 +9,7 @@ from typing import Any
 
 
 from certssb_jax import defenses
-from certssb_jax.run.config import base_config, to_json
+from certssb_jax.experiment.config import base_config, to_json
 
 
 # Fields that change how a run is saved or shown, not what it computes: a resumed run may change them.

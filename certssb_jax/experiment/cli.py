@@ -53,6 +53,23 @@ def require(**values: object) -> None:
     raise ValueError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required")
 
 
+def numbers(values: list[str], kind: type, flag: str) -> list:
+  """A comma-separated flag's values as ``kind``; one line naming the flag and an example otherwise."""
+  try:
+    return [kind(v) for v in values]
+  except ValueError:
+    raise ValueError(f"--{flag} takes numbers, e.g. --{flag} {'32,64' if kind is int else '0.5,1'}; got "
+                     f"{','.join(values)}") from None
+
+
+def one_config(configs: list[str] | None) -> str:
+  """The one ``--config`` of a study that takes one."""
+  require(config=configs)
+  if len(configs) > 1:
+    raise ValueError(f"this study takes one --config, got {len(configs)}: {' '.join(configs)}")
+  return configs[0]
+
+
 def progress(show: bool):
   """The pipeline's progress: bars on a terminal, logged lines in a log file (``progress.default_progress``); none
   without ``show``."""

@@ -21,8 +21,8 @@ from ml_collections import config_dict
 from certssb_jax import defenses
 from certssb_jax.checks import check as _check, did_you_mean, one_of as _one_of
 from certssb_jax.certify import bounds
-from certssb_jax.data import sources as data, triggers
-from certssb_jax.models import layers, zoo as models
+from certssb_jax.data import sources, triggers
+from certssb_jax.models import layers, zoo
 
 # A resolved run config (``resolve``): every field checked and derived, read-only.
 Config = ml_collections.FrozenConfigDict
@@ -227,7 +227,7 @@ def convert(raw: str, kind: type, path: str) -> Any:
   return raw
 
 
-# the clone this package sits in (certssb_jax/run/config.py -> the folder above certssb_jax/)
+# the clone this package sits in (certssb_jax/experiment/config.py -> the folder above certssb_jax/)
 _CLONE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -270,8 +270,8 @@ def resolve(config: ml_collections.ConfigDict) -> Config:
 
 def _check_data_attack_training(c: ml_collections.ConfigDict) -> None:
   d, a, t = c.data, c.attack, c.train
-  _one_of(d.source, data.SOURCES, "data.source")
-  _check(bool(d.data_dir) or not data.SOURCES[d.source].requires_data_dir(d.name),
+  _one_of(d.source, sources.SOURCES, "data.source")
+  _check(bool(d.data_dir) or not sources.SOURCES[d.source].requires_data_dir(d.name),
          f"data.source {d.source!r} has no default folder for {d.name!r}: set data.data_dir")
   _check(len(d.classes) >= 2 and len(set(d.classes)) == len(d.classes),
          f"data.classes must list >= 2 distinct class ids, got {tuple(d.classes)}")
@@ -286,7 +286,7 @@ def _check_data_attack_training(c: ml_collections.ConfigDict) -> None:
   _check(a.delta > 0 and math.isfinite(a.delta), f"attack.delta must be > 0, got {a.delta}")
   _check(0 <= a.target_class < len(d.classes),
          f"attack.target_class {a.target_class} is not a label in [0, {len(d.classes)})")
-  _one_of(c.model.name, models.MODELS, "model.name")
+  _one_of(c.model.name, zoo.MODELS, "model.name")
   _one_of(c.model.conv, layers.CONV_FORMULATIONS, "model.conv")
   _check(not c.model.pretrained or os.path.isfile(c.model.pretrained),
          f"model.pretrained {c.model.pretrained!r} is not a file")
@@ -359,6 +359,11 @@ def _resolve_certify(c: ml_collections.ConfigDict, voters: int) -> None:
 def num_voters(c: ml_collections.FrozenConfigDict) -> int:
   """The models whose votes give the certificate: all but the search models (ids 0 .. search_models - 1)."""
   return c.train.num_models - (c.sigma.search_models or 0)
+
+
+def voting(c: ml_collections.FrozenConfigDict) -> slice:
+  """The voting models' rows of every per-model array (M, ...): the search models come first and never vote."""
+  return slice(c.train.num_models - num_voters(c), c.train.num_models)
 
 
 def to_json(c: Any) -> dict[str, Any]:

@@ -11,11 +11,11 @@ import numpy as np
 import scipy.stats
 
 from certssb_jax import defenses
-from certssb_jax.certify import bounds
+from certssb_jax.certify import bounds, kernel as certify_lib
 from certssb_jax.data.attacked import SPLITS, Attacked
-from certssb_jax.run import config as config_lib
-from certssb_jax.run.config import Config
-from certssb_jax.store import certified as store_lib
+from certssb_jax.experiment import config as config_lib
+from certssb_jax.experiment.config import Config
+from certssb_jax.store.certified import StoreAnswer, audit
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def headline(per: dict[str, dict[str, Any]]) -> dict[str, Any]:
           "cra_test": clean["cra_test"], "cra_triggered": trig["cra"], "cra_test_triggered": trig["cra_test"]}
 
 
-def answer_poison_budget(answer: store_lib.StoreAnswer, sigma_x: np.ndarray, sigma_train: np.ndarray,
+def answer_poison_budget(answer: StoreAnswer, sigma_x: np.ndarray, sigma_train: np.ndarray,
                          trigger_norm: float, *, joint: bool = True) -> np.ndarray:
   """(N,) int64 certified poison budget of storage-update answers at trigger norm t (``bounds.poison_budget``).
 
@@ -105,7 +105,7 @@ def certifies_training_perturbations(cfg: Config) -> bool:
   return not defenses.noise_plan(cfg).search_test
 
 
-def poison_budgets(cfg: Config, answers: dict[str, store_lib.StoreAnswer], sigma_train: np.ndarray,
+def poison_budgets(cfg: Config, answers: dict[str, StoreAnswer], sigma_train: np.ndarray,
                    sigma_test: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """The poison budget of every answer of each split, at the run's trigger norm t = ``attack.delta``."""
   joint = certifies_training_perturbations(cfg)
@@ -125,7 +125,7 @@ def poison_budget_grid(cfg: Config, sigma_train: np.ndarray, sigma_test: dict[st
   return bounds.budget_grid(k_max if certifies_training_perturbations(cfg) else min(k_max, 0))
 
 
-def answer_metrics(cfg: Config, attacked: Attacked, answers: dict[str, store_lib.StoreAnswer],
+def answer_metrics(cfg: Config, attacked: Attacked, answers: dict[str, StoreAnswer],
                    sigma_train: np.ndarray | None = None,
                    sigma_test: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
   """Headline metrics of the storage-update answers (the certificates), with aligned / trimmed counts; given the
@@ -145,17 +145,33 @@ def answer_metrics(cfg: Config, attacked: Attacked, answers: dict[str, store_lib
   return out
 
 
-def majority_metrics(cfg: Config, attacked: Attacked, votes: dict[str, np.ndarray]) -> dict[str, float]:
-  """Clean accuracy, ERA and ASR of the plain majority vote of the voting models: the smoothed classifier's
-  prediction without abstentions (uncertified). With a few dozen models the certificates abstain unless the
-  vote is nearly unanimous; the majority vote shows what the smoothed classifier itself does."""
-  voters = cfg.train.num_models - config_lib.num_voters(cfg)
+def attack_metrics(pred: dict[str, np.ndarray], label: dict[str, np.ndarray], target: int) -> dict[str, Any]:
+  """Clean accuracy, ERA and ASR of predictions on the clean and the triggered split (-1: abstained).
+
+  ERA counts the triggered inputs answered with their true label, ASR those answered with the attack's target; an
+  abstention counts as an error and as no success of the attack. ASR is None when every triggered input abstained,
+  which says nothing about the attack (a 0 there would read as a perfect defense).
+  """
+  answered = pred["triggered"] != -1
+  return {"clean_accuracy": float(np.mean(pred["clean"] == label["clean"])),
+          "era": float(np.mean(pred["triggered"] == label["triggered"])),
+          "asr": float(np.mean(pred["triggered"] == target)) if answered.any() else None}
+
+
+def majority(preds: np.ndarray, num_classes: int) -> np.ndarray:
+  """The plain majority vote (ties to the smaller class) of per-model predictions (M, N) -> (N,)."""
+  return certify_lib.votes_from_preds(np.asarray(preds), num_classes).argmax(axis=1)
+
+
+def majority_metrics(cfg: Config, attacked: Attacked, votes: dict[str, np.ndarray],
+                     key: str = "{}_preds") -> dict[str, float]:
+  """Clean accuracy, ERA and ASR of the plain majority vote of the voting models on the requests ``key`` (of
+  each split): the smoothed classifier's prediction without abstentions (uncertified). With a few dozen models
+  the certificates abstain unless the vote is nearly unanimous; the majority vote shows what the smoothed
+  classifier itself does."""
   k = len(cfg.data.classes)
-  pred = {s: _majority(votes[f"{s}_preds"][voters:], k) for s in SPLITS}
-  trig = attacked.splits["triggered"]
-  return {"clean_accuracy": float(np.mean(pred["clean"] == attacked.splits["clean"].y)),
-          "era": float(np.mean(pred["triggered"] == trig.y)),
-          "asr": float(np.mean(pred["triggered"] == cfg.attack.target_class))}
+  pred = {s: majority(votes[key.format(s)][config_lib.voting(cfg)], k) for s in SPLITS}
+  return attack_metrics(pred, {s: attacked.splits[s].y for s in SPLITS}, cfg.attack.target_class)
 
 
 def certificate_metrics(cfg: Config, attacked: Attacked, certs: dict[str, bounds.Certificate]) -> dict[str, Any]:
@@ -204,14 +220,10 @@ def side_channel_probe(cfg: Config, attacked: Attacked, votes: dict[str, np.ndar
   out["sigma_x_triggered_minus_clean_copy"] = float(diff.mean())
   out["triggered_below_clean_copy"] = float(np.mean(diff < -0.01 * sigma_test["clean"][trig.index]))
   used = np.concatenate([sigma_test[s] for s in SPLITS])
-  voters = cfg.train.num_models - config_lib.num_voters(cfg)
-  for name, level in (("at_min", used.min()), ("at_max", used.max())):  # majority votes, as in majority_metrics
+  for name, level in (("at_min", used.min()), ("at_max", used.max())):
     # without a search every input was voted on at sigma_0 already, so the kernel ran no probe requests
     key = f"{name}_{{}}_preds" if defenses.noise_plan(cfg).search_test else "{}_preds"
-    pred = {s: _majority(votes[key.format(s)][voters:], len(cfg.data.classes)) for s in SPLITS}
-    out[name] = {"sigma_x": float(level), "clean_accuracy": float(np.mean(pred["clean"] == attacked.splits["clean"].y)),
-                 "era": float(np.mean(pred["triggered"] == trig.y)),
-                 "asr": float(np.mean(pred["triggered"] == target))}
+    out[name] = {"sigma_x": float(level), **majority_metrics(cfg, attacked, votes, key)}
   reasons = [f"{k} = {out[k]:.3f}" for k in ("auc_label_disagreement", "auc_poisoned")
              if out[k] is not None and out[k] >= CHANNEL_AUC]
   gap = out["at_min"]["asr"] - out["at_max"]["asr"]
@@ -223,13 +235,6 @@ def side_channel_probe(cfg: Config, attacked: Attacked, votes: dict[str, np.ndar
     logger.warning("side channel: the noise level carries the attack (%s); see docs/soundness.md",
                    "; ".join(reasons))
   return out
-
-
-def _majority(preds: np.ndarray, num_classes: int) -> np.ndarray:
-  """The plain majority vote (ties to the lowest class) of per-model predictions (M, N) -> (N,)."""
-  counts = np.zeros((preds.shape[1], num_classes), np.int64)
-  np.add.at(counts, (np.broadcast_to(np.arange(preds.shape[1]), preds.shape), preds), 1)
-  return counts.argmax(axis=1)
 
 
 def reference_numbers(cfg: Config, attacked: Attacked, votes: dict[str, np.ndarray],
@@ -266,15 +271,15 @@ def reference_numbers(cfg: Config, attacked: Attacked, votes: dict[str, np.ndarr
 
 
 def collect(cfg: Config, attacked: Attacked, certs: dict[str, bounds.Certificate],
-            answers: dict[str, store_lib.StoreAnswer], other_answers: dict[str, store_lib.StoreAnswer],
+            answers: dict[str, StoreAnswer], other_answers: dict[str, StoreAnswer],
             other_order: str, votes: dict[str, np.ndarray], sigma_train: np.ndarray, disagree: np.ndarray | None,
             sigma_test: dict[str, np.ndarray]) -> dict[str, Any]:
   """Everything the summary reports besides the headline answers: the pre-store certificates (uncertified),
   the consistency audit, the other query order, the probe and the reference's numbers."""
   x = np.concatenate([attacked.splits[s].x for s in SPLITS])
   cat = lambda arrays: np.concatenate([arrays[s] for s in SPLITS])
-  pre, _ = store_lib.audit(x, cat({s: certs[s].pred for s in SPLITS}), cat({s: certs[s].radius_test for s in SPLITS}))
-  post, pairs = store_lib.audit(x, cat({s: answers[s].pred for s in SPLITS}),
+  pre, _ = audit(x, cat({s: certs[s].pred for s in SPLITS}), cat({s: certs[s].radius_test for s in SPLITS}))
+  post, pairs = audit(x, cat({s: answers[s].pred for s in SPLITS}),
                                 cat({s: answers[s].radius_stored for s in SPLITS}))
   if post:
     logger.error("consistency audit: %d contradicting answers after the storage update (first %s)", post, pairs[:3])
