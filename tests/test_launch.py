@@ -4,6 +4,8 @@ one line on stderr, exit code 2 and nothing written."""
 import json
 import os
 
+import numpy as np
+
 from conftest import write_tiny_config  # pylint: disable=g-bad-import-order
 import helpers
 import pytest
@@ -117,3 +119,19 @@ def test_every_defense_runs_through_the_launcher_and_prints_its_table(tmp_path, 
   for row in ["clean accuracy", "majority vote: clean / ERA / ASR", *rows]:
     assert row in stdout, (row, stdout)
   assert f"{method}: wrote" in stdout
+
+
+def test_compare_runs_defenses_side_by_side_and_trains_shared_members_once(tmp_path):
+  """--compare dpa,dpa_roe: two run folders, one table; the run-off's folder links DPA's trained members (equal
+  training identity) instead of training them again, and both certify from the same members' votes."""
+  spec = write_tiny_config(tmp_path / "c.py", **{"undefended.enabled": False, "train.num_models": 6,
+                                                 "data.classes": "0,1,2"})
+  workdir = tmp_path / "w"
+  stdout = helpers.check(helpers.launch("--config", spec, "--workdir", str(workdir), "--compare", "dpa,dpa_roe"),
+                         "compare")
+  assert stdout.strip().splitlines()[0].split() == ["dpa", "dpa_roe"], stdout
+  assert "dpa_roe: wrote" in stdout and str(workdir / "dpa_roe") in stdout
+  folder = workdir / "dpa_roe" / "ensemble"
+  assert any(os.path.islink(folder / n) for n in os.listdir(folder)), os.listdir(folder)
+  a, b = (np.load(workdir / d / "votes.npz") for d in ("dpa", "dpa_roe"))
+  np.testing.assert_array_equal(a["clean_preds"], b["clean_preds"])

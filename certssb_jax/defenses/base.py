@@ -110,7 +110,7 @@ class Defense(NamedTuple):
       raises ValueError in one line naming the field.
     noise: config -> ``NoisePlan``, where the noise levels come from (smoothing).
     training_identity: JSON config -> what, beside data, attack, model, training and seed, decides the models
-      its members are (``run.identity.training_key``): two runs whose identities agree share trained models.
+      its members are (``experiment.identity.training_key``): two runs whose identities agree share trained models.
     settings: config field (dotted) -> value, the arguments a factory bound (``with_defense`` applies them).
   """
 

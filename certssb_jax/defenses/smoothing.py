@@ -5,7 +5,7 @@ on noised copies of each query at sigma_x; the votes bound an l2 radius (``certi
 through the store. RAB holds every sigma at sigma_0. Cert-SSB may search sigma_x per test input in
 [sigma.sigma_lo, sigma.sigma_hi] (``sigma_search``) and, with ``sigma.train = search``, sigma_j per training
 sample, as the paper does; at its default range [sigma_0, sigma_0] it answers at sigma_0 like RAB. The stages
-that train the pilot, search and store are the run's (``run.pipeline``); they ask ``Defense.noise`` what to do.
+that train the pilot, search and store are the run's (``experiment.pipeline``); they ask ``Defense.noise`` what to do.
 """
 
 from __future__ import annotations

@@ -167,11 +167,14 @@ def compare(config: ml_collections.ConfigDict, workdir: str, names: tuple[str, .
     configs[name] = config.copy_and_resolve_references()
     configs[name].defense.name = name
     config_lib.resolve(configs[name])
+  # the training identity holds the fields the data's size fills in (a member's batch, a bag's size)
+  n_train = len(load_data(config_lib.resolve(config)).y_train)
   runs, trainers = {}, trainers or Trainers()
   for name, c in configs.items():
     d = os.path.join(workdir, name)
+    resolved = config_lib.resolve_for_data(config_lib.resolve(c), n_train)
     for done in runs:
-      rundir.link_trained(os.path.join(workdir, done), d, config_lib.resolve(c))
+      rundir.link_trained(os.path.join(workdir, done), d, resolved)
     runs[name] = run(c, d, progress=progress, fresh=fresh, trainers=trainers)
   return runs
 
