@@ -27,8 +27,8 @@ from benchmarks import torch_baseline  # noqa: E402  pylint: disable=g-bad-impor
 from certssb_jax.defenses import partition  # noqa: E402
 from certssb_jax.ensemble import trainer as ensemble  # noqa: E402
 from certssb_jax.ensemble.member import Streams  # noqa: E402
-from certssb_jax.models import zoo as models  # noqa: E402
 from certssb_jax.experiment import config as config_lib, pipeline  # noqa: E402
+from certssb_jax.models import zoo as models  # noqa: E402
 
 
 def time_jax(cfg, x, y, parts, members: int, chunk: int) -> float:

@@ -64,14 +64,14 @@ from certssb_jax.ensemble import (
   member,  # noqa: E402
   trainer as ensemble,  # noqa: E402
 )
-from certssb_jax.models import (
-  layers,  # noqa: E402
-  zoo as models_lib,  # noqa: E402
-)
 from certssb_jax.experiment import (
   config as config_lib,  # noqa: E402
   pipeline,  # noqa: E402
   report,  # noqa: E402
+)
+from certssb_jax.models import (
+  layers,  # noqa: E402
+  zoo as models_lib,  # noqa: E402
 )
 
 # Dense (no sparsity) peak TFLOP/s of NVIDIA's data sheets, by a substring of ``jax.devices()[0].device_kind``,

@@ -53,7 +53,6 @@ from certssb_jax.ensemble import (
   trained,  # noqa: E402
   trainer as ensemble,  # noqa: E402
 )
-from certssb_jax.models import zoo as models_lib  # noqa: E402
 from certssb_jax.experiment import (
   answering,  # noqa: E402
   config as config_lib,  # noqa: E402
@@ -62,6 +61,7 @@ from certssb_jax.experiment import (
   report,  # noqa: E402
   rundir,  # noqa: E402
 )
+from certssb_jax.models import zoo as models_lib  # noqa: E402
 
 logger = logging.getLogger("compare_torch")
 SPLITS = ("clean", "triggered")

@@ -20,8 +20,17 @@ from certssb_jax.certify.bounds import Certificate, certify_counts, poison_budge
 from certssb_jax.certify.draws import draw_votes
 from certssb_jax.certify.kernel import certify_inputs
 from certssb_jax.data.sources import load_dataset
-from certssb_jax.defenses import (CountCertificate, Defense, bagging, cert_ssb, dpa, dpa_smoothing, finite_aggregation,
-                                  rab, run_off)
+from certssb_jax.defenses import (
+                                  CountCertificate,
+                                  Defense,
+                                  bagging,
+                                  cert_ssb,
+                                  dpa,
+                                  dpa_smoothing,
+                                  finite_aggregation,
+                                  rab,
+                                  run_off,
+)
 from certssb_jax.ensemble.trained import TrainedEnsemble
 from certssb_jax.ensemble.trainer import EnsembleTrainer
 from certssb_jax.ensemble.views import Views

@@ -15,8 +15,8 @@ from certssb_jax import rng
 from certssb_jax.certify import bounds, draws
 from certssb_jax.defenses import INSERTIONS_DELETIONS, MODIFICATIONS, partition, smoothed_partition
 from certssb_jax.ensemble import member, trainer as ensemble
-from certssb_jax.models import zoo as models
 from certssb_jax.experiment import pipeline
+from certssb_jax.models import zoo as models
 
 
 def test_radius_of_one_linear_member_is_its_distance_to_the_boundary():

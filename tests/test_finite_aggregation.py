@@ -8,10 +8,10 @@ from conftest import tiny_config  # pylint: disable=g-bad-import-order
 import jax
 import numpy as np
 
-from certssb_jax.defenses import INSERTIONS_DELETIONS, MODIFICATIONS, partition, bucket_aggregation as fa
+from certssb_jax.defenses import INSERTIONS_DELETIONS, MODIFICATIONS, bucket_aggregation as fa, partition
 from certssb_jax.ensemble import member, trainer as ensemble
-from certssb_jax.models import zoo as models
 from certssb_jax.experiment import pipeline
+from certssb_jax.models import zoo as models
 
 
 def _plurality(preds_column, k):

@@ -4,10 +4,9 @@ one line on stderr, exit code 2 and nothing written."""
 import json
 import os
 
-import numpy as np
-
 from conftest import write_tiny_config  # pylint: disable=g-bad-import-order
 import helpers
+import numpy as np
 import pytest
 
 

@@ -4,12 +4,12 @@
 import json
 import os
 
+from conftest import tiny_config
 import ml_collections
 import pytest
 
 from certssb_jax import defenses, files
 from certssb_jax.experiment import config as config_lib, identity, pipeline
-from conftest import tiny_config
 
 LEGACY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "legacy_configs")
 
@@ -54,6 +54,7 @@ def test_a_run_folder_of_the_earlier_version_resumes_without_computing_again(tmp
     json.dump(j, f)
   votes = files.load_npz(os.path.join(workdir, "votes.npz"))
   caplog.set_level("INFO")
+  caplog.clear()
   again = pipeline.run(c, workdir)
   assert "train ensemble" not in caplog.text and "reusing" in caplog.text
   assert again["metrics"] == first["metrics"]

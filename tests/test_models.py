@@ -16,8 +16,8 @@ from PIL import Image
 import pytest
 
 from certssb_jax.ensemble import member, sharding, trained as trained_lib, trainer as ensemble
-from certssb_jax.models import layers, weights, zoo as models
 from certssb_jax.experiment import config as config_lib, pipeline
+from certssb_jax.models import layers, weights, zoo as models
 
 # Small inputs each model allows (the ResNets are fully convolutional up to the global pool).
 SHAPES = {"mnist_cnn": (28, 28, 1), "preact_resnet": (32, 32, 3), "resnet18": (32, 32, 3)}

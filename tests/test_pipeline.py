@@ -18,8 +18,8 @@ from certssb_jax import defenses, rng
 from certssb_jax.certify import bounds
 from certssb_jax.data import sources as data_lib
 from certssb_jax.ensemble import member, trained, trainer as ensemble
-from certssb_jax.models import zoo as models_lib
 from certssb_jax.experiment import answering, config as config_lib, identity, pipeline, report, rundir
+from certssb_jax.models import zoo as models_lib
 
 # The kernel's summed probabilities against a plain loop: to the backend's default matmul precision (float32 on
 # CPU, TF32 convolutions on recent NVIDIA GPUs), as in tests/test_certify_kernel.py.

@@ -108,8 +108,8 @@ def test_sweep_table_shares_models_and_resumes(tmp_path):
   with open(paths["table_csv"]) as f:
     rows = list(csv.reader(f))
   assert len(rows) == 3 and all(len(r) == len(rows[0]) for r in rows)
-  dirs = sorted(os.listdir(os.path.join(out, "mnist_0-1")))
-  assert len(dirs) == 2 and dirs[0].startswith("onepixel_sigma0.25_fixed_")
+  dirs = sorted(os.listdir(os.path.join(out, "mnist_0-1")), key=lambda d: "_rab_" not in d)
+  assert len(dirs) == 2 and dirs[0].startswith("onepixel_sigma0.25_rab_") and "_cert_ssb_" in dirs[1]
   rab, ssb = (os.path.join(out, "mnist_0-1", d) for d in dirs)
   assert os.path.islink(os.path.join(ssb, "undefended"))  # Cert-SSB (sigma.train = base) trains RAB's models
   assert all(os.path.islink(os.path.join(ssb, "ensemble", n)) for n in os.listdir(os.path.join(ssb, "ensemble")))
@@ -135,8 +135,8 @@ def test_a_larger_ensemble_reuses_a_smaller_ones_models(tmp_path):
   small = write_tiny_config(tmp_path / "small.py", defense="rab", num_models=4, epochs=1)
   large = write_tiny_config(tmp_path / "large.py", defense="rab", num_models=8, epochs=1)
   out = str(tmp_path / "sweep")
-  (a,) = sweep.run_grid([small], out, None, None, ["fixed"])
-  (b,) = sweep.run_grid([large], out, None, None, ["fixed"])
+  (a,) = sweep.run_grid([small], out, None, None, ["rab"])
+  (b,) = sweep.run_grid([large], out, None, None, ["rab"])
   linked = sorted(n for n in os.listdir(os.path.join(b["workdir"], "ensemble"))
                   if os.path.islink(os.path.join(b["workdir"], "ensemble", n)))
   assert linked == sorted(os.listdir(os.path.join(a["workdir"], "ensemble")))
@@ -148,7 +148,7 @@ def test_a_larger_ensemble_reuses_a_smaller_ones_models(tmp_path):
 def test_no_models_are_linked_between_chunkings_of_another_size(monkeypatch):
   """Where the chunk size follows M (the accelerator default, min(M, 256)), chunk c of a 100-model run holds other
   models than chunk c of a 300-model run: nothing is linked; two runs of 256 or more share their chunks."""
-  monkeypatch.setattr(sweep.ensemble, "auto_models_per_chunk", lambda requested, m: requested or min(m, 256))
+  monkeypatch.setattr(sweep.trainer, "auto_models_per_chunk", lambda requested, m: requested or min(m, 256))
   conf = lambda m: config_lib.to_json(config_lib.resolve(tiny_config(num_models=m, models_per_chunk="none")))
   assert sweep._donor([(conf(100), "small")], conf(300)) is None  # pylint: disable=protected-access
   assert sweep._donor([(conf(100), "small"), (conf(400), "big")], conf(300)) == "big"  # pylint: disable=protected-access

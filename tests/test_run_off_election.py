@@ -11,8 +11,13 @@ import numpy as np
 
 from certssb_jax import defenses
 from certssb_jax.certify import kernel
-from certssb_jax.defenses import INSERTIONS_DELETIONS, MODIFICATIONS, partition, bucket_aggregation as fa
-from certssb_jax.defenses import run_off_election as roe
+from certssb_jax.defenses import (
+  INSERTIONS_DELETIONS,
+  MODIFICATIONS,
+  bucket_aggregation as fa,
+  partition,
+  run_off_election as roe,
+)
 from certssb_jax.experiment import config as config_lib, identity, pipeline
 
 

@@ -5,12 +5,12 @@ picks. Adding a defense is its module and one line in ``REGISTRY``."""
 
 from typing import Any
 
-from certssb_jax.defenses.bootstrap import BAGGING, bagging
 from certssb_jax.defenses.base import INSERTIONS_DELETIONS, MODIFICATIONS, CountCertificate, Defense, NoisePlan
-from certssb_jax.defenses.partition import DPA, dpa
-from certssb_jax.defenses.smoothed_partition import DPA_SMOOTHING, dpa_smoothing
+from certssb_jax.defenses.bootstrap import BAGGING, bagging
 from certssb_jax.defenses.bucket_aggregation import FINITE_AGGREGATION, finite_aggregation
+from certssb_jax.defenses.partition import DPA, dpa
 from certssb_jax.defenses.run_off_election import run_off
+from certssb_jax.defenses.smoothed_partition import DPA_SMOOTHING, dpa_smoothing
 from certssb_jax.defenses.smoothing import CERT_SSB, RAB, cert_ssb, rab
 
 # defense.name -> the defense

@@ -25,8 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from certssb_jax.defenses.base import (INSERTIONS_DELETIONS, MODIFICATIONS, PARTITION_KEYS, CountCertificate, Defense,
-                                       counting, top_two)
+from certssb_jax.defenses.base import (
+  INSERTIONS_DELETIONS,
+  MODIFICATIONS,
+  PARTITION_KEYS,
+  CountCertificate,
+  Defense,
+  counting,
+  top_two,
+)
 from certssb_jax.ensemble.views import MemberViews, Views
 
 THREATS = {"sample": (INSERTIONS_DELETIONS, MODIFICATIONS), "position": (MODIFICATIONS,)}

@@ -13,9 +13,9 @@ from certssb_jax.certify import bounds, kernel as certify_lib
 from certssb_jax.data import triggers
 from certssb_jax.data.attacked import SPLITS, Attacked
 from certssb_jax.ensemble import trained
-from certssb_jax.progress import Progress
 from certssb_jax.experiment import config as config_lib
 from certssb_jax.experiment.rundir import RunDir
+from certssb_jax.progress import Progress
 from certssb_jax.store.certified import CertifiedStore, StoreAnswer
 
 Config = config_lib.Config

@@ -3,7 +3,8 @@
 Experiment files in ``configs/`` start from ``base_config()`` and override fields. A field whose default is
 ``None`` is derived from others; ``resolve`` fills every such field once, checks the whole config (a bad
 config stops with a one-line message before any data is loaded) and returns a frozen copy, which is what the
-stages read and what ``config.json`` records. The derivations live here and nowhere else.
+stages read and what ``config.json`` records. The derivations live here, and those of the defense's own fields
+(the sigma search's, a partition's) in its ``Defense.resolve``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import ml_collections
 from ml_collections import config_dict
 
 from certssb_jax import defenses
-from certssb_jax.checks import check as _check, did_you_mean, one_of as _one_of
 from certssb_jax.certify import bounds
+from certssb_jax.checks import check as _check, did_you_mean, one_of as _one_of
 from certssb_jax.data import sources, triggers
 from certssb_jax.models import layers, zoo
 

@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-
 from certssb_jax import defenses
 from certssb_jax.experiment.config import base_config, to_json
-
 
 # Fields that change how a run is saved or shown, not what it computes: a resumed run may change them.
 RESULT_NEUTRAL = ("train.checkpoint_every_s",)

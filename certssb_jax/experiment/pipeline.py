@@ -24,13 +24,13 @@ from certssb_jax.data import readers, sources as data_lib, triggers
 from certssb_jax.data.attacked import SPLITS, Attacked, Split
 from certssb_jax.defenses import sigma_search, smoothing
 from certssb_jax.ensemble import scorer as scorer_lib, trained
-from certssb_jax.ensemble.trainer import Trainers, auto_models_per_chunk, check_losses
 from certssb_jax.ensemble.member import MemberState, Streams, member_logits
+from certssb_jax.ensemble.trainer import Trainers, auto_models_per_chunk, check_losses
 from certssb_jax.ensemble.views import MemberViews
-from certssb_jax.models import zoo as models_lib
-from certssb_jax.progress import Progress, default_progress, no_progress, tqdm_progress  # noqa: F401
 from certssb_jax.experiment import answering, config as config_lib, count_report, metrics, report, rundir
 from certssb_jax.experiment.rundir import RunDir
+from certssb_jax.models import zoo as models_lib
+from certssb_jax.progress import Progress, default_progress, no_progress, tqdm_progress  # noqa: F401
 
 logger = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from certssb_jax import multihost
-from certssb_jax.files import load_json, load_npz, save_json, save_npz
 from certssb_jax.experiment import config as config_lib, identity
 from certssb_jax.experiment.folder_lock import FolderLock, RunFolderBusyError
+from certssb_jax.files import load_json, load_npz, save_json, save_npz
 
 logger = logging.getLogger(__name__)
 
