@@ -189,17 +189,23 @@ def _known_fields(c: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
   return out
 
 
+def _section(c: ml_collections.ConfigDict, path: str) -> tuple[ml_collections.ConfigDict | None, str]:
+  """(the section that holds the dotted field ``path``, the field's name); None where the config has no such field."""
+  *parents, leaf = path.split(".")
+  node = c
+  for p in parents:
+    node = node.get(p) if isinstance(node, ml_collections.ConfigDict) else None
+  return (node if isinstance(node, ml_collections.ConfigDict) and leaf in node else None), leaf
+
+
 def apply_overrides(c: ml_collections.ConfigDict, overrides: dict[str, str]) -> ml_collections.ConfigDict:
   """Sets fields from ``key=value`` strings (aliases or dotted paths), converting to the field's type."""
   for key, raw in overrides.items():
     if key in RETIRED:
       raise ValueError(f"config field {key!r} is gone: {RETIRED[key]}")
     path = ALIASES.get(key, key)
-    node = c
-    *parents, leaf = path.split(".")
-    for p in parents:
-      node = node.get(p) if isinstance(node, ml_collections.ConfigDict) else None
-    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    node, leaf = _section(c, path)
+    if node is None:
       choices = _known_fields(c) + list(ALIASES)
       raise ValueError(f"unknown config field {key!r}{did_you_mean(key, choices)}")
     node[leaf] = convert(raw, node.get_ref(leaf).get_type(), path)
@@ -306,10 +312,7 @@ def with_defense(config: ml_collections.ConfigDict, defense: defenses.Defense) -
   ``defense.name`` and the fields its arguments set; ``resolve`` then checks them as any other."""
   c = ml_collections.ConfigDict(config.to_dict(), type_safe=False)
   for path, value in {"defense.name": defense.key, **defense.settings}.items():
-    *parents, leaf = path.split(".")
-    node = c
-    for p in parents:
-      node = node[p]
+    node, leaf = _section(c, path)
     node[leaf] = value
   return c
 

@@ -20,7 +20,7 @@ from certssb_jax.data.attacked import SPLITS, Attacked
 from certssb_jax.defenses.base import INSERTIONS_DELETIONS, MODIFICATIONS, THREAT_TEXT, Defense
 from certssb_jax.experiment import metrics, rundir
 from certssb_jax.experiment.config import Config
-from certssb_jax.experiment.report import budget_curve, figure, versions
+from certssb_jax.experiment.report import budget_curve, figure, run_fields, versions
 
 logger = logging.getLogger(__name__)
 
@@ -96,13 +96,7 @@ def summarize_counts(cfg: Config, defense: Defense, attacked: Attacked, certs: d
     m["largest_at_trigger_norm"] = {"median": float(np.median(largest)) if largest.size else None,
                                     "max": int(largest.max(initial=-1))}
   return {
-      "dataset": attacked.data.name, "source": attacked.data.source, "classes": list(attacked.data.classes),
-      "n_train": int(len(attacked.y_train)), "n_test": int(len(y["clean"])), "n_triggered": int(len(y["triggered"])),
-      "n_poisoned": int(len(attacked.poison_indices)), "trigger": cfg.attack.trigger, "delta": cfg.attack.delta,
-      "poison_rate": cfg.attack.poison_rate, "poison_base": cfg.attack.poison_base,
-      "selection": cfg.attack.selection, "target_class": target, "seed": cfg.seed,
-      "method": defense.name, "family": defense.family, "defense": {"name": cfg.defense.name, **defense.describe(cfg)},
-      "num_models": cfg.train.num_models,
+      **run_fields(cfg, attacked),
       "threats": {threat: THREAT_TEXT[threat] + joint for threat in certs["clean"].counts},
       "trigger_norm": certs["clean"].trigger_norm,
       "exact": exact,

@@ -74,6 +74,20 @@ def sigma_spread(a: np.ndarray, lo: float, hi: float) -> dict[str, Any]:
   return {**_stats(a), "quantiles": q, "iqr": q["0.75"] - q["0.25"], "share_at_lo": at(lo), "share_at_hi": at(hi)}
 
 
+def run_fields(cfg: Config, attacked: Attacked) -> dict[str, Any]:
+  """What every run's ``summary.json`` starts with, whatever its defense: the data, the attack, the seed, the
+  defense (its name and settings) and M."""
+  defense = defenses.get(cfg)
+  a = cfg.attack
+  return {"dataset": attacked.data.name, "source": attacked.data.source, "classes": list(attacked.data.classes),
+          "n_train": int(len(attacked.y_train)), "n_test": int(len(attacked.splits["clean"].y)),
+          "n_triggered": int(len(attacked.splits["triggered"].y)), "n_poisoned": int(len(attacked.poison_indices)),
+          "trigger": a.trigger, "delta": a.delta, "poison_rate": a.poison_rate, "poison_base": a.poison_base,
+          "selection": a.selection, "target_class": a.target_class, "seed": cfg.seed, "method": defense.name,
+          "family": defense.family, "defense": {"name": cfg.defense.name, **defense.describe(cfg)},
+          "num_models": cfg.train.num_models}
+
+
 def summarize(cfg: Config, attacked: Attacked, answers: dict, sigma_train: np.ndarray, sigma_test: dict[str, np.ndarray],
               undefended: dict[str, float] | None, diag: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
   """The content of ``summary.json`` (docs/outputs.md)."""
@@ -81,14 +95,7 @@ def summarize(cfg: Config, attacked: Attacked, answers: dict, sigma_train: np.nd
   voters = config_lib.num_voters(c)
   trig_norm = attacked.splits["triggered"].trigger_norm
   summary: dict[str, Any] = {
-      "dataset": attacked.data.name, "source": attacked.data.source, "classes": list(attacked.data.classes),
-      "n_train": int(len(attacked.y_train)), "n_test": int(len(attacked.splits["clean"].y)),
-      "n_triggered": int(len(attacked.splits["triggered"].y)), "n_poisoned": int(len(attacked.poison_indices)),
-      "trigger": c.attack.trigger, "delta": c.attack.delta, "poison_rate": c.attack.poison_rate,
-      "poison_base": c.attack.poison_base, "selection": c.attack.selection, "target_class": c.attack.target_class,
-      "seed": c.seed, "method": defenses.get(c).name, "family": defenses.get(c).family,
-      "defense": {"name": c.defense.name, **defenses.get(c).describe(c)}, "sigma_0": c.sigma.sigma_0,
-      "num_models": c.train.num_models,
+      **run_fields(c, attacked), "sigma_0": c.sigma.sigma_0,
       "models": {"trained": c.train.num_models, "search": c.train.num_models - voters, "voting": voters,
                  "class_selection": c.certify.holdout_models, "estimating": voters - c.certify.holdout_models},
       "alpha": c.certify.alpha, "bound": c.certify.bound, "correction": c.certify.correction,
