@@ -1,7 +1,7 @@
 r"""The count family on a many-class task: DPA, Finite Aggregation and a run-off election over each, at several k.
 
   python -m certssb_jax.studies counts --config configs/fashion_mnist10.py --workdir runs/count10 --ks 50,250 \
-      --spread 2 --fa_ks 50 --results_md docs/count_family.md
+      --spread 2 --fa_ks 50,250 --results_md docs/count_family.md
 
 For every k of ``--ks`` it trains (or reuses) DPA's k members and, for every k of ``--fa_ks``, Finite
 Aggregation's k x d members (d = ``--spread``), each as the run-off election's run (``dpa_roe``, ``fa_roe``),

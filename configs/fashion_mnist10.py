@@ -3,7 +3,7 @@ training set (no attack: certified accuracy against poisoned samples, as the DPA
 Election papers report it), members trained 10 epochs with batch 32 on their views.
 
   python -m certssb_jax.studies counts --config configs/fashion_mnist10.py --workdir runs/count10 --ks 50,250 \
-      --spread 2 --fa_ks 50 --results_md docs/count_family.md
+      --spread 2 --fa_ks 50,250 --results_md docs/count_family.md
 
 or one run: python -m certssb_jax.launch --config configs/fashion_mnist10.py:num_models=50 --workdir runs/c10
 

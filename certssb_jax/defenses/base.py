@@ -151,7 +151,7 @@ def top_two(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
 # The sigma fields only a search of noise levels reads (Cert-SSB's); every other defense records them as None.
 SEARCH_FIELDS = ("train", "objective", "rule", "sigma_lo", "sigma_hi", "num_steps", "num_draws", "lr", "kappa",
                  "target_draws", "start", "scorer", "search_models", "batch_size", "pilot_epochs", "pilot_sigma")
-PARTITION_KEYS = ("sample", "position")  # what decides a training sample's part (``dpa``)
+PARTITION_KEYS = ("sample", "position")  # what decides a training sample's part (``partition``)
 
 
 def resolve_fixed_noise(c: Any) -> None:
