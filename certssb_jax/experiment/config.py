@@ -152,9 +152,8 @@ ALIASES = {
 
 
 # Fields of earlier versions that a command line may still name: what replaced them.
-RETIRED = {"sigma_mode": "defense.name picks RAB or Cert-SSB: use defense=rab (was sigma_mode=fixed) or "
-                         "defense=cert_ssb (was sample_specific)"}
-RETIRED["sigma.mode"] = RETIRED["sigma_mode"]
+RETIRED = dict.fromkeys(("sigma_mode", "sigma.mode"), "defense.name picks RAB or Cert-SSB: use defense=rab (was "
+                        "sigma_mode=fixed) or defense=cert_ssb (was sample_specific)")
 
 
 def parse_variant(arg: str | None) -> dict[str, str]:

@@ -162,19 +162,19 @@ def compare(config: ml_collections.ConfigDict, workdir: str, names: tuple[str, .
   """Several defenses (``defenses.REGISTRY`` names) on the same data and seeds, each into ``workdir/<name>``; the
   models two of them both train (``identity.training_key``: RAB and Cert-SSB at ``sigma.train = base``, DPA and
   DPA+ROE) are trained once. Returns {name: summary}."""
-  configs = {}
+  configs, resolved = {}, {}
   for name in names:  # every config is checked before anything runs
     configs[name] = config.copy_and_resolve_references()
     configs[name].defense.name = name
-    config_lib.resolve(configs[name])
+    resolved[name] = config_lib.resolve(configs[name])
   # the training identity holds the fields the data's size fills in (a member's batch, a bag's size)
-  n_train = len(load_data(config_lib.resolve(config)).y_train)
+  n_train = len(load_data(next(iter(resolved.values()))).y_train)
+  resolved = {name: config_lib.resolve_for_data(cfg, n_train) for name, cfg in resolved.items()}
   runs, trainers = {}, trainers or Trainers()
   for name, c in configs.items():
     d = os.path.join(workdir, name)
-    resolved = config_lib.resolve_for_data(config_lib.resolve(c), n_train)
     for done in runs:
-      rundir.link_trained(os.path.join(workdir, done), d, resolved)
+      rundir.link_trained(os.path.join(workdir, done), d, resolved[name])
     runs[name] = run(c, d, progress=progress, fresh=fresh, trainers=trainers)
   return runs
 
